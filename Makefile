@@ -1,0 +1,42 @@
+# Two entry points (README): `make test` and `make bench`. Both create .venv and install the CPU
+# torch pin plus the package with its compiled extension; nothing needs installing by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cu csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.py)
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: install test bench bench-full check-cuda clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(SOURCES) | $(PY)
+	$(PIP) install -q "$(TORCH_PIN)" setuptools wheel "pybind11>=2.12"
+	$(PIP) install -q --no-build-isolation -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install check-cuda
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_read.py --quick
+
+bench-full: install
+	$(PY) benchmarks/bench_read.py
+
+# Compiles every .cu file (no GPU needed) so a CUDA syntax error cannot land; skipped without nvcc.
+check-cuda:
+	@if [ -z "$(NVCC)" ]; then echo "check-cuda: nvcc not found, skipped"; \
+	elif [ -z "$(wildcard csrc/cuda/*.cu)" ]; then echo "check-cuda: no .cu sources"; \
+	else $(MAKE) --no-print-directory -C csrc/cuda check NVCC="$(NVCC)" PY="$(abspath $(PY))"; fi
+
+clean:
+	rm -rf build *.egg-info resonant_kernels/*.so $(VENV)

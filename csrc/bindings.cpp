@@ -1,0 +1,84 @@
+// pybind11 module resonant_kernels._C: the CPU kernels on raw pointers and element strides.
+// Python owns every buffer (torch tensors) and validates shapes before calling in.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "read_cpu.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+using Arr = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;  // (data_ptr, stride0, stride1, stride2)
+
+template <class T>
+rk::View3<const T> view(const Arr& a) {
+  return {reinterpret_cast<const T*>(std::get<0>(a)), std::get<1>(a), std::get<2>(a), std::get<3>(a)};
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+template <class F>
+void by_dtype(const std::string& dtype, F&& f) {
+  if (dtype == "float32") f.template operator()<float>();
+  else if (dtype == "float64") f.template operator()<double>();
+  else throw std::invalid_argument("cpu backend: unsupported dtype " + dtype);
+}
+
+void read_forward(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
+                  const Arr& mloc, const Arr& mvar, const Arr& values, uintptr_t out, uintptr_t lse) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::read_forward_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), view<T>(values),
+                            ptr<T>(out), ptr<T>(lse));
+  });
+}
+
+void read_backward(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
+                   const Arr& mloc, const Arr& mvar, const Arr& values, uintptr_t grad_out, uintptr_t out,
+                   uintptr_t lse, uintptr_t g_qloc, uintptr_t g_qvar, uintptr_t g_mloc, uintptr_t g_mvar,
+                   uintptr_t g_values) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::read_backward_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), view<T>(values),
+                             ptr<const T>(grad_out), ptr<const T>(out), ptr<const T>(lse), ptr<T>(g_qloc),
+                             ptr<T>(g_qvar), ptr<T>(g_mloc), ptr<T>(g_mvar), ptr<T>(g_values));
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "resonant-kernels fused CPU kernels (OpenMP), raw pointers and strides";
+  py::class_<rk::ReadShape>(m, "ReadShape")
+      .def(py::init([](int64_t B, int64_t Q, int64_t M, int64_t d, int64_t E, double threshold, bool uniform_var,
+                       double uniform_var_value) {
+             return rk::ReadShape{B, Q, M, d, E, threshold, uniform_var, uniform_var_value};
+           }),
+           py::arg("B"), py::arg("Q"), py::arg("M"), py::arg("d"), py::arg("E"), py::arg("threshold"),
+           py::arg("uniform_var"), py::arg("uniform_var_value"));
+  m.def("read_forward", &read_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("read_backward", &read_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("num_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+  m.attr("has_openmp") =
+#ifdef _OPENMP
+      true;
+#else
+      false;
+#endif
+}

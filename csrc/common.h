@@ -1,0 +1,103 @@
+// Shared plumbing for the CPU kernels: strided views over caller-owned memory and the
+// Gaussian log-kernel of one (query, entry) pair. No libtorch: tensors arrive as raw pointers
+// plus element strides, so the module builds with plain pybind11 against any torch release.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace rk {
+
+// A rank-3 strided view (batch, row, column); strides are in elements and may be 0 (broadcast).
+template <class T>
+struct View3 {
+  T* p;
+  int64_t s0, s1, s2;
+  inline T& operator()(int64_t b, int64_t r, int64_t c) const { return p[b * s0 + r * s1 + c * s2]; }
+  inline T* row(int64_t b, int64_t r) const { return p + b * s0 + r * s1; }
+};
+
+template <class T>
+constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+
+// The kernel's geometry for one call: location dim d (D > 0 fixes it at compile time), the
+// threshold (squared; negative means none) and whether every variance in the call is one shared
+// number, in which case the score needs no per-pair division or log.
+template <class T, int D>
+struct Geometry {
+  int64_t d;
+  T thr2;
+  bool uniform_var;
+  T uniform_inv_var;  // 1 / (qv + mv) when uniform_var
+  T uniform_norm;     // -0.5 * d * log(qv + mv) - 0.5 * d * log(2π) when uniform_var
+  T norm_const;       // -0.5 * d * log(2π)
+
+  inline int64_t dim() const { return D > 0 ? D : d; }
+
+  // log k for the pair, or -inf when masked by the threshold. `dv` (optional, size d) receives
+  // the per-dimension (q - m) and `inv` the per-dimension 1 / v, which the backward reuses.
+  template <class QL, class QV, class ML, class MV>
+  inline T score(const QL& ql, const QV& qv, const ML& ml, const MV& mv, T* diff, T* inv) const {
+    const int64_t n = dim();
+    T dist2 = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      diff[i] = ql(i) - ml(i);
+      dist2 += diff[i] * diff[i];
+    }
+    if (thr2 >= 0 && dist2 > thr2) return neg_inf<T>();
+    if (uniform_var) {
+      for (int64_t i = 0; i < n; ++i) inv[i] = uniform_inv_var;
+      return T(-0.5) * dist2 * uniform_inv_var + uniform_norm;
+    }
+    T quad = 0;
+    double prod = 1.0;  // product of variances in double: one log per pair instead of d
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = qv(i) + mv(i);
+      inv[i] = T(1) / v;
+      quad += diff[i] * diff[i] * inv[i];
+      prod *= double(v);
+    }
+    return T(-0.5) * quad - T(0.5 * std::log(prod)) + norm_const;
+  }
+};
+
+template <class T, int D>
+Geometry<T, D> make_geometry(int64_t d, double threshold, bool uniform_var, double uniform_var_value) {
+  Geometry<T, D> g;
+  g.d = d;
+  g.thr2 = threshold < 0 ? T(-1) : T(threshold * threshold);
+  g.uniform_var = uniform_var;
+  g.norm_const = T(-0.5 * double(d) * kLog2Pi);
+  g.uniform_inv_var = uniform_var ? T(1.0 / uniform_var_value) : T(0);
+  g.uniform_norm = uniform_var ? T(-0.5 * double(d) * (std::log(uniform_var_value) + kLog2Pi)) : T(0);
+  return g;
+}
+
+// Calls f.template operator()<D>() with D fixed for the common small location dims.
+template <class F>
+void dispatch_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 1: f.template operator()<1>(); break;
+    case 2: f.template operator()<2>(); break;
+    case 3: f.template operator()<3>(); break;
+    default: f.template operator()<0>(); break;
+  }
+}
+
+// A row of a View3 as an indexable accessor, so score() reads any stride layout.
+template <class T>
+struct RowRef {
+  const T* p;
+  int64_t s;
+  inline T operator()(int64_t i) const { return p[i * s]; }
+};
+
+template <class T>
+inline RowRef<T> row_ref(const View3<const T>& v, int64_t b, int64_t r) {
+  return RowRef<T>{v.row(b, r), v.s2};
+}
+
+}  // namespace rk

@@ -1,0 +1,42 @@
+"""Pure-PyTorch reference implementations: the ground truth every fused backend is tested against.
+
+Short and obviously right, at the price of materialising (..., Q, M, d) and (..., Q, M) tensors.
+All functions take variances (σ²), already validated and broadcastable, see `_validate`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def log_kernel(query_loc, query_var, mem_loc, mem_var, match_threshold: Optional[float] = None):
+    """log N(query_loc; mem_loc, diag(query_var + mem_var)) for every (query, entry) pair.
+
+    Shapes: query (..., Q, d), memory (..., M, d) -> (..., Q, M). Entries farther than
+    match_threshold (plain Euclidean distance) get -inf.
+    """
+    d = query_loc.shape[-1]
+    diff = query_loc.unsqueeze(-2) - mem_loc.unsqueeze(-3)  # (..., Q, M, d)
+    var = query_var.expand_as(query_loc).unsqueeze(-2) + mem_var.expand_as(mem_loc).unsqueeze(-3)
+    logk = -0.5 * (diff * diff / var).sum(-1) - 0.5 * torch.log(var).sum(-1) - 0.5 * d * math.log(2 * math.pi)
+    logk = logk.expand(diff.shape[:-1])
+    if match_threshold is not None:
+        too_far = (diff * diff).sum(-1) > match_threshold**2
+        logk = logk.masked_fill(too_far, -math.inf)
+    return logk
+
+
+def masked_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where a row of only -inf gives zeros (and zero gradients)."""
+    any_valid = (logits > -math.inf).any(-1, keepdim=True)
+    # A fully masked row gets finite dummy logits, then is zeroed: no NaN forward or backward.
+    safe = torch.where(any_valid, logits, torch.zeros_like(logits))
+    return torch.softmax(safe, dim=-1) * any_valid
+
+
+def gaussian_read(query_loc, query_var, mem_loc, mem_var, mem_values, match_threshold=None):
+    """Nadaraya–Watson read: softmax over entries of log k, times the values. -> (..., Q, E)."""
+    weights = masked_softmax(log_kernel(query_loc, query_var, mem_loc, mem_var, match_threshold))
+    return weights.to(mem_values.dtype) @ mem_values
