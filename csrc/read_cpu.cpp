@@ -29,43 +29,86 @@ inline void axpy(T alpha, const T* x, int64_t sx, T* y, int64_t n) {
   }
 }
 
+// Queries are processed in blocks of kQueryBlock against memory tiles of kTile entries: the
+// scores of a block × tile are computed first (a tight loop), then one max/rescale per query and
+// tile, then each value row is loaded once and added into every query of the block, so the wide
+// value rows stay in L1 instead of streaming once per query.
+constexpr int64_t kQueryBlock = 8;
+constexpr int64_t kTile = 64;
+
 template <class T, int D>
 void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                   View3<const T> mvar, View3<const T> values, T* out, T* lse) {
   const auto geo = make_geometry<T, D>(s.d, s.threshold, s.uniform_var, s.uniform_var_value);
-  const int64_t E = s.E, M = s.M;
+  const int64_t E = s.E, M = s.M, Q = s.Q;
+  const int64_t blocks_per_batch = (Q + kQueryBlock - 1) / kQueryBlock;
 #pragma omp parallel
   {
-    std::vector<T> acc(E), diff(s.d), inv(s.d);
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t bq = 0; bq < s.B * s.Q; ++bq) {
-      const int64_t b = bq / s.Q, q = bq % s.Q;
-      const auto ql = row_ref(qloc, b, q), qv = row_ref(qvar, b, q);
+    std::vector<T> acc(kQueryBlock * E), diff(s.d), inv(s.d);
+    T prob[kQueryBlock][kTile];
+    T run_max[kQueryBlock], run_sum[kQueryBlock];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < s.B * blocks_per_batch; ++blk) {
+      const int64_t b = blk / blocks_per_batch, q0 = (blk % blocks_per_batch) * kQueryBlock;
+      const int64_t nq = std::min(kQueryBlock, Q - q0);
       std::fill(acc.begin(), acc.end(), T(0));
-      T run_max = neg_inf<T>(), run_sum = 0;
-      for (int64_t t = 0; t < M; ++t) {
-        const T sc = geo.score(ql, qv, row_ref(mloc, b, t), row_ref(mvar, b, t), diff.data(), inv.data());
-        if (sc == neg_inf<T>()) continue;
-        if (sc > run_max) {
-          // Rescale what was accumulated under the old maximum (a no-op the first time).
-          const T scale = run_max == neg_inf<T>() ? T(0) : std::exp(run_max - sc);
-          run_sum *= scale;
-          if (scale != T(1)) for (auto& a : acc) a *= scale;
-          run_max = sc;
+      std::fill(run_max, run_max + kQueryBlock, neg_inf<T>());
+      std::fill(run_sum, run_sum + kQueryBlock, T(0));
+      for (int64_t t0 = 0; t0 < M; t0 += kTile) {
+        const int64_t nt = std::min(kTile, M - t0);
+        bool any = false;
+        for (int64_t i = 0; i < nq; ++i) {
+          const auto ql = row_ref(qloc, b, q0 + i), qv = row_ref(qvar, b, q0 + i);
+          T tile_max = neg_inf<T>();
+          for (int64_t j = 0; j < nt; ++j) {
+            const T sc = geo.score(ql, qv, row_ref(mloc, b, t0 + j), row_ref(mvar, b, t0 + j), diff.data(),
+                                   inv.data());
+            prob[i][j] = sc;
+            tile_max = std::max(tile_max, sc);
+          }
+          if (tile_max == neg_inf<T>()) {
+            std::fill(prob[i], prob[i] + nt, T(0));
+            continue;
+          }
+          any = true;
+          if (tile_max > run_max[i]) {
+            // Rescale what was accumulated under the old maximum (nothing the first time).
+            const T scale = run_max[i] == neg_inf<T>() ? T(0) : std::exp(run_max[i] - tile_max);
+            run_sum[i] *= scale;
+            T* a = acc.data() + i * E;
+            for (int64_t k = 0; k < E; ++k) a[k] *= scale;
+            run_max[i] = tile_max;
+          }
+          T sum = 0;
+          for (int64_t j = 0; j < nt; ++j) {
+            const T sc = prob[i][j];
+            const T p = sc == neg_inf<T>() ? T(0) : std::exp(sc - run_max[i]);
+            prob[i][j] = p;
+            sum += p;
+          }
+          run_sum[i] += sum;
         }
-        const T p = std::exp(sc - run_max);
-        run_sum += p;
-        // An underflowed weight contributes exactly nothing: skip the E-wide update.
-        if (p != T(0)) axpy(p, values.row(b, t), values.s2, acc.data(), E);
+        if (!any) continue;
+        for (int64_t j = 0; j < nt; ++j) {
+          const T* z = values.row(b, t0 + j);
+          for (int64_t i = 0; i < nq; ++i) {
+            // An underflowed weight contributes exactly nothing: skip the E-wide update.
+            if (prob[i][j] != T(0)) axpy(prob[i][j], z, values.s2, acc.data() + i * E, E);
+          }
+        }
       }
-      T* o = out + bq * E;
-      if (run_sum > T(0)) {
-        const T inv_sum = T(1) / run_sum;
-        for (int64_t k = 0; k < E; ++k) o[k] = acc[k] * inv_sum;
-        lse[bq] = run_max + std::log(run_sum);
-      } else {
-        std::fill(o, o + E, T(0));
-        lse[bq] = neg_inf<T>();
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t bq = b * Q + q0 + i;
+        T* o = out + bq * E;
+        const T* a = acc.data() + i * E;
+        if (run_sum[i] > T(0)) {
+          const T inv_sum = T(1) / run_sum[i];
+          for (int64_t k = 0; k < E; ++k) o[k] = a[k] * inv_sum;
+          lse[bq] = run_max[i] + std::log(run_sum[i]);
+        } else {
+          std::fill(o, o + E, T(0));
+          lse[bq] = neg_inf<T>();
+        }
       }
     }
   }
