@@ -7,6 +7,10 @@
 #include <cmath>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace rk {
 namespace {
 
@@ -156,66 +160,131 @@ inline void accumulate_pair_grads(T ds, const T* diff, const T* inv, int64_t n, 
   }
 }
 
+// dp[i][j] = z_i · g_j for a block of entries × a tile of queries, the z chunks of the block
+// reused across each g row (E contiguous in both).
+template <class T>
+void dots_dense(const T* z0, int64_t z_row_stride, const T* g0, int64_t nt, int64_t E, T (*dp)[kTile]) {
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int64_t C = sizeof(V) / sizeof(T);
+  for (int64_t j = 0; j < nt; ++j) {
+    const T* g = g0 + j * E;
+    V acc[kQueryBlock] = {};
+    int64_t e0 = 0;
+    for (; e0 + C <= E; e0 += C) {
+      V gv;
+      __builtin_memcpy(&gv, g + e0, sizeof(V));
+      for (int64_t i = 0; i < kQueryBlock; ++i) {
+        V zv;
+        __builtin_memcpy(&zv, z0 + i * z_row_stride + e0, sizeof(V));
+        acc[i] += zv * gv;
+      }
+    }
+    for (int64_t i = 0; i < kQueryBlock; ++i) {
+      T sum = 0;
+      for (int64_t k = 0; k < C; ++k) sum += acc[i][k];
+      for (int64_t e = e0; e < E; ++e) sum += z0[i * z_row_stride + e] * g[e];
+      dp[i][j] = sum;
+    }
+  }
+}
+
+// One pass over all (entry, query) pairs, parallel over blocks of kQueryBlock entries against
+// tiles of kTile queries: entry gradients are owned by their block; query gradients go to a
+// per-thread buffer (threads × Q × d, never Q × M) summed at the end. Weights are recomputed
+// from the saved log-sum-exp.
 template <class T, int D>
 void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                    View3<const T> mvar, View3<const T> values, const T* grad_out, const T* out,
                    const T* lse, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values) {
   const auto geo = make_geometry<T, D>(s.d, s.threshold, s.uniform_var, s.uniform_var_value);
-  const int64_t E = s.E, M = s.M, Q = s.Q, d = s.d;
+  const int64_t E = s.E, M = s.M, Q = s.Q, d = s.d, BQ = s.B * Q;
   // delta_q = g_q · out_q, the softmax backward's per-row term (flash-attention's D).
-  std::vector<T> delta(s.B * Q);
-  // Pass 1, parallel over queries: query gradients.
+  std::vector<T> delta(BQ);
+#pragma omp parallel for schedule(static)
+  for (int64_t bq = 0; bq < BQ; ++bq) delta[bq] = dot(grad_out + bq * E, out + bq * E, 1, E);
+
+  int nthreads = 1;
+#ifdef _OPENMP
+  nthreads = omp_get_max_threads();
+#endif
+  std::vector<T> query_grads(size_t(nthreads) * BQ * 2 * d, T(0));  // [thread][bq][loc d | var d]
+  const int64_t blocks_per_batch = (M + kQueryBlock - 1) / kQueryBlock;
 #pragma omp parallel
   {
-    std::vector<T> diff(d), inv(d);
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t bq = 0; bq < s.B * Q; ++bq) {
-      const int64_t b = bq / Q, q = bq % Q;
-      const T* g = grad_out + bq * E;
-      delta[bq] = dot(g, out + bq * E, 1, E);
-      T* gl = g_qloc + bq * d;
-      T* gv = g_qvar + bq * d;
-      std::fill(gl, gl + d, T(0));
-      std::fill(gv, gv + d, T(0));
-      if (lse[bq] == neg_inf<T>()) continue;  // matched nothing: output is a constant zero
-      const auto ql = row_ref(qloc, b, q), qv = row_ref(qvar, b, q);
-      for (int64_t t = 0; t < M; ++t) {
-        const T sc = geo.score(ql, qv, row_ref(mloc, b, t), row_ref(mvar, b, t), diff.data(), inv.data());
-        if (sc == neg_inf<T>()) continue;
-        const T w = exp_nonpositive(sc - lse[bq]);
-        if (w == T(0)) continue;
-        const T ds = w * (dot(g, values.row(b, t), values.s2, E) - delta[bq]);
-        accumulate_pair_grads(ds, diff.data(), inv.data(), d, gl, gv, T(-1));
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    T* my_query_grads = query_grads.data() + size_t(tid) * BQ * 2 * d;
+    std::vector<T> dz(kQueryBlock * E), diff(d), inv(d);
+    T w[kQueryBlock][kTile] = {}, dp[kQueryBlock][kTile] = {};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < s.B * blocks_per_batch; ++blk) {
+      const int64_t b = blk / blocks_per_batch, t0 = (blk % blocks_per_batch) * kQueryBlock;
+      const int64_t nm = std::min(kQueryBlock, M - t0);
+      std::fill(dz.begin(), dz.end(), T(0));
+      for (int64_t i = 0; i < nm; ++i) {
+        std::fill(g_mloc + (b * M + t0 + i) * d, g_mloc + (b * M + t0 + i + 1) * d, T(0));
+        std::fill(g_mvar + (b * M + t0 + i) * d, g_mvar + (b * M + t0 + i + 1) * d, T(0));
       }
+      for (int64_t q0 = 0; q0 < Q; q0 += kTile) {
+        const int64_t nt = std::min(kTile, Q - q0);
+        int64_t nonzero = 0;
+        for (int64_t i = 0; i < kQueryBlock; ++i) {
+          for (int64_t j = 0; j < nt; ++j) {
+            const int64_t bq = b * Q + q0 + j;
+            T wij = 0;
+            if (i < nm && lse[bq] != neg_inf<T>()) {
+              const T sc = geo.score(row_ref(qloc, b, q0 + j), row_ref(qvar, b, q0 + j), row_ref(mloc, b, t0 + i),
+                                     row_ref(mvar, b, t0 + i), diff.data(), inv.data());
+              wij = exp_nonpositive(sc - lse[bq]);  // masked: -inf -> 0
+            }
+            w[i][j] = wij;
+            nonzero += wij != T(0);
+          }
+        }
+        if (nonzero == 0) continue;
+        const T* g0 = grad_out + (b * Q + q0) * E;
+        const bool dense = values.s2 == 1 && nonzero * 4 > kQueryBlock * nt;
+        if (dense) {
+          dots_dense<T>(values.row(b, t0), values.s1, g0, nt, E, dp);
+          accumulate_dense<T>(w, nt, g0, E, dz.data(), E);
+        }
+        for (int64_t i = 0; i < nm; ++i) {
+          const T* z = values.row(b, t0 + i);
+          T* gml = g_mloc + (b * M + t0 + i) * d;
+          T* gmv = g_mvar + (b * M + t0 + i) * d;
+          for (int64_t j = 0; j < nt; ++j) {
+            const T wij = w[i][j];
+            if (wij == T(0)) continue;
+            const int64_t bq = b * Q + q0 + j;
+            const T* g = g0 + j * E;
+            const T dpij = dense ? dp[i][j] : dot(g, z, values.s2, E);
+            if (!dense) axpy(wij, g, 1, dz.data() + i * E, E);
+            const T ds = wij * (dpij - delta[bq]);
+            geo.score(row_ref(qloc, b, q0 + j), row_ref(qvar, b, q0 + j), row_ref(mloc, b, t0 + i),
+                      row_ref(mvar, b, t0 + i), diff.data(), inv.data());
+            T* gq = my_query_grads + bq * 2 * d;
+            accumulate_pair_grads(ds, diff.data(), inv.data(), d, gq, gq + d, T(-1));
+            accumulate_pair_grads(ds, diff.data(), inv.data(), d, gml, gmv, T(1));
+          }
+        }
+      }
+      for (int64_t i = 0; i < nm; ++i)
+        std::copy(dz.begin() + i * E, dz.begin() + (i + 1) * E, g_values + (b * M + t0 + i) * E);
     }
   }
-  // Pass 2, parallel over memory entries: entry gradients, so no two threads write one row.
-#pragma omp parallel
-  {
-    std::vector<T> diff(d), inv(d);
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t bt = 0; bt < s.B * M; ++bt) {
-      const int64_t b = bt / M, t = bt % M;
-      T* gz = g_values + bt * E;
-      T* gl = g_mloc + bt * d;
-      T* gv = g_mvar + bt * d;
-      std::fill(gz, gz + E, T(0));
-      std::fill(gl, gl + d, T(0));
-      std::fill(gv, gv + d, T(0));
-      const auto ml = row_ref(mloc, b, t), mv = row_ref(mvar, b, t);
-      const T* z = values.row(b, t);
-      for (int64_t q = 0; q < Q; ++q) {
-        const int64_t bq = b * Q + q;
-        if (lse[bq] == neg_inf<T>()) continue;
-        const T sc = geo.score(row_ref(qloc, b, q), row_ref(qvar, b, q), ml, mv, diff.data(), inv.data());
-        if (sc == neg_inf<T>()) continue;
-        const T w = exp_nonpositive(sc - lse[bq]);
-        if (w == T(0)) continue;
-        const T* g = grad_out + bq * E;
-        const T ds = w * (dot(g, z, values.s2, E) - delta[bq]);
-        axpy(w, g, 1, gz, E);
-        accumulate_pair_grads(ds, diff.data(), inv.data(), d, gl, gv, T(1));
+#pragma omp parallel for schedule(static)
+  for (int64_t bq = 0; bq < BQ; ++bq) {
+    for (int64_t k = 0; k < d; ++k) {
+      T gl = 0, gv = 0;
+      for (int t = 0; t < nthreads; ++t) {
+        const T* src = query_grads.data() + (size_t(t) * BQ + bq) * 2 * d;
+        gl += src[k];
+        gv += src[d + k];
       }
+      g_qloc[bq * d + k] = gl;
+      g_qvar[bq * d + k] = gv;
     }
   }
 }
