@@ -34,20 +34,18 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains {bad} values")
 
 
-def check_same_device_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+def check_device(named: Sequence[tuple[str, torch.Tensor]], *, same_dtype: bool = False) -> None:
+    """All tensors on the first one's device (and of its dtype, with same_dtype)."""
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-        if t.dtype != first.dtype:
+        if same_dtype and t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
 
 
-def check_device(named: Sequence[tuple[str, torch.Tensor]]) -> None:
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+def check_same_device_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    check_device(named, same_dtype=True)
 
 
 def standard_deviation(sd: Sd, name: str, like: torch.Tensor, like_name: str) -> torch.Tensor:
