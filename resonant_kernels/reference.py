@@ -56,7 +56,7 @@ def leave_one_out(mem_loc, mem_var, mem_values, match_threshold=None, active=Non
     weights = masked_softmax(logk.masked_fill(~others, -math.inf))
     estimate = weights.to(mem_values.dtype) @ mem_values
     error = torch.linalg.vector_norm(estimate - mem_values, dim=-1)
-    count = M if active is None else active.sum(-1).clamp(min=1)[..., None, None]
+    count = max(M, 1) if active is None else active.sum(-1).clamp(min=1)[..., None, None]
     depends = weights > 1.0 / count
     return estimate, error, depends.sum(-1), depends
 
