@@ -23,11 +23,16 @@ BLOCK_J = 32
 
 
 @triton.jit
-def _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd,
-            thr2, uniform_inv, uniform_norm, norm_const,
-            D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr):
-    """log k_ij for a (BLOCK_I, BLOCK_J) tile, -inf beyond the threshold (design.md §1)."""
-    dist2 = tl.zeros((offs_i.shape[0], offs_j.shape[0]), dtype=loc.dtype.element_ty)
+def _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
+            D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr,
+            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """log k_ij for a (BLOCK_I, BLOCK_J) tile, -inf beyond the threshold (design.md §1).
+
+    consts holds [threshold², 1/v, uniform normaliser, −(d/2) log 2π] in the locations' dtype
+    (Triton would pass Python floats as float32)."""
+    thr2, uniform_inv = tl.load(consts), tl.load(consts + 1)
+    uniform_norm, norm_const = tl.load(consts + 2), tl.load(consts + 3)
+    dist2 = tl.zeros((BLOCK_I, BLOCK_J), dtype=loc.dtype.element_ty)
     quad = tl.zeros_like(dist2)
     logv = tl.zeros_like(dist2)
     for k in tl.static_range(D):
@@ -59,8 +64,7 @@ def _pair_mask(active, b, M, offs_i, offs_j, mask_i, mask_j):
 
 @triton.jit
 def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
-                   s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, s_zb, s_zm, s_ze,
-                   thr2, uniform_inv, uniform_norm, norm_const,
+                   s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, s_zb, s_zm, s_ze, consts,
                    D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr):
     pid_i, b, pid_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -75,8 +79,8 @@ def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
     for j0 in range(0, M, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < M
-        s = _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd,
-                    thr2, uniform_inv, uniform_norm, norm_const, D, HAS_THR, UNIFORM)
+        s = _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
+                    D, HAS_THR, UNIFORM, BLOCK_I, BLOCK_J)
         s = tl.where(_pair_mask(active, b, M, offs_i, offs_j, mask_i, mask_j), s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
         # A row with nothing matched so far keeps max -inf; shift by 0 there so no inf - inf.
@@ -98,9 +102,8 @@ def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
 
 
 @triton.jit
-def _dependencies_kernel(loc, var, active, error, lse, log_count, num_dependencies, candidate, M, max_error,
-                         s_lb, s_lm, s_ld, s_vb, s_vm, s_vd,
-                         thr2, uniform_inv, uniform_norm, norm_const,
+def _dependencies_kernel(loc, var, active, error, lse, log_count, num_dependencies, candidate, M,
+                         s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
                          D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     pid_i, b = tl.program_id(0), tl.program_id(1)
@@ -113,28 +116,29 @@ def _dependencies_kernel(loc, var, active, error, lse, log_count, num_dependenci
     for j0 in range(0, M, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < M
-        s = _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd,
-                    thr2, uniform_inv, uniform_norm, norm_const, D, HAS_THR, UNIFORM)
+        s = _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
+                    D, HAS_THR, UNIFORM, BLOCK_I, BLOCK_J)
         depends = _pair_mask(active, b, M, offs_i, offs_j, mask_i, mask_j) & (s > cut[:, None])
         err_j = tl.load(error + b * M + offs_j, mask=mask_j, other=0.0)
         lower = (err_j[None, :] < err_i[:, None]) | ((err_j[None, :] == err_i[:, None]) & (offs_j[None, :] < offs_i[:, None]))
         count += tl.sum(depends.to(tl.int64), 1)
         has_lower = tl.maximum(has_lower, tl.max((depends & lower).to(tl.int32), 1))
     tl.store(num_dependencies + b * M + offs_i, count, mask=mask_i)
-    is_candidate = (has_lower > 0) & (err_i < max_error)
+    is_candidate = (has_lower > 0) & (err_i < tl.load(consts + 4))
     tl.store(candidate + b * M + offs_i, is_candidate.to(tl.int8), mask=mask_i)
 
 
-def _geometry(mem_loc, threshold, uniform_var):
+def _geometry(mem_loc, threshold, uniform_var, max_error=0.0):
     d = mem_loc.shape[-1]
     uniform = uniform_var >= 0
-    return dict(
-        thr2=threshold * threshold if threshold >= 0 else 0.0,
-        uniform_inv=1.0 / uniform_var if uniform else 0.0,
-        uniform_norm=-0.5 * d * (math.log(uniform_var) + math.log(2 * math.pi)) if uniform else 0.0,
-        norm_const=-0.5 * d * math.log(2 * math.pi),
-        D=d, HAS_THR=threshold >= 0, UNIFORM=uniform,
-    )
+    consts = mem_loc.new_tensor([
+        threshold * threshold if threshold >= 0 else 0.0,
+        1.0 / uniform_var if uniform else 0.0,
+        -0.5 * d * (math.log(uniform_var) + math.log(2 * math.pi)) if uniform else 0.0,
+        -0.5 * d * math.log(2 * math.pi),
+        max_error,
+    ])
+    return dict(consts=consts, D=d, HAS_THR=threshold >= 0, UNIFORM=uniform)
 
 
 def _errors(mem_loc, mem_var, mem_values, active, threshold, uniform_var):
@@ -162,8 +166,8 @@ def _dependencies(mem_loc, mem_var, active, error, lse, threshold, uniform_var, 
         log_count = active.sum(-1).clamp(min=1).to(mem_loc.dtype).log()
         _dependencies_kernel[(triton.cdiv(M, BLOCK_I), B)](
             mem_loc, mem_var, active.contiguous(), error.contiguous(), lse, log_count, num_dependencies, candidate,
-            M, max_error, *mem_loc.stride(), *mem_var.stride(),
-            **_geometry(mem_loc, threshold, uniform_var), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
+            M, *mem_loc.stride(), *mem_var.stride(),
+            **_geometry(mem_loc, threshold, uniform_var, max_error), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
         )
     return num_dependencies, candidate.bool()
 
