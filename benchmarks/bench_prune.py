@@ -9,7 +9,7 @@ comfortably; elsewhere the row says what it would need, extrapolated as M² from
 measured reference row.
 
     PYTHONPATH=.:python_api python benchmarks/bench_prune.py            # CPU sizes 1024, 4096, 16384
-    PYTHONPATH=.:python_api python benchmarks/bench_prune.py --sizes 1024 --repeats 1   # quick check
+    PYTHONPATH=.:python_api python benchmarks/bench_prune.py --quick    # M 1024, 2048: checks it runs
     PYTHONPATH=.:python_api python benchmarks/bench_prune.py --device cuda   # up to 65536
 """
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
+    parser.add_argument("--quick", action="store_true", help="M in {1024, 2048}, one repeat: checks it runs")
     parser.add_argument("--E", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-limit-gb", type=float, default=CPU_REFERENCE_LIMIT_GB,
@@ -87,6 +88,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/prune_<device>.json)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
+    if args.quick:
+        args.sizes, args.repeats = args.sizes or [1024, 2048], 1
     sizes = args.sizes or ([1024, 4096, 16384, 65536] if cuda else [1024, 4096, 16384])
     fused = ["triton", "cuda"] if cuda else ["cpu"]
     fused = [b for b in fused if any(r.name == b and r.usable and "prune_mask" in r.ops for r in rk.backends(False))]

@@ -26,28 +26,23 @@ void errors_impl(const LooShape& s, View3<const T> mloc, View3<const T> mvar, Vi
       T* est = estimate + bi * E;
       const T* z = values.row(b, i);
       std::fill(acc.begin(), acc.end(), T(0));
-      T run_max = neg_inf<T>(), run_sum = 0;
+      OnlineSoftmax<T> softmax;
       if (is_active(active, bi)) {
         const auto ql = row_ref(mloc, b, i), qv = row_ref(mvar, b, i);
         for (int64_t j = 0; j < M; ++j) {
           if (j == i || !is_active(active, b * M + j)) continue;
           const T sc = geo.score(ql, qv, row_ref(mloc, b, j), row_ref(mvar, b, j), diff.data(), inv.data());
           if (sc == neg_inf<T>()) continue;
-          if (sc > run_max) {
-            const T scale = run_max == neg_inf<T>() ? T(0) : std::exp(run_max - sc);
-            run_sum *= scale;
-            if (scale != T(1)) for (auto& a : acc) a *= scale;
-            run_max = sc;
-          }
-          const T p = std::exp(sc - run_max);
-          run_sum += p;
+          T rescale;
+          const T p = softmax.add(sc, rescale);
+          if (rescale != T(1)) for (auto& a : acc) a *= rescale;
           if (p != T(0)) {
             const T* zj = values.row(b, j);
             for (int64_t k = 0; k < E; ++k) acc[k] += p * zj[k * values.s2];
           }
         }
       }
-      const T inv_sum = run_sum > T(0) ? T(1) / run_sum : T(0);
+      const T inv_sum = softmax.sum > T(0) ? T(1) / softmax.sum : T(0);
       T err2 = 0;
       for (int64_t k = 0; k < E; ++k) {
         est[k] = acc[k] * inv_sum;
@@ -55,7 +50,7 @@ void errors_impl(const LooShape& s, View3<const T> mloc, View3<const T> mvar, Vi
         err2 += r * r;
       }
       error[bi] = is_active(active, bi) ? std::sqrt(err2) : T(0);
-      lse[bi] = run_sum > T(0) ? run_max + std::log(run_sum) : neg_inf<T>();
+      lse[bi] = softmax.lse();
     }
   }
 }
@@ -95,7 +90,7 @@ void dependencies_impl(const LooShape& s, View3<const T> mloc, View3<const T> mv
         }
       }
       num_dependencies[bi] = count;
-      candidate[bi] = has_lower && double(error[bi]) < max_error;
+      candidate[bi] = has_lower && error[bi] < T(max_error);  // compared in T, as torch compares a tensor with a float
     }
   }
 }

@@ -42,31 +42,24 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
       const int64_t b = bq / s.Q, q = bq % s.Q;
       const auto ql = row_ref(qloc, b, q), qv = row_ref(qvar, b, q);
       std::fill(acc.begin(), acc.end(), T(0));
-      T run_max = neg_inf<T>(), run_sum = 0;
+      OnlineSoftmax<T> softmax;
       for (int64_t t = 0; t < M; ++t) {
         const T sc = geo.score(ql, qv, row_ref(mloc, b, t), row_ref(mvar, b, t), diff.data(), inv.data());
         if (sc == neg_inf<T>()) continue;
-        if (sc > run_max) {
-          // Rescale what was accumulated under the old maximum (a no-op the first time).
-          const T scale = run_max == neg_inf<T>() ? T(0) : std::exp(run_max - sc);
-          run_sum *= scale;
-          if (scale != T(1)) for (auto& a : acc) a *= scale;
-          run_max = sc;
-        }
-        const T p = std::exp(sc - run_max);
-        run_sum += p;
+        T rescale;
+        const T p = softmax.add(sc, rescale);
+        if (rescale != T(1)) for (auto& a : acc) a *= rescale;
         // An underflowed weight contributes exactly nothing: skip the E-wide update.
         if (p != T(0)) axpy(p, values.row(b, t), values.s2, acc.data(), E);
       }
       T* o = out + bq * E;
-      if (run_sum > T(0)) {
-        const T inv_sum = T(1) / run_sum;
+      if (softmax.sum > T(0)) {
+        const T inv_sum = T(1) / softmax.sum;
         for (int64_t k = 0; k < E; ++k) o[k] = acc[k] * inv_sum;
-        lse[bq] = run_max + std::log(run_sum);
       } else {
         std::fill(o, o + E, T(0));
-        lse[bq] = neg_inf<T>();
       }
+      lse[bq] = softmax.lse();
     }
   }
 }

@@ -241,3 +241,18 @@ def test_bad_arguments_are_named():
         rk.leave_one_out(loc, 1.0, z, backend="gpu")
     with pytest.raises(ValueError, match="cpu"):
         rk.prune_mask(loc, 1.0, z.double(), max_error=0.1, backend="cpu")
+
+
+def test_fused_cpu_prune_never_holds_an_m_by_m_matrix():
+    """Peak extra RSS of a whole prune_mask at M = 4096 stays far below one float32 M×M (64 MB)."""
+    fused_backend("cpu")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from _measure import peak_extra_rss_mb
+
+    peak = peak_extra_rss_mb("bench_prune", "make_call", dict(M=4096, E=4, backend="cpu"), timeout=300)
+    assert peak < 16.0, peak
+    # The probe does see M×M allocations: the reference at M = 1024 needs several 4 MB matrices.
+    assert peak_extra_rss_mb("bench_prune", "make_call", dict(M=1024, E=4, backend="reference"), timeout=300) > 16.0
