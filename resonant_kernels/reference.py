@@ -57,7 +57,7 @@ def leave_one_out(mem_loc, mem_var, mem_values, match_threshold=None, active=Non
     estimate = weights.to(mem_values.dtype) @ mem_values
     error = torch.linalg.vector_norm(estimate - mem_values, dim=-1)
     count = max(M, 1) if active is None else active.sum(-1).clamp(min=1)[..., None, None]
-    depends = weights > 1.0 / count
+    depends = (weights > 1.0 / count).expand(*error.shape, M)  # values may carry more batch dims
     return estimate, error, depends.sum(-1), depends
 
 

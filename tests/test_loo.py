@@ -256,3 +256,26 @@ def test_fused_cpu_prune_never_holds_an_m_by_m_matrix():
     assert peak < 16.0, peak
     # The probe does see M×M allocations: the reference at M = 1024 needs several 4 MB matrices.
     assert peak_extra_rss_mb("bench_prune", "make_call", dict(M=1024, E=4, backend="reference"), timeout=300) > 16.0
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_batch_broadcast_and_thresholds_that_isolate_everything(backend):
+    fused_backend(backend)
+    gen = torch.Generator().manual_seed(8)
+    loc = torch.randn(1, 30, 2, generator=gen, dtype=torch.float64)  # one layout, three value sets
+    sd = torch.rand(30, 1, generator=gen, dtype=torch.float64) + 0.3
+    z = torch.randn(3, 30, 4, generator=gen, dtype=torch.float64) * torch.tensor([0.05, 0.5, 2.0]).view(3, 1, 1)
+    for threshold in (None, 0.8):
+        want = rk.leave_one_out(loc, sd, z, match_threshold=threshold, backend="reference")
+        got = rk.leave_one_out(loc, sd, z, match_threshold=threshold, backend=backend)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, check_dtype=True)
+        keep = rk.prune_mask(loc, sd, z, max_error=0.3, match_threshold=threshold, backend="reference")
+        assert keep.shape == (3, 30) and len(set(keep.sum(-1).tolist())) > 1
+        assert torch.equal(rk.prune_mask(loc, sd, z, max_error=0.3, match_threshold=threshold, backend=backend), keep)
+    # θ = 0: every entry is isolated, reads zeros, depends on nothing and is never pruned.
+    estimate, error, num_dependencies = rk.leave_one_out(loc, sd, z, match_threshold=0.0, backend=backend)
+    assert not estimate.any() and not num_dependencies.any()
+    torch.testing.assert_close(error, z.norm(dim=-1))
+    assert rk.prune_mask(loc, sd, z, max_error=1e9, match_threshold=0.0, backend=backend).all()
