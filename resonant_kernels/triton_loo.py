@@ -1,7 +1,7 @@
 """Triton backend of leave_one_out / prune_mask: the same two passes as csrc/loo_cpu.cpp.
 
 Pass 1 (`_errors_kernel`): a block of entries i against blocks of entries j, online softmax over
-active j ≠ i, values accumulated with tl.dot; writes the estimate and log-sum-exp (the error is an
+active j ≠ i, values accumulated with tl.dot (float32) or a broadcast product (float64); writes the estimate and log-sum-exp (the error is an
 O(M·E) norm taken afterwards). Pass 2 (`_dependencies_kernel`): recomputes every score, compares
 it with lse_i − log n (⟺ w_ij > 1/n), counts dependencies and tests for one of lower
 (error, index) rank. Nothing of size M×M is stored. Runs on CUDA, or on CPU tensors under
@@ -66,7 +66,7 @@ def _pair_mask(active, b, M, offs_i, offs_j, mask_i, mask_j):
 def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
                    s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, s_zb, s_zm, s_ze, consts,
                    D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr,
-                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr):
+                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, USE_DOT: tl.constexpr):
     pid_i, b, pid_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -90,7 +90,11 @@ def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
         run_sum = run_sum * scale + tl.sum(p, 1)
         z = tl.load(values + b * s_zb + offs_j[:, None] * s_zm + offs_e[None, :] * s_ze,
                     mask=mask_j[:, None] & mask_e[None, :], other=0.0)
-        acc = acc * scale[:, None] + tl.dot(p.to(z.dtype), z, input_precision="ieee").to(dt)
+        if USE_DOT:
+            contrib = tl.dot(p.to(z.dtype), z, input_precision="ieee").to(dt)
+        else:  # float64: tl.dot has no fp64 lowering on every GPU; a broadcast product does
+            contrib = tl.sum(p[:, :, None] * z[None, :, :].to(dt), 1)
+        acc = acc * scale[:, None] + contrib
         run_max = new_max
     found = run_sum > 0
     out = tl.where(found[:, None], acc / tl.where(found, run_sum, 1.0)[:, None], 0.0)
@@ -147,12 +151,14 @@ def _errors(mem_loc, mem_var, mem_values, active, threshold, uniform_var):
     estimate = mem_values.new_zeros((B, M, E))
     lse = mem_loc.new_full((B, M), -math.inf)
     if B and M:
-        block_e = max(16, min(64, triton.next_power_of_2(max(E, 1))))
+        use_dot = mem_loc.dtype == torch.float32
+        block_e = max(16, min(64 if use_dot else 16, triton.next_power_of_2(max(E, 1))))
         grid = (triton.cdiv(M, BLOCK_I), B, max(1, triton.cdiv(E, block_e)))
         _errors_kernel[grid](
             mem_loc, mem_var, mem_values, active.contiguous(), estimate, lse, M, E,
             *mem_loc.stride(), *mem_var.stride(), *mem_values.stride(),
             **_geometry(mem_loc, threshold, uniform_var), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_E=block_e,
+            USE_DOT=use_dot,
         )
     error = torch.linalg.vector_norm(estimate - mem_values, dim=-1) * active
     return estimate, error, lse
