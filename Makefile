@@ -28,9 +28,11 @@ test: install check-cuda
 
 bench: install
 	$(PY) benchmarks/bench_read.py --quick
+	$(PY) benchmarks/bench_prune.py --quick
 
 bench-full: install
 	$(PY) benchmarks/bench_read.py
+	$(PY) benchmarks/bench_prune.py
 
 # Compiles every .cu file (no GPU needed) so a CUDA syntax error cannot land; skipped without nvcc.
 check-cuda:

@@ -7,6 +7,7 @@
 #include <string>
 #include <tuple>
 
+#include "loo_cpu.h"
 #include "read_cpu.h"
 
 #ifdef _OPENMP
@@ -55,6 +56,24 @@ void read_backward(const std::string& dtype, const rk::ReadShape& s, const Arr& 
   });
 }
 
+void loo_errors(const std::string& dtype, const rk::LooShape& s, const Arr& mloc, const Arr& mvar,
+                const Arr& values, uintptr_t active, uintptr_t estimate, uintptr_t error, uintptr_t lse) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::loo_errors_cpu<T>(s, view<T>(mloc), view<T>(mvar), view<T>(values), ptr<const uint8_t>(active),
+                          ptr<T>(estimate), ptr<T>(error), ptr<T>(lse));
+  });
+}
+
+void loo_dependencies(const std::string& dtype, const rk::LooShape& s, const Arr& mloc, const Arr& mvar,
+                      uintptr_t active, uintptr_t error, uintptr_t lse, double max_error, uintptr_t num_dependencies,
+                      uintptr_t candidate) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::loo_dependencies_cpu<T>(s, view<T>(mloc), view<T>(mvar), ptr<const uint8_t>(active), ptr<const T>(error),
+                                ptr<const T>(lse), max_error, ptr<int64_t>(num_dependencies),
+                                ptr<uint8_t>(candidate));
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -68,6 +87,15 @@ PYBIND11_MODULE(_C, m) {
            py::arg("uniform_var"), py::arg("uniform_var_value"));
   m.def("read_forward", &read_forward, py::call_guard<py::gil_scoped_release>());
   m.def("read_backward", &read_backward, py::call_guard<py::gil_scoped_release>());
+  py::class_<rk::LooShape>(m, "LooShape")
+      .def(py::init([](int64_t B, int64_t M, int64_t d, int64_t E, double threshold, bool uniform_var,
+                       double uniform_var_value) {
+             return rk::LooShape{B, M, d, E, threshold, uniform_var, uniform_var_value};
+           }),
+           py::arg("B"), py::arg("M"), py::arg("d"), py::arg("E"), py::arg("threshold"), py::arg("uniform_var"),
+           py::arg("uniform_var_value"));
+  m.def("loo_errors", &loo_errors, py::call_guard<py::gil_scoped_release>());
+  m.def("loo_dependencies", &loo_dependencies, py::call_guard<py::gil_scoped_release>());
   m.def("num_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

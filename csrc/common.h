@@ -21,6 +21,28 @@ struct View3 {
 template <class T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
+// The running max and Σ exp(score − max) of a softmax streamed one score at a time.
+template <class T>
+struct OnlineSoftmax {
+  T max = neg_inf<T>(), sum = 0;
+
+  // Adds a finite score and returns its weight exp(score − max). `rescale` receives the factor
+  // that anything accumulated under the previous max must be multiplied by (1: unchanged).
+  inline T add(T score, T& rescale) {
+    rescale = T(1);
+    if (score > max) {
+      rescale = max == neg_inf<T>() ? T(0) : std::exp(max - score);
+      sum *= rescale;
+      max = score;
+    }
+    const T p = std::exp(score - max);
+    sum += p;
+    return p;
+  }
+
+  inline T lse() const { return sum > T(0) ? max + std::log(sum) : neg_inf<T>(); }
+};
+
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
 
 // The kernel's geometry for one call: location dim d (D > 0 fixes it at compile time), the

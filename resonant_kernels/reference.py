@@ -40,3 +40,48 @@ def gaussian_read(query_loc, query_var, mem_loc, mem_var, mem_values, match_thre
     """Nadaraya–Watson read: softmax over entries of log k, times the values. -> (..., Q, E)."""
     weights = masked_softmax(log_kernel(query_loc, query_var, mem_loc, mem_var, match_threshold))
     return weights.to(mem_values.dtype) @ mem_values
+
+
+def leave_one_out(mem_loc, mem_var, mem_values, match_threshold=None, active=None):
+    """Each entry read from all the other (active) entries, its own variance as the query's.
+
+    Returns estimate (..., M, E), error ‖estimate − value‖ (..., M), num_dependencies (..., M)
+    where i depends on j when w_ij > 1/M (M: the row's active count). Materialises (..., M, M).
+    """
+    M = mem_loc.shape[-2]
+    logk = log_kernel(mem_loc, mem_var, mem_loc, mem_var, match_threshold)
+    others = ~torch.eye(M, dtype=torch.bool, device=mem_loc.device)
+    if active is not None:
+        others = others & active.unsqueeze(-2)
+    weights = masked_softmax(logk.masked_fill(~others, -math.inf))
+    estimate = weights.to(mem_values.dtype) @ mem_values
+    error = torch.linalg.vector_norm(estimate - mem_values, dim=-1)
+    count = max(M, 1) if active is None else active.sum(-1).clamp(min=1)[..., None, None]
+    depends = (weights > 1.0 / count).expand(*error.shape, M)  # values may carry more batch dims
+    return estimate, error, depends.sum(-1), depends
+
+
+def prune_candidates(error, depends, max_error, active=None):
+    """One pruning step (design.md §3): i is a candidate when error_i < max_error and i depends on
+    some j of lower rank, ranks by (error, index) ascending."""
+    M = error.shape[-1]
+    index = torch.arange(M, device=error.device)
+    err_i, err_j = error.unsqueeze(-1), error.unsqueeze(-2)
+    lower_rank = (err_j < err_i) | ((err_j == err_i) & (index < index.unsqueeze(-1)))
+    candidate = (error < max_error) & (depends & lower_rank).any(-1)
+    return candidate if active is None else candidate & active
+
+
+def prune_mask(mem_loc, mem_var, mem_values, max_error, match_threshold=None, max_steps=10):
+    """Repeats prune steps on the surviving entries of each batch row until a step removes
+    nothing or max_steps is reached. -> keep (..., M) bool."""
+    batch = torch.broadcast_shapes(mem_loc.shape[:-2], mem_values.shape[:-2])
+    M = mem_loc.shape[-2]
+    keep = torch.ones((*batch, M), dtype=torch.bool, device=mem_loc.device)
+    for _ in range(max_steps):
+        _, error, _, depends = leave_one_out(mem_loc, mem_var, mem_values, match_threshold, active=keep)
+        candidate = prune_candidates(error, depends, max_error, active=keep)
+        if not bool(candidate.any()):
+            break
+        keep = keep & ~candidate
+    return keep
