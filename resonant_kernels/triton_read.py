@@ -38,6 +38,8 @@ def supports_dtypes(loc_dtype: torch.dtype, value_dtype: torch.dtype):
     if value_dtype not in VALUE_DTYPES[loc_dtype]:
         allowed = ", ".join(str(d).replace("torch.", "") for d in VALUE_DTYPES[loc_dtype])
         return f"with {loc_dtype} locations needs mem_values in {allowed}, got {value_dtype}"
+    if value_dtype == torch.bfloat16 and triton_interpreting():
+        return "the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16 arithmetic; use a GPU or float16"
     return None
 
 
