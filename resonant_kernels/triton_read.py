@@ -120,6 +120,20 @@ def _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
 
 
 @triton.jit
+def _program_tiles(N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's batch row, value block, and its rows (queries or entries) and values."""
+    b, pid_e = tl.program_id(1), tl.program_id(2)
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    return b, pid_e, offs, offs < N, e_offs, e_offs < E
+
+
+@triton.jit
+def _batch_row(ql_ptr, qv_ptr, ml_ptr, mv_ptr, b, sql_b, sqv_b, sml_b, smv_b):
+    return ql_ptr + b * sql_b, qv_ptr + b * sqv_b, ml_ptr + b * sml_b, mv_ptr + b * smv_b
+
+
+@triton.jit
 def _load_consts(consts_ptr):
     """Per-call scalars, kept in the locations' dtype (a plain float argument would be float32)."""
     return tl.load(consts_ptr), tl.load(consts_ptr + 1), tl.load(consts_ptr + 2), tl.load(consts_ptr + 3)
@@ -172,16 +186,9 @@ def _read_fwd(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, out_ptr, lse_ptr,
               Q, M, E, consts_ptr,
               D: tl.constexpr, UNIFORM: tl.constexpr, HAS_THR: tl.constexpr, ALLOW_TF32: tl.constexpr,
               ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    pid_q, b, pid_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, pid_e, q_offs, q_mask, e_offs, e_mask = _program_tiles(Q, E, BLOCK_Q, BLOCK_E)
     thr2, uniform_inv, uniform_norm, norm_const = _load_consts(consts_ptr)
-    q_offs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < Q
-    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e_offs < E
-    ql_ptr += b * sql_b
-    qv_ptr += b * sqv_b
-    ml_ptr += b * sml_b
-    mv_ptr += b * smv_b
+    ql_ptr, qv_ptr, ml_ptr, mv_ptr = _batch_row(ql_ptr, qv_ptr, ml_ptr, mv_ptr, b, sql_b, sqv_b, sml_b, smv_b)
     z_ptr += b * sz_b
 
     row_max = tl.full((BLOCK_Q,), float("-inf"), ACC)
@@ -215,6 +222,32 @@ def _read_fwd(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, out_ptr, lse_ptr,
 
 # ---- backward ---------------------------------------------------------------------------------
 
+@triton.jit
+def _tile_weights_and_score_grads(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
+                                  ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
+                                  thr2, uniform_inv, uniform_norm, norm_const, lse, delta, go, z,
+                                  D: tl.constexpr, UNIFORM: tl.constexpr, HAS_THR: tl.constexpr,
+                                  ALLOW_TF32: tl.constexpr, ACC: tl.constexpr):
+    """Recomputed weights P and the score gradient ds = P * (dO·z − D) for one tile (this value
+    block's share of dO·z; `delta` is zero except in the first value block)."""
+    score = _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
+                    ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
+                    thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
+    p = _weights(score, lse)
+    dp = _dot(go, tl.trans(z), tl.zeros((q_offs.shape[0], m_offs.shape[0]), ACC), ALLOW_TF32)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _store_partials(gloc_ptr, gvar_ptr, grad_loc, grad_var, offs, mask, pid_e, b, spart_e, spart_b,
+                    D: tl.constexpr, D_POW2: tl.constexpr):
+    cols = tl.arange(0, D_POW2)
+    part = pid_e * spart_e + b * spart_b + offs[:, None] * D + cols[None, :]
+    part_mask = mask[:, None] & (cols < D)[None, :]
+    tl.store(gloc_ptr + part, grad_loc, mask=part_mask)
+    tl.store(gvar_ptr + part, grad_var, mask=part_mask)
+
+
 @_autotuned(_configs(), _TUNE_KEY)
 @triton.jit
 def _read_bwd_mem(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, go_ptr, lse_ptr, delta_ptr,
@@ -226,16 +259,9 @@ def _read_bwd_mem(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, go_ptr, lse_ptr, delta_
                   ALLOW_TF32: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Grads of mem_values (this value block) and this value block's share of mem_loc/mem_var."""
-    pid_m, b, pid_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, pid_e, m_offs, m_mask, e_offs, e_mask = _program_tiles(M, E, BLOCK_M, BLOCK_E)
     thr2, uniform_inv, uniform_norm, norm_const = _load_consts(consts_ptr)
-    m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m_offs < M
-    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e_offs < E
-    ql_ptr += b * sql_b
-    qv_ptr += b * sqv_b
-    ml_ptr += b * sml_b
-    mv_ptr += b * smv_b
+    ql_ptr, qv_ptr, ml_ptr, mv_ptr = _batch_row(ql_ptr, qv_ptr, ml_ptr, mv_ptr, b, sql_b, sqv_b, sml_b, smv_b)
     go_ptr += b * sgo_b
     lse_ptr += b * slse_b
     delta_ptr += b * slse_b
@@ -250,28 +276,22 @@ def _read_bwd_mem(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, go_ptr, lse_ptr, delta_
     for start in range(0, Q, BLOCK_Q):
         q_offs = start + tl.arange(0, BLOCK_Q)
         q_mask = q_offs < Q
-        score = _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
-                        ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
-                        thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
         lse = tl.load(lse_ptr + q_offs, mask=q_mask, other=float("inf"))
-        delta = tl.load(delta_ptr + q_offs, mask=q_mask, other=0.0)
-        p = _weights(score, lse)
+        delta = tl.load(delta_ptr + q_offs, mask=q_mask, other=0.0) * delta_weight
         go = tl.load(go_ptr + q_offs[:, None] * sgo_r + e_offs[None, :] * sgo_c,
                      mask=q_mask[:, None] & e_mask[None, :], other=0.0)
+        p, ds = _tile_weights_and_score_grads(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
+                                              ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
+                                              thr2, uniform_inv, uniform_norm, norm_const, lse, delta, go, z,
+                                              D, UNIFORM, HAS_THR, ALLOW_TF32, ACC)
         grad_z = _dot(tl.trans(p).to(go.dtype), go, grad_z, ALLOW_TF32)
-        dp = _dot(go, tl.trans(z), tl.zeros((BLOCK_Q, BLOCK_M), ACC), ALLOW_TF32)
-        ds = p * (dp - delta_weight * delta[:, None])
         grad_loc, grad_var = _loc_var_grads(ds, ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
                                             ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
                                             uniform_inv, grad_loc, grad_var, 0, D, D_POW2, UNIFORM)
 
     tl.store(gz_ptr + b * sgz_b + m_offs[:, None] * sgz_r + e_offs[None, :] * sgz_c,
              grad_z.to(gz_ptr.dtype.element_ty), mask=m_mask[:, None] & e_mask[None, :])
-    cols = tl.arange(0, D_POW2)
-    part = pid_e * spart_e + b * spart_b + m_offs[:, None] * D + cols[None, :]
-    part_mask = m_mask[:, None] & (cols < D)[None, :]
-    tl.store(gml_ptr + part, grad_loc, mask=part_mask)
-    tl.store(gmv_ptr + part, grad_var, mask=part_mask)
+    _store_partials(gml_ptr, gmv_ptr, grad_loc, grad_var, m_offs, m_mask, pid_e, b, spart_e, spart_b, D, D_POW2)
 
 
 @_autotuned(_configs(), _TUNE_KEY)
@@ -285,16 +305,9 @@ def _read_bwd_query(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, go_ptr, lse_ptr, delt
                     ALLOW_TF32: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """This value block's share of the grads of query_loc and query_var."""
-    pid_q, b, pid_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, pid_e, q_offs, q_mask, e_offs, e_mask = _program_tiles(Q, E, BLOCK_Q, BLOCK_E)
     thr2, uniform_inv, uniform_norm, norm_const = _load_consts(consts_ptr)
-    q_offs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < Q
-    e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_mask = e_offs < E
-    ql_ptr += b * sql_b
-    qv_ptr += b * sqv_b
-    ml_ptr += b * sml_b
-    mv_ptr += b * smv_b
+    ql_ptr, qv_ptr, ml_ptr, mv_ptr = _batch_row(ql_ptr, qv_ptr, ml_ptr, mv_ptr, b, sql_b, sqv_b, sml_b, smv_b)
     z_ptr += b * sz_b
     lse = tl.load(lse_ptr + b * slse_b + q_offs, mask=q_mask, other=float("inf"))
     delta = tl.load(delta_ptr + b * slse_b + q_offs, mask=q_mask, other=0.0)
@@ -307,23 +320,17 @@ def _read_bwd_query(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, go_ptr, lse_ptr, delt
     for start in range(0, M, BLOCK_M):
         m_offs = start + tl.arange(0, BLOCK_M)
         m_mask = m_offs < M
-        score = _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
-                        ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
-                        thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
-        p = _weights(score, lse)
         z = tl.load(z_ptr + m_offs[:, None] * sz_r + e_offs[None, :] * sz_c,
                     mask=m_mask[:, None] & e_mask[None, :], other=0.0)
-        dp = _dot(go, tl.trans(z), tl.zeros((BLOCK_Q, BLOCK_M), ACC), ALLOW_TF32)
-        ds = p * (dp - delta[:, None])
+        _, ds = _tile_weights_and_score_grads(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
+                                              ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
+                                              thr2, uniform_inv, uniform_norm, norm_const, lse, delta, go, z,
+                                              D, UNIFORM, HAS_THR, ALLOW_TF32, ACC)
         grad_loc, grad_var = _loc_var_grads(ds, ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
                                             ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
                                             uniform_inv, grad_loc, grad_var, 1, D, D_POW2, UNIFORM)
 
-    cols = tl.arange(0, D_POW2)
-    part = pid_e * spart_e + b * spart_b + q_offs[:, None] * D + cols[None, :]
-    part_mask = q_mask[:, None] & (cols < D)[None, :]
-    tl.store(gql_ptr + part, grad_loc, mask=part_mask)
-    tl.store(gqv_ptr + part, grad_var, mask=part_mask)
+    _store_partials(gql_ptr, gqv_ptr, grad_loc, grad_var, q_offs, q_mask, pid_e, b, spart_e, spart_b, D, D_POW2)
 
 
 # ---- launchers --------------------------------------------------------------------------------
