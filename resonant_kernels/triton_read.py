@@ -122,7 +122,8 @@ def _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
 @triton.jit
 def _program_tiles(N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     """This program's batch row, value block, and its rows (queries or entries) and values."""
-    b, pid_e = tl.program_id(1), tl.program_id(2)
+    # int64 batch index: b * batch stride can pass 2**31 elements for large batched reads.
+    b, pid_e = tl.program_id(1).to(tl.int64), tl.program_id(2)
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     e_offs = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     return b, pid_e, offs, offs < N, e_offs, e_offs < E

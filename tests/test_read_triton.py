@@ -103,6 +103,30 @@ def test_batch_broadcast_memory():
 
 
 @interpreted
+def test_strided_and_broadcast_views_match_reference():
+    """Kernels read through strides: sliced queries, transposed values, a stride-0 batch."""
+    gen = torch.Generator().manual_seed(4)
+    query_loc = torch.randn(2, 40, 6, generator=gen, dtype=torch.float64)[:, ::2, 1:4]
+    mem_loc = torch.randn(1, 30, 3, generator=gen, dtype=torch.float64).expand(2, 30, 3)
+    mem_values = torch.randn(2, 24, 30, generator=gen, dtype=torch.float64).transpose(1, 2)
+    query_sd = torch.rand(2, 20, 1, generator=gen, dtype=torch.float64) + 0.5
+    inputs = [t.requires_grad_() if t.is_leaf else t for t in (query_loc, query_sd, mem_loc, mem_values)]
+    call = lambda q, qs, m, z, backend: rk.gaussian_read(q, qs, m, 0.8, z, backend=backend)  # noqa: E731
+    out, grads = grads_of(lambda *a: call(*a, "triton"), inputs)
+    ref, ref_grads = grads_of(lambda *a: call(*a, "reference"), inputs)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, **GRAD_TOL[torch.float64])
+
+
+@interpreted
+def test_torch_compile_graph():
+    q, qs, m, ms, z = make_inputs(Case((), 6, 9, 2, 4, "per_dim", None), dtype=torch.float32)
+    fn = torch.compile(lambda *a: rk.gaussian_read(*a, backend="triton"), backend="eager", fullgraph=False)
+    torch.testing.assert_close(fn(q, qs, m, ms, z), rk.gaussian_read(q, qs, m, ms, z, backend="reference"))
+
+
+@interpreted
 def test_gradcheck_float64():
     case = Case((2,), 4, 6, 3, 3, "per_dim", 2.0)
     inputs = make_inputs(case, requires_grad=True, seed=5)
