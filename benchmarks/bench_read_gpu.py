@@ -12,7 +12,8 @@ terms that cancel in the softmax). SDPA gets q = [ℓ/√v, 1, 0…], k = [ℓ_t
 with scale 1; its kernels need q, k and v of one head dim ≤ 256, so the values are split into
 ≤ 256-wide chunks run as heads (each head recomputes the scores) and q, k are zero-padded to the
 chunk width. FlexAttention gets q = ℓ/√v, k = ℓ_t/√v padded to 16 and the per-key bias through a
-score_mod. Neither peer applies a match threshold, so every row runs without one.
+score_mod. Neither peer applies a match threshold, so every row runs without one. The peers'
+timings include building their operands (bias column, padding, head split) from the inputs.
 
 TFLOP/s counts only the value products, the same for every method: 2·Q·M·E forward and 6·Q·M·E
 forward+backward. Ratios compare methods measured in the same run.
