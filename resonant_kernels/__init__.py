@@ -7,10 +7,15 @@ from ._backends import backends
 from .read import gaussian_read
 from .loo import leave_one_out, prune_mask
 
-try:  # the Triton backend registers itself; without triton the other backends still work
-    from . import triton_loo  # noqa: F401
-except ImportError:
-    pass
+import importlib as _importlib
+
+for _module in ("triton_read", "triton_loo"):
+    # Triton kernels register backend="triton"; without a working triton the backend table says
+    # why it is unusable, and a broken triton install must not break the other backends.
+    try:
+        _importlib.import_module(f".{_module}", __name__)
+    except Exception:  # noqa: BLE001
+        pass
 
 __all__ = ["backends", "gaussian_read", "leave_one_out", "prune_mask"]
 __version__ = "0.1.0"

@@ -45,13 +45,15 @@ def uniform_variance(query_var: Tensor, mem_var: Tensor) -> float:
 @torch.library.custom_op("resonant_kernels::read_forward", mutates_args=())
 def read_forward(
     query_loc: Tensor, query_var: Tensor, mem_loc: Tensor, mem_var: Tensor, mem_values: Tensor,
-    threshold: float, uniform_var: float, backend: str,
+    threshold: float, uniform_var: float, backend: str, allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    return _IMPLS[backend].forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var)
+    return _IMPLS[backend].forward(
+        query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, allow_tf32=allow_tf32
+    )
 
 
 @read_forward.register_fake
-def _(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, backend):
+def _(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, backend, allow_tf32=False):
     B, Q, _ = query_loc.shape
     out = mem_values.new_empty((B, Q, mem_values.shape[-1]))
     return out, query_loc.new_empty((B, Q))
@@ -60,15 +62,17 @@ def _(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var
 @torch.library.custom_op("resonant_kernels::read_backward", mutates_args=())
 def read_backward(
     grad_out: Tensor, out: Tensor, lse: Tensor, query_loc: Tensor, query_var: Tensor, mem_loc: Tensor,
-    mem_var: Tensor, mem_values: Tensor, threshold: float, uniform_var: float, backend: str,
+    mem_var: Tensor, mem_values: Tensor, threshold: float, uniform_var: float, backend: str, allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _IMPLS[backend].backward(
-        grad_out.contiguous(), out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var
+        grad_out.contiguous(), out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var,
+        allow_tf32=allow_tf32,
     )
 
 
 @read_backward.register_fake
-def _(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, backend):
+def _(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, backend,
+      allow_tf32=False):
     B, Q, d = query_loc.shape
     M, E = mem_values.shape[1:]
     return (
@@ -78,16 +82,16 @@ def _(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, th
 
 
 def _setup_context(ctx, inputs, output):
-    query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, backend = inputs
+    query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, backend, *allow_tf32 = inputs
     out, lse = output
     ctx.save_for_backward(query_loc, query_var, mem_loc, mem_var, mem_values, out, lse)
-    ctx.args = (threshold, uniform_var, backend)
+    ctx.args = (threshold, uniform_var, backend, *allow_tf32)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     query_loc, query_var, mem_loc, mem_var, mem_values, out, lse = ctx.saved_tensors
     grads = read_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, *ctx.args)
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 read_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -102,6 +106,7 @@ def gaussian_read(
     *,
     match_threshold: Optional[float] = None,
     backend: str = "auto",
+    allow_tf32: bool = False,
 ) -> Tensor:
     """Read a Gaussian-kernel memory at query locations (design.md §2).
 
@@ -109,7 +114,8 @@ def gaussian_read(
     broadcastable to their locations; mem_loc (..., M, d); mem_values (..., M, E).
     Returns (..., Q, E) (or (..., E) for a single query). Entries farther than match_threshold
     (Euclidean) are ignored; a query that matches nothing, or any query against an empty memory,
-    reads zeros with zero gradients. Differentiable in all five tensors.
+    reads zeros with zero gradients. Differentiable in all five tensors. allow_tf32 lets GPU
+    backends use TF32 tensor cores for the float32 value products (weights @ values).
     """
     mem = _validate.memory(mem_loc, mem_sd, mem_values, value_dtypes=_validate.VALUE_DTYPES)
     qloc, qvar, single = _validate.queries(query_loc, query_sd, mem)
@@ -127,7 +133,7 @@ def gaussian_read(
         out, _ = read_forward(
             flat(qloc, batch, (Q, d)), flat(qvar, batch, (Q, d)), flat(mem.loc, batch, (M, d)),
             flat(mem.var, batch, (M, d)), flat(mem.values, batch, (M, E)),
-            -1.0 if threshold is None else threshold, uniform_variance(qvar, mem.var), impl.name,
+            -1.0 if threshold is None else threshold, uniform_variance(qvar, mem.var), impl.name, bool(allow_tf32),
         )
         out = out.reshape(*batch, Q, E)
     return out.squeeze(-2) if single else out
@@ -141,7 +147,7 @@ def _cpu_shape(query_loc, mem_values, threshold, uniform_var):
     return _cpu.module().ReadShape(B, Q, M, d, E, threshold, uniform_var >= 0, max(uniform_var, 0.0))
 
 
-def _cpu_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var):
+def _cpu_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, allow_tf32=False):
     B, Q, _ = query_loc.shape
     out = mem_values.new_empty((B, Q, mem_values.shape[-1]))
     lse = query_loc.new_empty((B, Q))
@@ -153,7 +159,8 @@ def _cpu_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, 
     return out, lse
 
 
-def _cpu_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var):
+def _cpu_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var,
+                  allow_tf32=False):
     grads = [torch.empty(t.shape, dtype=t.dtype) for t in (query_loc, query_var, mem_loc, mem_var, mem_values)]
     a = _cpu.arr
     _cpu.module().read_backward(
