@@ -175,3 +175,65 @@ def reduce_to(grad: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torc
     if grad is None:
         return None
     return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
+
+
+def positive_number(x, name: str) -> float:
+    """A finite float > 0 (temperatures)."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = float(x)
+    if isinstance(x, bool) or not isinstance(x, (float, int)):
+        raise TypeError(f"{name} must be a positive float, got {type(x).__name__}")
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {x}")
+    return float(x)
+
+
+def nonnegative_number(x, name: str) -> float:
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = float(x)
+    if isinstance(x, bool) or not isinstance(x, (float, int)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(x).__name__}")
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be >= 0 and finite, got {x}")
+    return float(x)
+
+
+def positive_count(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n
+
+
+def nonempty_memory(mem: MemoryArgs, op: str) -> None:
+    if mem.size == 0:
+        raise ValueError(f"{op}: the memory is empty (M = 0), so there is nothing to sample from")
+
+
+def search_key(key, mem: MemoryArgs, name: str = "search_key"):
+    """A key (..., Q, E) or (..., E) in mem_values' space. Returns (key with a Q axis, single)."""
+    check_tensor(key, name, min_rank=1, dtypes=VALUE_DTYPES)
+    check_same_device_dtype([("mem_values", mem.values), (name, key)])
+    if key.dim() == mem.values.dim() - 1:
+        single = True
+    elif key.dim() == mem.values.dim():
+        single = False
+    else:
+        raise ValueError(
+            f"{name} must have shape (..., Q, E) with the rank of mem_values {tuple(mem.values.shape)}, or (..., E) "
+            f"for a single key; got {tuple(key.shape)}"
+        )
+    if key.shape[-1] != mem.values.shape[-1]:
+        raise ValueError(f"{name} has value dimension {key.shape[-1]} but mem_values has {mem.values.shape[-1]}")
+    check_finite(key, name)
+    return (key.unsqueeze(-2) if single else key), single
+
+
+def check_generator(generator, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but mem_loc is on {device}")
