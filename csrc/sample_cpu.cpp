@@ -19,18 +19,23 @@
 namespace rk {
 namespace {
 
-constexpr int64_t kRQ = 4;  // queries per register block
+constexpr int64_t kRQ = 6;  // queries per register block (6 × 2 accumulators + 2 loads + 1 broadcast = 15 AVX2 registers)
 
 template <class T>
 constexpr int64_t entries_per_block() { return 64 / int64_t(sizeof(T)); }  // acc[kRQ][·] fits the registers
 
+constexpr int64_t kKC = 256;  // value columns per packed chunk: a kKC × kRJ chunk stays in L1
+
 template <class T>
 struct Scratch {
-  std::vector<T> keys;    // the group's keys, rows of E, padded with zero rows to a multiple of kRQ
-  std::vector<T> packed;  // kRJ value rows transposed: E × kRJ
+  std::vector<T> keys;    // the group's keys in blocks of kRQ rows, interleaved: [block][k][r]
+  std::vector<T> packed;  // kRJ value rows transposed, kKC columns at a time: kKC × kRJ
+  std::vector<T> tile;    // the drive dots of the group against the current kRJ entries: Gp × kRJ
   std::vector<T> diff, inv;
-  explicit Scratch(const SampleShape& s, int64_t G)
-      : keys(((G + kRQ - 1) / kRQ) * kRQ * s.E), packed(s.E * entries_per_block<T>()), diff(s.d), inv(s.d) {}
+  Scratch(const SampleShape& s, int64_t G)
+      : keys(padded(G) * s.E), packed(kKC * entries_per_block<T>()), tile(padded(G) * entries_per_block<T>()),
+        diff(s.d), inv(s.d) {}
+  static int64_t padded(int64_t G) { return ((G + kRQ - 1) / kRQ) * kRQ; }
 };
 
 int64_t group_size(const SampleShape& s) {
@@ -40,8 +45,31 @@ int64_t group_size(const SampleShape& s) {
 #endif
   // Large groups read the values fewer times; enough groups keep every thread busy.
   const int64_t want = (s.B * s.Q + 2 * threads - 1) / (2 * threads);
-  const int64_t g = std::clamp<int64_t>(want, kRQ, 32);
+  const int64_t g = std::clamp<int64_t>(want, kRQ, 64);
   return std::min(((g + kRQ - 1) / kRQ) * kRQ, s.Q);
+}
+
+// acc[r][j] += keys[r] · (column j of the packed chunk) over K columns; keys interleaved [k][r].
+// Explicit 32-byte vectors (GCC/Clang extension) keep all of acc in registers.
+template <class T>
+inline void block_dots(const T* keys, const T* packed, int64_t K, T* acc) {
+  typedef T Vec __attribute__((vector_size(32)));
+  constexpr int64_t kRJ = entries_per_block<T>();
+  constexpr int64_t kLanes = 32 / int64_t(sizeof(T));
+  constexpr int64_t kVecs = kRJ / kLanes;
+  Vec sum[kRQ][kVecs];
+  for (int64_t r = 0; r < kRQ; ++r)
+    for (int64_t c = 0; c < kVecs; ++c) __builtin_memcpy(&sum[r][c], acc + r * kRJ + c * kLanes, sizeof(Vec));
+  for (int64_t k = 0; k < K; ++k) {
+    Vec v[kVecs];
+    for (int64_t c = 0; c < kVecs; ++c) __builtin_memcpy(&v[c], packed + k * kRJ + c * kLanes, sizeof(Vec));
+    for (int64_t r = 0; r < kRQ; ++r) {
+      const T kr = keys[k * kRQ + r];
+      for (int64_t c = 0; c < kVecs; ++c) sum[r][c] += kr * v[c];
+    }
+  }
+  for (int64_t r = 0; r < kRQ; ++r)
+    for (int64_t c = 0; c < kVecs; ++c) __builtin_memcpy(acc + r * kRJ + c * kLanes, &sum[r][c], sizeof(Vec));
 }
 
 // Logits of queries q0 .. q0+G-1 of batch row b against all M entries, into rows of `logits`
@@ -69,40 +97,35 @@ void group_logits(const SampleShape& s, const Geometry<T, D>& geo, int64_t b, in
     }
     if (!any_match) std::fill(row, row + M, T(0));  // every entry masked: the drive term alone
   }
-  const int64_t Gp = ((G + kRQ - 1) / kRQ) * kRQ;
+  const int64_t Gp = Scratch<T>::padded(G);
   std::fill(w.keys.begin(), w.keys.end(), T(0));
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t k = 0; k < E; ++k) w.keys[g * E + k] = key(b, q0 + g, k);
+    for (int64_t k = 0; k < E; ++k) w.keys[(g / kRQ) * E * kRQ + k * kRQ + g % kRQ] = key(b, q0 + g, k);
   const T scale = T(s.drive_scale);
+  T* packed = w.packed.data();
   for (int64_t j0 = 0; j0 < M; j0 += kRJ) {
     const int64_t J = std::min(kRJ, M - j0);
     bool live = false;
     for (int64_t g = 0; g < G && !live; ++g)
       for (int64_t j = 0; j < J; ++j) live |= logits[g * M + j0 + j] != ninf;
     if (!live) continue;
-    T* packed = w.packed.data();
-    for (int64_t j = 0; j < kRJ; ++j) {
-      if (j < J) {
-        for (int64_t k = 0; k < E; ++k) packed[k * kRJ + j] = values(b, j0 + j, k);
-      } else {
-        for (int64_t k = 0; k < E; ++k) packed[k * kRJ + j] = T(0);
-      }
-    }
-    for (int64_t g0 = 0; g0 < Gp; g0 += kRQ) {
-      T acc[kRQ][kRJ] = {};
-      const T* kp = w.keys.data() + g0 * E;
-      for (int64_t k = 0; k < E; ++k) {
-        const T* v = packed + k * kRJ;
-        for (int64_t r = 0; r < kRQ; ++r) {
-          const T kr = kp[r * E + k];
-          for (int64_t j = 0; j < kRJ; ++j) acc[r][j] += kr * v[j];
+    std::fill(w.tile.begin(), w.tile.end(), T(0));
+    for (int64_t k0 = 0; k0 < E; k0 += kKC) {
+      const int64_t K = std::min(kKC, E - k0);
+      for (int64_t j = 0; j < kRJ; ++j) {
+        if (j < J) {
+          for (int64_t k = 0; k < K; ++k) packed[k * kRJ + j] = values(b, j0 + j, k0 + k);
+        } else {
+          for (int64_t k = 0; k < K; ++k) packed[k * kRJ + j] = T(0);
         }
       }
-      for (int64_t r = 0; r < kRQ && g0 + r < G; ++r) {
-        T* row = logits + (g0 + r) * M + j0;
-        for (int64_t j = 0; j < J; ++j)
-          if (row[j] != ninf) row[j] += acc[r][j] * scale;
-      }
+      for (int64_t g0 = 0; g0 < Gp; g0 += kRQ)
+        block_dots<T>(w.keys.data() + g0 * E + k0 * kRQ, packed, K, w.tile.data() + g0 * kRJ);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      T* row = logits + g * M + j0;
+      for (int64_t j = 0; j < J; ++j)
+        if (row[j] != ninf) row[j] += w.tile[g * kRJ + j] * scale;
     }
   }
 }
