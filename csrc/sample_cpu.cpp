@@ -136,12 +136,17 @@ template <class T, class Body>
 void for_each_group(const SampleShape& s, T* out, Body&& body) {
   const int64_t G = group_size(s);
   const int64_t groups_per_row = (s.Q + G - 1) / G;
-#pragma omp parallel
+  const int64_t tasks = s.B * groups_per_row;
+  int threads = 1;
+#ifdef _OPENMP
+  threads = int(std::min<int64_t>(omp_get_max_threads(), tasks));  // never wake threads with no group to run
+#endif
+#pragma omp parallel num_threads(threads)
   {
     Scratch<T> w(s, G);
     std::vector<T> own(out ? 0 : G * s.M);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < s.B * groups_per_row; ++task) {
+    for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / groups_per_row, q0 = (task % groups_per_row) * G;
       const int64_t n = std::min(G, s.Q - q0);
       body(b, q0, n, out ? out + (b * s.Q + q0) * s.M : own.data(), w);
