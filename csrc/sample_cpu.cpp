@@ -97,11 +97,32 @@ void group_logits(const SampleShape& s, const Geometry<T, D>& geo, int64_t b, in
     }
     if (!any_match) std::fill(row, row + M, T(0));  // every entry masked: the drive term alone
   }
+  const T scale = T(s.drive_scale);
+  if (G < kRQ) {
+    // Too few queries for the register block (Q = 1 is matrix-vector): one streamed dot per pair.
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = 0; k < E; ++k) w.keys[g * E + k] = key(b, q0 + g, k);
+    for (int64_t t = 0; t < M; ++t) {
+      const T* z = values.row(b, t);
+      for (int64_t g = 0; g < G; ++g) {
+        if (logits[g * M + t] == ninf) continue;
+        const T* y = w.keys.data() + g * E;
+        T acc = 0;
+        if (values.s2 == 1) {
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = 0; k < E; ++k) acc += y[k] * z[k];
+        } else {
+          for (int64_t k = 0; k < E; ++k) acc += y[k] * z[k * values.s2];
+        }
+        logits[g * M + t] += acc * scale;
+      }
+    }
+    return;
+  }
   const int64_t Gp = Scratch<T>::padded(G);
   std::fill(w.keys.begin(), w.keys.end(), T(0));
   for (int64_t g = 0; g < G; ++g)
     for (int64_t k = 0; k < E; ++k) w.keys[(g / kRQ) * E * kRQ + k * kRQ + g % kRQ] = key(b, q0 + g, k);
-  const T scale = T(s.drive_scale);
   T* packed = w.packed.data();
   for (int64_t j0 = 0; j0 < M; j0 += kRJ) {
     const int64_t J = std::min(kRJ, M - j0);
