@@ -132,20 +132,20 @@ def memory(mem_loc, mem_sd: Sd, mem_values, *, value_dtypes=LOCATION_DTYPES) -> 
     return MemoryArgs(mem_loc, sd * sd, mem_values)
 
 
+def is_single_row(x: torch.Tensor, name: str, like: torch.Tensor, like_name: str, rows: str, one: str) -> bool:
+    """Whether x (rank of `like` minus one) is a single row per batch, or (same rank) a stack of rows."""
+    if x.dim() in (like.dim() - 1, like.dim()):
+        return x.dim() == like.dim() - 1
+    raise ValueError(f"{name} must have shape {rows} with the rank of {like_name} {tuple(like.shape)}, or {one}; "
+                     f"got {tuple(x.shape)}")
+
+
 def queries(query_loc, query_sd: Sd, mem: MemoryArgs, *, loc_name="query_loc", sd_name="query_sd"):
     """Checks the queries against the memory. Returns (loc, var, single) where single says the
     caller passed one query per batch row, shape (..., d); loc then gains a Q=1 axis."""
     check_tensor(query_loc, loc_name, min_rank=1)
     check_same_device_dtype([("mem_loc", mem.loc), (loc_name, query_loc)])
-    if query_loc.dim() == mem.loc.dim() - 1:
-        single = True
-    elif query_loc.dim() == mem.loc.dim():
-        single = False
-    else:
-        raise ValueError(
-            f"{loc_name} must have shape (..., Q, d) with the rank of mem_loc {tuple(mem.loc.shape)}, or (..., d) "
-            f"for a single query; got {tuple(query_loc.shape)}"
-        )
+    single = is_single_row(query_loc, loc_name, mem.loc, "mem_loc", "(..., Q, d)", "(..., d) for a single query")
     if query_loc.shape[-1] != mem.dim:
         raise ValueError(
             f"{loc_name} has location dimension {query_loc.shape[-1]} but mem_loc has {mem.dim}"
@@ -217,15 +217,7 @@ def search_key(key, mem: MemoryArgs, name: str = "search_key"):
     """A key (..., Q, E) or (..., E) in mem_values' space. Returns (key with a Q axis, single)."""
     check_tensor(key, name, min_rank=1, dtypes=VALUE_DTYPES)
     check_same_device_dtype([("mem_values", mem.values), (name, key)])
-    if key.dim() == mem.values.dim() - 1:
-        single = True
-    elif key.dim() == mem.values.dim():
-        single = False
-    else:
-        raise ValueError(
-            f"{name} must have shape (..., Q, E) with the rank of mem_values {tuple(mem.values.shape)}, or (..., E) "
-            f"for a single key; got {tuple(key.shape)}"
-        )
+    single = is_single_row(key, name, mem.values, "mem_values", "(..., Q, E)", "(..., E) for a single key")
     if key.shape[-1] != mem.values.shape[-1]:
         raise ValueError(f"{name} has value dimension {key.shape[-1]} but mem_values has {mem.values.shape[-1]}")
     check_finite(key, name)
