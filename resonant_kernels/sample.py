@@ -23,7 +23,6 @@ in PyTorch, so they are differentiable in mem_loc and mem_sd (pathwise) for ever
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
