@@ -100,8 +100,11 @@ void group_logits(const SampleShape& s, const Geometry<T, D>& geo, int64_t b, in
   const T scale = T(s.drive_scale);
   if (G < kRQ) {
     // Too few queries for the register block (Q = 1 is matrix-vector): one streamed dot per pair.
+    // When this is the call's only group, the caller's team has one thread (an inactive region),
+    // so this nested loop may spread the entries over all threads; otherwise it runs serially.
     for (int64_t g = 0; g < G; ++g)
       for (int64_t k = 0; k < E; ++k) w.keys[g * E + k] = key(b, q0 + g, k);
+#pragma omp parallel for schedule(static) if (M * E * G >= (int64_t(1) << 20))
     for (int64_t t = 0; t < M; ++t) {
       const T* z = values.row(b, t);
       for (int64_t g = 0; g < G; ++g) {
