@@ -279,3 +279,19 @@ def test_bad_input_raises_clear_error(over, exc, message):
 def test_empty_memory_raises_for_probs_too():
     with pytest.raises(ValueError, match="nothing to sample"):
         rk.conditional_probs(torch.zeros(0, 2), 1.0, torch.zeros(0, 3), torch.zeros(3))
+
+
+@pytest.mark.parametrize("Q", [1, 40])
+def test_cpu_probs_match_reference_on_a_larger_memory(Q):
+    """Sizes past the small cases: a lone query's dots spread over threads (Q = 1), and several
+    query groups with packed value chunks longer than one chunk (E > 256) (Q = 40)."""
+    if "cpu" not in FUSED:
+        pytest.skip("cpu backend unavailable")
+    gen = torch.Generator().manual_seed(12)
+    M, E = 2100, 530
+    mem_loc, mem_values = torch.randn(M, 2, generator=gen) * 10, torch.randn(M, E, generator=gen)
+    key, search_loc = torch.randn(Q, E, generator=gen), torch.randn(Q, 2, generator=gen) * 10
+    kw = dict(search_loc=search_loc, search_sd=2.0, match_threshold=8.0)
+    want = rk.conditional_probs(mem_loc, 1.0, mem_values, key, backend="reference", **kw)
+    got = rk.conditional_probs(mem_loc, 1.0, mem_values, key, backend="cpu", **kw)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
