@@ -9,6 +9,7 @@
 
 #include "loo_cpu.h"
 #include "read_cpu.h"
+#include "sample_cpu.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -74,6 +75,24 @@ void loo_dependencies(const std::string& dtype, const rk::LooShape& s, const Arr
   });
 }
 
+void conditional_probs(const std::string& dtype, const rk::SampleShape& s, const Arr& key, const Arr& values,
+                       const Arr& qloc, const Arr& qvar, const Arr& mloc, const Arr& mvar, uintptr_t probs) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::conditional_probs_cpu<T>(s, view<T>(key), view<T>(values), view<T>(qloc), view<T>(qvar), view<T>(mloc),
+                                 view<T>(mvar), ptr<T>(probs));
+  });
+}
+
+void conditional_sample_indices(const std::string& dtype, const rk::SampleShape& s, const Arr& key,
+                                const Arr& values, const Arr& qloc, const Arr& qvar, const Arr& mloc,
+                                const Arr& mvar, uintptr_t uniforms, uintptr_t idx) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::conditional_sample_indices_cpu<T>(s, view<T>(key), view<T>(values), view<T>(qloc), view<T>(qvar),
+                                          view<T>(mloc), view<T>(mvar), ptr<const double>(uniforms),
+                                          ptr<int64_t>(idx));
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -96,6 +115,13 @@ PYBIND11_MODULE(_C, m) {
            py::arg("uniform_var_value"));
   m.def("loo_errors", &loo_errors, py::call_guard<py::gil_scoped_release>());
   m.def("loo_dependencies", &loo_dependencies, py::call_guard<py::gil_scoped_release>());
+  py::class_<rk::SampleShape>(m, "SampleShape")
+      .def(py::init([](int64_t B, int64_t Q, int64_t M, int64_t d, int64_t E, int64_t S, double drive_scale,
+                       double location_scale, double threshold, double uniform_var_value) {
+        return rk::SampleShape{B, Q, M, d, E, S, drive_scale, location_scale, threshold, uniform_var_value};
+      }));
+  m.def("conditional_probs", &conditional_probs, py::call_guard<py::gil_scoped_release>());
+  m.def("conditional_sample_indices", &conditional_sample_indices, py::call_guard<py::gil_scoped_release>());
   m.def("num_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -1,15 +1,17 @@
 """resonant-kernels: fused kernels for Gaussian-kernel memories.
 
-Ops (design.md): `gaussian_read`, `leave_one_out`, `prune_mask`. Backends: reference, cpu, triton,
-cuda; `backends()` prints which are usable here and why not.
+Ops (design.md): `gaussian_read`, `leave_one_out`, `prune_mask`, `conditional_probs`,
+`conditional_sample`. Backends: reference, cpu, triton, cuda; `backends()` prints which are usable
+here and why not.
 """
-from ._backends import backends
-from .read import gaussian_read
-from .loo import leave_one_out, prune_mask
-
 import importlib as _importlib
 
-for _module in ("triton_read", "triton_loo"):
+from ._backends import backends
+from .loo import leave_one_out, prune_mask
+from .read import gaussian_read
+from .sample import conditional_probs, conditional_sample
+
+for _module in ("triton_read", "triton_loo", "triton_sample"):
     # Triton kernels register backend="triton"; without a working triton the backend table says
     # why it is unusable, and a broken triton install must not break the other backends.
     try:
@@ -17,5 +19,5 @@ for _module in ("triton_read", "triton_loo"):
     except Exception:  # noqa: BLE001
         pass
 
-__all__ = ["backends", "gaussian_read", "leave_one_out", "prune_mask"]
+__all__ = ["backends", "gaussian_read", "leave_one_out", "prune_mask", "conditional_probs", "conditional_sample"]
 __version__ = "0.1.0"

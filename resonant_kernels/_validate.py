@@ -29,7 +29,9 @@ def check_tensor(x, name: str, *, min_rank: int = 1, dtypes=LOCATION_DTYPES) -> 
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    # One reduction without a bool copy of x: NaN and ±Inf always reach the sum; only a sum that
+    # overflows from finite values needs the elementwise check.
+    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
         raise ValueError(f"{name} contains {bad} values")
 
@@ -128,20 +130,20 @@ def memory(mem_loc, mem_sd: Sd, mem_values, *, value_dtypes=LOCATION_DTYPES) -> 
     return MemoryArgs(mem_loc, sd * sd, mem_values)
 
 
+def is_single_row(x: torch.Tensor, name: str, like: torch.Tensor, like_name: str, rows: str, one: str) -> bool:
+    """Whether x (rank of `like` minus one) is a single row per batch, or (same rank) a stack of rows."""
+    if x.dim() in (like.dim() - 1, like.dim()):
+        return x.dim() == like.dim() - 1
+    raise ValueError(f"{name} must have shape {rows} with the rank of {like_name} {tuple(like.shape)}, or {one}; "
+                     f"got {tuple(x.shape)}")
+
+
 def queries(query_loc, query_sd: Sd, mem: MemoryArgs, *, loc_name="query_loc", sd_name="query_sd"):
     """Checks the queries against the memory. Returns (loc, var, single) where single says the
     caller passed one query per batch row, shape (..., d); loc then gains a Q=1 axis."""
     check_tensor(query_loc, loc_name, min_rank=1)
     check_same_device_dtype([("mem_loc", mem.loc), (loc_name, query_loc)])
-    if query_loc.dim() == mem.loc.dim() - 1:
-        single = True
-    elif query_loc.dim() == mem.loc.dim():
-        single = False
-    else:
-        raise ValueError(
-            f"{loc_name} must have shape (..., Q, d) with the rank of mem_loc {tuple(mem.loc.shape)}, or (..., d) "
-            f"for a single query; got {tuple(query_loc.shape)}"
-        )
+    single = is_single_row(query_loc, loc_name, mem.loc, "mem_loc", "(..., Q, d)", "(..., d) for a single query")
     if query_loc.shape[-1] != mem.dim:
         raise ValueError(
             f"{loc_name} has location dimension {query_loc.shape[-1]} but mem_loc has {mem.dim}"
@@ -173,3 +175,57 @@ def reduce_to(grad: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torc
     if grad is None:
         return None
     return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
+
+
+def positive_number(x, name: str) -> float:
+    """A finite float > 0 (temperatures)."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = float(x)
+    if isinstance(x, bool) or not isinstance(x, (float, int)):
+        raise TypeError(f"{name} must be a positive float, got {type(x).__name__}")
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {x}")
+    return float(x)
+
+
+def nonnegative_number(x, name: str) -> float:
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = float(x)
+    if isinstance(x, bool) or not isinstance(x, (float, int)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(x).__name__}")
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be >= 0 and finite, got {x}")
+    return float(x)
+
+
+def positive_count(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n
+
+
+def nonempty_memory(mem: MemoryArgs, op: str) -> None:
+    if mem.size == 0:
+        raise ValueError(f"{op}: the memory is empty (M = 0), so there is nothing to sample from")
+
+
+def search_key(key, mem: MemoryArgs, name: str = "search_key"):
+    """A key (..., Q, E) or (..., E) in mem_values' space. Returns (key with a Q axis, single)."""
+    check_tensor(key, name, min_rank=1, dtypes=VALUE_DTYPES)
+    check_same_device_dtype([("mem_values", mem.values), (name, key)])
+    single = is_single_row(key, name, mem.values, "mem_values", "(..., Q, E)", "(..., E) for a single key")
+    if key.shape[-1] != mem.values.shape[-1]:
+        raise ValueError(f"{name} has value dimension {key.shape[-1]} but mem_values has {mem.values.shape[-1]}")
+    check_finite(key, name)
+    return (key.unsqueeze(-2) if single else key), single
+
+
+def check_generator(generator, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but mem_loc is on {device}")

@@ -85,3 +85,32 @@ def prune_mask(mem_loc, mem_var, mem_values, max_error, match_threshold=None, ma
             break
         keep = keep & ~candidate
     return keep
+
+
+def conditional_logits(search_key, mem_values, drive_scale, query_loc=None, query_var=None, mem_loc=None,
+                       mem_var=None, location_scale=1.0, match_threshold=None):
+    """(y · z_t) · drive_scale [+ log k(ℓ, ℓ_t) · location_scale] -> (..., Q, M) (design.md §4).
+
+    drive_scale = E^-½ / temperature, location_scale = 1 / location_temperature. A query whose
+    every entry is masked by the threshold keeps the drive term alone.
+    """
+    dtype = torch.promote_types(mem_values.dtype, torch.float32)
+    if query_loc is not None:
+        dtype = torch.promote_types(dtype, query_loc.dtype)
+    logits = (search_key.to(dtype) @ mem_values.to(dtype).transpose(-1, -2)) * drive_scale
+    if query_loc is None:
+        return logits
+    location = log_kernel(query_loc, query_var, mem_loc, mem_var, match_threshold) * location_scale
+    any_match = (location > -math.inf).any(-1, keepdim=True)
+    return torch.where(any_match, logits + location, logits)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """For each uniform u in [0, 1) of (..., S): the first entry t whose cumulative probability
+    exceeds u · total, as int64 (..., S). Only entries of positive probability are returned."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    idx = torch.searchsorted(cdf, uniforms.to(torch.float64) * cdf[..., -1:], right=True)
+    # u · total can round up to total: fall back to the last entry that can be drawn.
+    positions = torch.arange(probs.shape[-1], device=probs.device)
+    last_drawable = torch.where(probs > 0, positions, 0).amax(-1, keepdim=True)
+    return torch.minimum(idx, last_drawable)

@@ -1,0 +1,28 @@
+#pragma once
+#include <cstdint>
+#include "common.h"
+
+namespace rk {
+
+// One conditional-sampling call (design.md §4), batch flattened to B.
+struct SampleShape {
+  int64_t B, Q, M, d, E, S;
+  double drive_scale;        // E^-1/2 / temperature
+  double location_scale;     // 1 / location_temperature; 0: no location term (qloc/qvar unused)
+  double threshold;          // < 0: no threshold
+  double uniform_var_value;  // qv + mv when every variance is one number, else < 0
+};
+
+// probs (B,Q,M) contiguous: softmax over entries of the logits.
+template <class T>
+void conditional_probs_cpu(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,
+                           View3<const T> qvar, View3<const T> mloc, View3<const T> mvar, T* probs);
+
+// idx (B,Q,S) contiguous: for each uniform u in [0,1) (B,Q,S contiguous), the first entry whose
+// cumulative probability exceeds u * total (inverse CDF).
+template <class T>
+void conditional_sample_indices_cpu(const SampleShape& s, View3<const T> key, View3<const T> values,
+                                    View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                                    View3<const T> mvar, const double* uniforms, int64_t* idx);
+
+}  // namespace rk
