@@ -32,7 +32,8 @@ def make_sd(kind: str, shape, dtype, gen, value=0.7):
     return (torch.rand(shape, generator=gen, dtype=dtype) * 0.8 + 0.4).to(dtype)
 
 
-def make_inputs(case: Case, dtype=torch.float64, seed=0, value_dtype=None, requires_grad=False, spread=1.0):
+def make_inputs(case: Case, dtype=torch.float64, seed=0, value_dtype=None, requires_grad=False, spread=1.0,
+                device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     value_dtype = value_dtype or dtype
     qshape = (*case.batch, case.d) if case.single else (*case.batch, case.Q, case.d)
@@ -41,7 +42,9 @@ def make_inputs(case: Case, dtype=torch.float64, seed=0, value_dtype=None, requi
     mem_values = torch.randn((*case.batch, case.M, case.E), generator=gen, dtype=dtype).to(value_dtype)
     query_sd = make_sd(case.sd_kind, qshape, dtype, gen, 0.6)
     mem_sd = make_sd(case.sd_kind, mem_loc.shape, dtype, gen, 0.5)
-    tensors = [query_loc, query_sd, mem_loc, mem_sd, mem_values]
+    # Drawn on the CPU so every device sees the same numbers for a seed.
+    tensors = [t.to(device) if isinstance(t, torch.Tensor) else t
+               for t in (query_loc, query_sd, mem_loc, mem_sd, mem_values)]
     if requires_grad:
         tensors = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in tensors]
     return tensors
@@ -86,7 +89,7 @@ def grads_of(fn, inputs, seed=3):
     """Runs fn(*inputs), backpropagates a fixed random cotangent, returns (output, grads)."""
     out = fn(*inputs)
     gen = torch.Generator().manual_seed(seed)
-    cot = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    cot = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
     tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(out, tensors, cot, allow_unused=True) if tensors and out.numel() else []
     return out, [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors)]
@@ -96,11 +99,12 @@ def clone_inputs(inputs):
     return [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in inputs]
 
 
-def check_read_against_reference(backend: str, case: Case, dtype, seed=0, value_dtype=None, tol=None, grad_tol=None):
+def check_read_against_reference(backend: str, case: Case, dtype, seed=0, value_dtype=None, tol=None, grad_tol=None,
+                                 device="cpu"):
     """gaussian_read on `backend` equals the reference, forward and every gradient."""
     import resonant_kernels as rk
 
-    inputs = make_inputs(case, dtype=dtype, seed=seed, value_dtype=value_dtype, requires_grad=True)
+    inputs = make_inputs(case, dtype=dtype, seed=seed, value_dtype=value_dtype, requires_grad=True, device=device)
     kw = dict(match_threshold=case.threshold)
     ref_out, ref_grads = grads_of(lambda *a: rk.gaussian_read(*a, backend="reference", **kw), clone_inputs(inputs))
     out, grads = grads_of(lambda *a: rk.gaussian_read(*a, backend=backend, **kw), clone_inputs(inputs))
