@@ -181,6 +181,7 @@ __global__ void __launch_bounds__(kThreads)
     accumulate_tile<T, V, BE>(acc, row_scale[row], sP, sPh, sB, sOut);
     __syncthreads();
   }
+  __syncthreads();  // with M = 0 the loop never ran: the row state's initialisation must be visible
 
   const int64_t q = q0 + row;
   if (q < s.Q) {
