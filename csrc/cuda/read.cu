@@ -114,17 +114,27 @@ __device__ void accumulate_tile(T (&acc)[BE / kLanesPerRow], T scale, const T (*
   }
 }
 
+// Shared memory of a block that weighs its kRows rows against a tile of kInner rows of the other
+// side (locations, weights P) and multiplies P into a kInner × BE slab: values in the forward,
+// output gradients for d mem_values. p_half / out are the tensor-core path's staging.
+template <class T, class V, int D>
+struct ProductSmem {
+  static constexpr int KD = kDim<D>, BE = kBlockE<T>;
+  static constexpr bool kMma = !std::is_same_v<T, V>;
+  T row_loc[kRows][KD], row_var[kRows][KD], inner_loc[kInner][KD], inner_var[kInner][KD];
+  T p[kRows][kInner];
+  alignas(32) V slab[kInner][BE];
+  alignas(32) V p_half[kMma ? kRows : 1][kInner];
+  alignas(32) float out[kMma ? kRows : 1][BE];
+};
+
 template <class T, class V, int D>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(ReadShape s, Geometry<T, D> geo, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                    View3<const T> mvar, View3<const V> values, V* out, T* lse) {
-  constexpr int KD = kDim<D>, BE = kBlockE<T>, NC = BE / kLanesPerRow;
-  constexpr bool kMma = !std::is_same_v<T, V>;
-  __shared__ T sq_loc[kRows][KD], sq_var[kRows][KD], sm_loc[kInner][KD], sm_var[kInner][KD];
-  __shared__ T sP[kRows][kInner];
-  __shared__ __align__(32) V sB[kInner][BE];
-  __shared__ __align__(32) V sPh[kMma ? kRows : 1][kInner];
-  __shared__ __align__(32) float sOut[kMma ? kRows : 1][BE];
+  using Smem = ProductSmem<T, V, D>;
+  constexpr int KD = Smem::KD, BE = Smem::BE, NC = BE / kLanesPerRow;
+  __shared__ Smem sm;  // rows: queries, inner: memory entries, slab: values
   __shared__ T row_max[kRows], row_sum[kRows], row_scale[kRows];
 
   const int64_t qtiles = ceil_div(s.Q, kRows);
@@ -133,7 +143,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = tid / 32, wlane = tid % 32;
   T diff[KD], inv[KD];
 
-  load_locs<T, KD>(sq_loc, sq_var, qloc, qvar, b, q0, kRows, s.Q, s.d);
+  load_locs<T, KD>(sm.row_loc, sm.row_var, qloc, qvar, b, q0, kRows, s.Q, s.d);
   if (tid < kRows) {
     row_max[tid] = dev_neg_inf<T>();
     row_sum[tid] = T(0);
@@ -142,29 +152,29 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < NC; ++j) acc[j] = T(0);
 
   for (int64_t t0 = 0; t0 < s.M; t0 += kInner) {
-    load_locs<T, KD>(sm_loc, sm_var, mloc, mvar, b, t0, kInner, s.M, s.d);
-    load_tile<V, V, BE>(sB, values, b, t0, s.M, e0, s.E);
+    load_locs<T, KD>(sm.inner_loc, sm.inner_var, mloc, mvar, b, t0, kInner, s.M, s.d);
+    load_tile<V, V, BE>(sm.slab, values, b, t0, s.M, e0, s.E);
     __syncthreads();
     for (int i = tid; i < kRows * kInner; i += kThreads) {
       const int q = i / kInner, t = i % kInner;
-      sP[q][t] = (q0 + q < s.Q && t0 + t < s.M)
-                     ? geo.score(RowRef<T>{sq_loc[q], 1}, RowRef<T>{sq_var[q], 1}, RowRef<T>{sm_loc[t], 1},
-                                 RowRef<T>{sm_var[t], 1}, diff, inv)
-                     : dev_neg_inf<T>();
+      sm.p[q][t] = (q0 + q < s.Q && t0 + t < s.M)
+                       ? geo.score(RowRef<T>{sm.row_loc[q], 1}, RowRef<T>{sm.row_var[q], 1},
+                                   RowRef<T>{sm.inner_loc[t], 1}, RowRef<T>{sm.inner_var[t], 1}, diff, inv)
+                       : dev_neg_inf<T>();
     }
     __syncthreads();
     // Online softmax, one warp per row: new running max, rescale factor, probabilities in place.
     for (int q = warp; q < kRows; q += kThreads / 32) {
       T tile_max = dev_neg_inf<T>();
-      for (int t = wlane; t < kInner; t += 32) tile_max = max(tile_max, sP[q][t]);
+      for (int t = wlane; t < kInner; t += 32) tile_max = max(tile_max, sm.p[q][t]);
       for (int o = 16; o > 0; o /= 2) tile_max = max(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
       const T old_max = row_max[q], new_max = max(old_max, tile_max);
       T tile_sum = 0;
       for (int t = wlane; t < kInner; t += 32) {
-        const T sc = sP[q][t];
+        const T sc = sm.p[q][t];
         const T p = sc == dev_neg_inf<T>() ? T(0) : exp(sc - new_max);
-        sP[q][t] = p;
-        if constexpr (kMma) sPh[q][t] = cvt<V>(p);
+        sm.p[q][t] = p;
+        if constexpr (Smem::kMma) sm.p_half[q][t] = cvt<V>(p);
         tile_sum += p;
       }
       for (int o = 16; o > 0; o /= 2) tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, o);
@@ -178,7 +188,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
-    accumulate_tile<T, V, BE>(acc, row_scale[row], sP, sPh, sB, sOut);
+    accumulate_tile<T, V, BE>(acc, row_scale[row], sm.p, sm.p_half, sm.slab, sm.out);
     __syncthreads();
   }
   __syncthreads();  // with M = 0 the loop never ran: the row state's initialisation must be visible
@@ -308,13 +318,9 @@ template <class T, class V, int D>
 __global__ void __launch_bounds__(kThreads)
     value_grads_kernel(ReadShape s, Geometry<T, D> geo, View3<const T> qloc, View3<const T> qvar,
                        View3<const T> mloc, View3<const T> mvar, View3<const V> grad_out, const T* lse, V* g_values) {
-  constexpr int KD = kDim<D>, BE = kBlockE<T>, NC = BE / kLanesPerRow;
-  constexpr bool kMma = !std::is_same_v<T, V>;
-  __shared__ T sm_loc[kRows][KD], sm_var[kRows][KD], sq_loc[kInner][KD], sq_var[kInner][KD];
-  __shared__ T sW[kRows][kInner];
-  __shared__ __align__(32) V sG[kInner][BE];
-  __shared__ __align__(32) V sWh[kMma ? kRows : 1][kInner];
-  __shared__ __align__(32) float sOut[kMma ? kRows : 1][BE];
+  using Smem = ProductSmem<T, V, D>;
+  constexpr int KD = Smem::KD, BE = Smem::BE, NC = BE / kLanesPerRow;
+  __shared__ Smem sm;  // rows: memory entries, inner: queries, slab: output gradients
   __shared__ T s_lse[kInner];
 
   const int64_t tiles = ceil_div(s.M, kRows);
@@ -324,25 +330,25 @@ __global__ void __launch_bounds__(kThreads)
   T acc[NC];
   for (int j = 0; j < NC; ++j) acc[j] = T(0);
 
-  load_locs<T, KD>(sm_loc, sm_var, mloc, mvar, b, t0, kRows, s.M, s.d);
+  load_locs<T, KD>(sm.row_loc, sm.row_var, mloc, mvar, b, t0, kRows, s.M, s.d);
   for (int64_t q0 = 0; q0 < s.Q; q0 += kInner) {
-    load_locs<T, KD>(sq_loc, sq_var, qloc, qvar, b, q0, kInner, s.Q, s.d);
-    load_tile<V, V, BE>(sG, grad_out, b, q0, s.Q, e0, s.E);
+    load_locs<T, KD>(sm.inner_loc, sm.inner_var, qloc, qvar, b, q0, kInner, s.Q, s.d);
+    load_tile<V, V, BE>(sm.slab, grad_out, b, q0, s.Q, e0, s.E);
     if (tid < kInner) s_lse[tid] = q0 + tid < s.Q ? lse[b * s.Q + q0 + tid] : dev_neg_inf<T>();
     __syncthreads();
     for (int i = tid; i < kRows * kInner; i += kThreads) {
       const int t = i / kInner, q = i % kInner;
       T w = 0;
       if (t0 + t < s.M && s_lse[q] != dev_neg_inf<T>()) {
-        const T sc = geo.score(RowRef<T>{sq_loc[q], 1}, RowRef<T>{sq_var[q], 1}, RowRef<T>{sm_loc[t], 1},
-                               RowRef<T>{sm_var[t], 1}, diff, inv);
+        const T sc = geo.score(RowRef<T>{sm.inner_loc[q], 1}, RowRef<T>{sm.inner_var[q], 1},
+                               RowRef<T>{sm.row_loc[t], 1}, RowRef<T>{sm.row_var[t], 1}, diff, inv);
         if (sc != dev_neg_inf<T>()) w = exp(sc - s_lse[q]);
       }
-      sW[t][q] = w;
-      if constexpr (kMma) sWh[t][q] = cvt<V>(w);
+      sm.p[t][q] = w;
+      if constexpr (Smem::kMma) sm.p_half[t][q] = cvt<V>(w);
     }
     __syncthreads();
-    accumulate_tile<T, V, BE>(acc, T(1), sW, sWh, sG, sOut);
+    accumulate_tile<T, V, BE>(acc, T(1), sm.p, sm.p_half, sm.slab, sm.out);
     __syncthreads();
   }
   if (t0 + row < s.M) {
@@ -361,7 +367,8 @@ View3<const T> view(const Strided& a) {
 
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("cuda backend: ") + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("cuda backend: ") + what + ": " + cudaGetErrorString(err));
 }
 
 // Calls f.template operator()<T, V>() for the supported (location, value) dtype pairs.
