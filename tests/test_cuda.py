@@ -158,3 +158,14 @@ def test_location_dim_limit_is_a_clear_error():
     q, qs, m, ms, z = make_inputs(Case((), 3, 5, 17, 2, "float", None), device="cuda")
     with pytest.raises(ValueError, match="location dimension d <= 16"):
         rk.gaussian_read(q, qs, m, ms, z, backend="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_custom_op_registration_passes_opcheck():
+    from resonant_kernels import read
+
+    q, qs, m, ms, z = make_inputs(Case((2,), 5, 70, 2, 9, "per_dim", 1.5), requires_grad=True, device="cuda")
+    args = (q, qs * qs, m, ms * ms, z, 1.5, -1.0, "cuda")
+    torch.library.opcheck(read.read_forward, [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a
+                                              for a in args])
