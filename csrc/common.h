@@ -7,6 +7,14 @@
 #include <cstdint>
 #include <limits>
 
+// Marks the helpers below callable from CUDA device code too (csrc/cuda), so the GPU kernels
+// share this one definition of the kernel maths.
+#if defined(__CUDACC__)
+#define RK_HD __host__ __device__
+#else
+#define RK_HD
+#endif
+
 namespace rk {
 
 // A rank-3 strided view (batch, row, column); strides are in elements and may be 0 (broadcast).
@@ -14,12 +22,12 @@ template <class T>
 struct View3 {
   T* p;
   int64_t s0, s1, s2;
-  inline T& operator()(int64_t b, int64_t r, int64_t c) const { return p[b * s0 + r * s1 + c * s2]; }
-  inline T* row(int64_t b, int64_t r) const { return p + b * s0 + r * s1; }
+  RK_HD inline T& operator()(int64_t b, int64_t r, int64_t c) const { return p[b * s0 + r * s1 + c * s2]; }
+  RK_HD inline T* row(int64_t b, int64_t r) const { return p + b * s0 + r * s1; }
 };
 
 template <class T>
-constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+RK_HD constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
 // The running max and Σ exp(score − max) of a softmax streamed one score at a time.
 template <class T>
@@ -57,12 +65,12 @@ struct Geometry {
   T uniform_norm;     // -0.5 * d * log(qv + mv) - 0.5 * d * log(2π) when uniform_var
   T norm_const;       // -0.5 * d * log(2π)
 
-  inline int64_t dim() const { return D > 0 ? D : d; }
+  RK_HD inline int64_t dim() const { return D > 0 ? D : d; }
 
   // log k for the pair, or -inf when masked by the threshold. `dv` (optional, size d) receives
   // the per-dimension (q - m) and `inv` the per-dimension 1 / v, which the backward reuses.
   template <class QL, class QV, class ML, class MV>
-  inline T score(const QL& ql, const QV& qv, const ML& ml, const MV& mv, T* diff, T* inv) const {
+  RK_HD inline T score(const QL& ql, const QV& qv, const ML& ml, const MV& mv, T* diff, T* inv) const {
     const int64_t n = dim();
     T dist2 = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -98,6 +106,18 @@ Geometry<T, D> make_geometry(int64_t d, double threshold, bool uniform_var, doub
   return g;
 }
 
+// Chains ds = dL/dlogk of one pair into location and variance gradients (diff, inv as score()
+// left them): dlogk/dv_i = ½ (diff_i² / v_i² − 1 / v_i); dlogk/dq_i = −diff_i / v_i = −dlogk/dm_i.
+template <class T>
+RK_HD inline void accumulate_pair_grads(T ds, const T* diff, const T* inv, int64_t n, T* g_loc, T* g_var,
+                                        T loc_sign) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T r = diff[i] * inv[i];
+    g_loc[i] += loc_sign * ds * r;
+    g_var[i] += ds * T(0.5) * (r * r - inv[i]);
+  }
+}
+
 // Calls f.template operator()<D>() with D fixed for the common small location dims.
 template <class F>
 void dispatch_dim(int64_t d, F&& f) {
@@ -114,11 +134,11 @@ template <class T>
 struct RowRef {
   const T* p;
   int64_t s;
-  inline T operator()(int64_t i) const { return p[i * s]; }
+  RK_HD inline T operator()(int64_t i) const { return p[i * s]; }
 };
 
 template <class T>
-inline RowRef<T> row_ref(const View3<const T>& v, int64_t b, int64_t r) {
+RK_HD inline RowRef<T> row_ref(const View3<const T>& v, int64_t b, int64_t r) {
   return RowRef<T>{v.row(b, r), v.s2};
 }
 

@@ -149,17 +149,6 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
   }
 }
 
-// dlogk/dv_i = ½ (diff_i² / v_i² − 1 / v_i); dlogk/dq_i = −diff_i / v_i = −dlogk/dm_i.
-template <class T>
-inline void accumulate_pair_grads(T ds, const T* diff, const T* inv, int64_t n, T* g_loc, T* g_var,
-                                  T loc_sign) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T r = diff[i] * inv[i];
-    g_loc[i] += loc_sign * ds * r;
-    g_var[i] += ds * T(0.5) * (r * r - inv[i]);
-  }
-}
-
 // dp[i][j] = z_i · g_j for a block of entries × a tile of queries, the z chunks of the block
 // reused across each g row (E contiguous in both).
 template <class T>
