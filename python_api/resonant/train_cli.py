@@ -28,10 +28,12 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=None,
                    help="score from the k nearest engrams (default: kernel-weighted over all; needs --store torch)")
-    p.add_argument("--bandwidth", type=float, default=0.5, help="kernel width in normalised-state units")
+    p.add_argument("--bandwidth", type=float, default=0.3, help="kernel width in normalised-state units")
     p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--n-step", type=int, default=None,
+                   help="bootstrap outcomes n steps ahead from the memory (default: Monte-Carlo returns)")
     p.add_argument("--epsilon-decay", type=float, default=0.99)
-    p.add_argument("--capacity", type=int, default=200_000)
+    p.add_argument("--capacity", type=int, default=50_000)
     p.add_argument("--eviction", choices=("oldest", "random", "smallest"), default="oldest")
     p.add_argument("--index", choices=("FLAT", "IVF_FLAT", "HNSW"), default="FLAT", help="Milvus index type")
     p.add_argument("--num-envs", type=int, default=8)
@@ -51,7 +53,7 @@ def run(args) -> int:
     import gymnasium as gym
 
     probe = gym.make(env_id)
-    state_dim, num_actions = probe.observation_space.shape[0], probe.action_space.n
+    state_dim, num_actions = int(probe.observation_space.shape[0]), int(probe.action_space.n)
     probe.close()
     kind, uri = args.store
     if kind == "torch":
@@ -67,7 +69,7 @@ def run(args) -> int:
                                   drop_existing=True, seed=args.seed)
     torch.manual_seed(args.seed)
     brain = EngramBrain(state_dim, num_actions, store, k=args.k, bandwidth=args.bandwidth, gamma=args.gamma,
-                        epsilon_decay=args.epsilon_decay, seed=args.seed)
+                        epsilon_decay=args.epsilon_decay, seed=args.seed, n_step=args.n_step)
     trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed)
     try:
         trainer.train(args.episodes, progress=not args.no_progress)
