@@ -273,6 +273,8 @@ def test_trainer_runs_and_writes_report(tmp_path):
     trainer.close()
     assert len(result.episode_returns) == 10
     assert len(brain.store) == sum(result.episode_lengths)  # every step of every episode remembered
+    with pytest.raises(ValueError, match="action_repeat"):
+        Trainer(brain, "CartPole-v1", action_repeat=0)
     summary = trainer.write_report(tmp_path, "cartpole")
     assert summary["episodes"] == 10 and (tmp_path / "cartpole.png").stat().st_size > 1000
     import json
@@ -290,3 +292,15 @@ def test_cli_store_specs():
     assert parse_store("milvus:http://h:19530") == ("milvus", "http://h:19530")
     with pytest.raises(argparse.ArgumentTypeError):
         parse_store("faiss")
+
+
+def test_trainer_action_repeat_makes_one_engram_per_decision():
+    from resonant.trainer import Trainer
+
+    brain = EngramBrain(4, 2, TorchEngramStore(4, 2), bandwidth=0.5, seed=0)
+    trainer = Trainer(brain, "CartPole-v1", num_envs=2, seed=0, normalise_episodes=2, action_repeat=3)
+    result = trainer.train(6, progress=False)
+    trainer.close()
+    decisions = sum(-(-n // 3) for n in result.episode_lengths)  # ceil: the last decision may be cut short
+    assert len(brain.store) == decisions < sum(result.episode_lengths)
+    assert abs(sum(result.episode_returns) - sum(result.episode_lengths)) < 1e-9  # CartPole pays 1 per step

@@ -37,6 +37,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--eviction", choices=("oldest", "random", "smallest"), default="oldest")
     p.add_argument("--index", choices=("FLAT", "IVF_FLAT", "HNSW"), default="FLAT", help="Milvus index type")
     p.add_argument("--num-envs", type=int, default=8)
+    p.add_argument("--action-repeat", type=int, default=1, help="environment steps each decision is held for")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default=None, help="output file stem (default engram_ENV_seedS)")
     p.add_argument("--no-progress", action="store_true")
@@ -70,7 +71,8 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     brain = EngramBrain(state_dim, num_actions, store, k=args.k, bandwidth=args.bandwidth, gamma=args.gamma,
                         epsilon_decay=args.epsilon_decay, seed=args.seed, n_step=args.n_step)
-    trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed)
+    trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed,
+                      action_repeat=args.action_repeat)
     try:
         trainer.train(args.episodes, progress=not args.no_progress)
     finally:

@@ -5,6 +5,10 @@ memory read dominates the cost). Observations are normalised by a per-dimension 
 standard deviation estimated from the first `normalise_episodes` episodes, which are played
 at random (they count as training episodes and are remembered once the statistics exist);
 the statistics are then frozen, so stored engrams and queries always share coordinates.
+With `action_repeat` r > 1 each decision is held for r environment steps and becomes one
+engram whose reward is the sum over those steps: one step of LunarLander (1/50 s of thrust)
+moves the return by far less than the noise between neighbouring engrams, r steps by r times
+more (choose gamma per decision accordingly, e.g. 0.99**r).
 Seeded: environment resets, exploration and eviction are reproducible for a given seed
 (up to floating-point summation order).
 """
@@ -67,11 +71,15 @@ def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
 
 class Trainer:
     def __init__(self, brain: EngramBrain, env_id: str = "LunarLander-v3", *, num_envs: int = 8,
-                 seed: int = 0, normalise_episodes: int = 20, env_kwargs: Optional[dict] = None):
+                 seed: int = 0, normalise_episodes: int = 20, action_repeat: int = 1,
+                 env_kwargs: Optional[dict] = None):
         import gymnasium as gym
 
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if action_repeat < 1:
+            raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
+        self.action_repeat = action_repeat
         self.brain, self.env_id, self.seed = brain, env_id, seed
         self.envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
         space = self.envs[0].action_space
@@ -94,6 +102,7 @@ class Trainer:
             started += 1
             obs.append(o)
         traj = [([], [], []) for _ in envs]
+        lengths = [0] * len(envs)  # environment steps of each running episode
         active = [True] * len(envs)
         t0 = time.perf_counter()
         bar = tqdm(total=episodes, desc=f"train {self.env_id}", disable=not progress, unit="ep")
@@ -108,7 +117,14 @@ class Trainer:
             else:
                 actions = brain.decide(batch)
             for i, a in zip(idx, actions):
-                o2, r, term, trunc, _ = envs[i].step(int(a))
+                r, steps = 0.0, 0
+                while steps < self.action_repeat:
+                    o2, step_reward, term, trunc, _ = envs[i].step(int(a))
+                    r += step_reward
+                    steps += 1
+                    if term or trunc:
+                        break
+                lengths[i] += steps
                 s, acts, rews = traj[i]
                 s.append(obs[i]); acts.append(int(a)); rews.append(float(r))
                 obs[i] = o2
@@ -116,7 +132,8 @@ class Trainer:
                 if term or trunc:
                     done_count += 1
                     self.result.episode_returns.append(float(np.sum(rews)))
-                    self.result.episode_lengths.append(len(rews))
+                    self.result.episode_lengths.append(lengths[i])
+                    lengths[i] = 0
                     if brain.normalise is None:
                         pending.append((traj[i], ended))
                         if len(pending) >= self.normalise_episodes:
