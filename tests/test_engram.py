@@ -304,3 +304,18 @@ def test_trainer_action_repeat_makes_one_engram_per_decision():
     decisions = sum(-(-n // 3) for n in result.episode_lengths)  # ceil: the last decision may be cut short
     assert len(brain.store) == decisions < sum(result.episode_lengths)
     assert abs(sum(result.episode_returns) - sum(result.episode_lengths)) < 1e-9  # CartPole pays 1 per step
+
+
+def test_brain_scores_agree_between_torch_and_milvus_stores(tmp_path):
+    states, actions, outcomes, returns = random_engrams(150, seed=8)
+    queries = np.random.default_rng(2).normal(size=(6, D)).astype(np.float32)
+    t = TorchEngramStore(D, A)
+    t.add(states, actions, outcomes, returns)
+    with MilvusEngramStore(D, A, str(tmp_path / "b.db")) as m:
+        m.add(states, actions, outcomes, returns)
+        got = EngramBrain(D, A, m, k=12, bandwidth=0.7, prior=-5.0).action_scores(queries)
+    want = EngramBrain(D, A, t, k=12, bandwidth=0.7, prior=-5.0).action_scores(queries)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="needs k"):
+        EngramBrain(D, A, m, k=None).action_scores(queries)

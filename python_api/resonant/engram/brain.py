@@ -79,11 +79,9 @@ class EngramBrain:
     def action_scores(self, states) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores (Q, A), evidence share (Q, A)) for a batch of raw states."""
         s = self._prepare(states)
-        if self.k is None and hasattr(self.store, "action_values"):
-            kwargs = {"match_threshold": self.match_threshold} if self.match_threshold is not None else {}
-            sums, evidence = self.store.action_values(s, k=None, bandwidth=self.bandwidth, **kwargs)
-        else:
-            sums, evidence = self.store.action_values(s, k=self.k, bandwidth=self.bandwidth)
+        # match_threshold only shapes kernel-weighted scoring (k=None); None keeps the store's default
+        kwargs = {"match_threshold": self.match_threshold} if self.k is None and self.match_threshold else {}
+        sums, evidence = self.store.action_values(s, k=self.k, bandwidth=self.bandwidth, **kwargs)
         total_evidence = evidence.sum(1, keepdim=True)
         share = evidence / total_evidence.clamp_min(1e-30)
         has = share >= self.min_evidence
