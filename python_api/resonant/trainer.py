@@ -62,6 +62,15 @@ class TrainResult:
         }
 
 
+def compact_json(payload: dict) -> str:
+    """Indented JSON with each per-episode list on one line (thousands of entries)."""
+    lists = {k: v for k, v in payload.items() if isinstance(v, list)}
+    text = json.dumps({k: ("@" + k if k in lists else v) for k, v in payload.items()}, indent=1)
+    for k, v in lists.items():
+        text = text.replace(json.dumps("@" + k), json.dumps(v))
+    return text + "\n"
+
+
 def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
     if len(x) < window:
         return np.zeros(0)
@@ -168,7 +177,7 @@ class Trainer:
         payload = {"env": self.env_id, "seed": self.seed, "summary": summary, **(extra or {}),
                    "episode_returns": self.result.episode_returns, "episode_lengths": self.result.episode_lengths}
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-            json.dump(payload, f, indent=1)
+            f.write(compact_json(payload))
         plot_learning_curve(self.result.episode_returns, os.path.join(out_dir, f"{name}.png"),
                             title=f"EngramBrain on {self.env_id} (seed {self.seed})")
         return summary
