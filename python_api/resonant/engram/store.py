@@ -1,0 +1,193 @@
+"""The EngramStore interface: a memory of (state, action, outcome) engrams.
+
+An engram is one step of experience: the (normalised) state the agent was in, the action it
+took, the outcome that followed (a discounted return), the return of its whole episode, and a
+store-assigned insertion index (monotonic, so "oldest" is well defined across reopen).
+Stores hold at most `capacity` engrams; when an insert would exceed it, engrams are evicted by
+`eviction` = "oldest" | "random" | "smallest" (smallest |outcome|: the least informative).
+
+Every store validates its input here, before anything is written, so bad input fails the same
+way (naming the argument) whichever store would have held it.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from resonant_kernels import _validate
+
+EVICTION_POLICIES = ("oldest", "random", "smallest")
+
+
+@dataclass
+class Neighbours:
+    """k nearest engrams per query, nearest first; rows with fewer than k engrams are padded
+    with index -1, action -1, outcome 0 and distance +inf."""
+
+    index: torch.Tensor  # (Q, k) int64 insertion indices
+    action: torch.Tensor  # (Q, k) int64
+    outcome: torch.Tensor  # (Q, k) float32
+    distance: torch.Tensor  # (Q, k) float32, Euclidean
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.index >= 0
+
+
+def as_states(states, state_dim: int, name: str = "states") -> torch.Tensor:
+    """(N, state_dim) float32 CPU tensor from anything array-like; a single state may be (state_dim,)."""
+    t = torch.as_tensor(np.asarray(states, dtype=np.float32) if not isinstance(states, torch.Tensor) else states)
+    t = t.detach().to("cpu", torch.float32)
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.shape[1] != state_dim:
+        raise ValueError(f"{name} must have shape (N, {state_dim}) (state_dim={state_dim}); got {tuple(t.shape)}")
+    _validate.check_finite(t, name)
+    return t
+
+
+def validate_engrams(states, actions, outcomes, episode_returns, *, state_dim: int, num_actions: int):
+    """Checks one batch of engrams; returns (states (N,d) f32, actions (N,) i64, outcomes (N,) f32,
+    episode_returns (N,) f32). Raises ValueError/TypeError naming the bad argument."""
+    states = as_states(states, state_dim)
+    n = states.shape[0]
+    actions_t = torch.as_tensor(np.asarray(actions) if not isinstance(actions, torch.Tensor) else actions).reshape(-1)
+    if actions_t.dtype.is_floating_point or actions_t.dtype == torch.bool or actions_t.dtype.is_complex:
+        raise TypeError(f"actions must be integers, got dtype {actions_t.dtype}")
+    actions_t = actions_t.to("cpu", torch.int64)
+    outcomes_t = torch.as_tensor(outcomes, dtype=torch.float32).reshape(-1).cpu()
+    returns_t = torch.as_tensor(episode_returns, dtype=torch.float32).reshape(-1).cpu()
+    if returns_t.numel() == 1 and n != 1:
+        returns_t = returns_t.expand(n).clone()
+    for name, t in (("actions", actions_t), ("outcomes", outcomes_t), ("episode_returns", returns_t)):
+        if t.shape[0] != n:
+            raise ValueError(f"{name} has {t.shape[0]} entries but states has {n}")
+    if n and (actions_t.min() < 0 or actions_t.max() >= num_actions):
+        bad = actions_t[(actions_t < 0) | (actions_t >= num_actions)][0].item()
+        raise ValueError(f"actions must lie in [0, {num_actions}); got {bad}")
+    _validate.check_finite(outcomes_t, "outcomes")
+    _validate.check_finite(returns_t, "episode_returns")
+    return states, actions_t, outcomes_t, returns_t
+
+
+def check_store_config(state_dim: int, num_actions: int, capacity: Optional[int], eviction: str) -> None:
+    if not isinstance(state_dim, int) or state_dim < 1:
+        raise ValueError(f"state_dim must be a positive integer, got {state_dim!r}")
+    if not isinstance(num_actions, int) or num_actions < 1:
+        raise ValueError(f"num_actions must be a positive integer, got {num_actions!r}")
+    if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+        raise ValueError(f"capacity must be a positive integer or None, got {capacity!r}")
+    if eviction not in EVICTION_POLICIES:
+        raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
+
+
+def choose_evictions(count: int, policy: str, index: np.ndarray, outcome: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Positions (into index/outcome) of the `count` engrams to evict under `policy`."""
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if policy == "oldest":
+        return np.argsort(index, kind="stable")[:count]
+    if policy == "random":
+        return rng.choice(len(index), size=count, replace=False)
+    # smallest |outcome|; ties go to the older engram
+    return np.lexsort((index, np.abs(outcome)))[:count]
+
+
+def weighted_action_values(nb: Neighbours, num_actions: int, bandwidth: Optional[float]):
+    """Per-action weighted outcome sums and evidence weights from neighbours: (Q, A), (Q, A).
+    Weights are Gaussian in the distance (bandwidth) or uniform (bandwidth None)."""
+    valid = nb.valid
+    if bandwidth is None:
+        w = valid.float()
+    else:
+        # relative to the nearest neighbour, so far-but-nearest evidence does not underflow
+        d2 = torch.where(valid, nb.distance.double() ** 2, torch.inf)
+        w = torch.exp(-(d2 - d2.min(dim=1, keepdim=True).values.clamp_max(1e300)) / (2 * bandwidth**2)).float()
+        w = torch.where(valid, w, torch.zeros_like(w))
+    act = nb.action.clamp_min(0)
+    sums = torch.zeros(nb.action.shape[0], num_actions).scatter_add_(1, act, w * nb.outcome)
+    evidence = torch.zeros(nb.action.shape[0], num_actions).scatter_add_(1, act, w)
+    return sums, evidence
+
+
+class EngramStore(abc.ABC):
+    """Where an EngramBrain keeps its engrams. Subclasses implement _insert, _evict, search,
+    __len__ and close; validation and eviction choice live here."""
+
+    state_dim: int
+    num_actions: int
+    capacity: Optional[int]
+    eviction: str
+
+    def _configure(self, state_dim, num_actions, capacity, eviction, seed) -> None:
+        check_store_config(state_dim, num_actions, capacity, eviction)
+        self.state_dim, self.num_actions = state_dim, num_actions
+        self.capacity, self.eviction = capacity, eviction
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, states, actions, outcomes, episode_returns=0.0) -> int:
+        """Validates and stores a batch of engrams (evicting if over capacity). Returns how many
+        were stored. Nothing is stored when any argument is bad."""
+        states, actions, outcomes, returns = validate_engrams(
+            states, actions, outcomes, episode_returns, state_dim=self.state_dim, num_actions=self.num_actions
+        )
+        if self.capacity is not None and states.shape[0] > self.capacity:
+            # only the newest `capacity` of an oversized batch can survive anyway
+            keep = slice(states.shape[0] - self.capacity, None)
+            states, actions, outcomes, returns = states[keep], actions[keep], outcomes[keep], returns[keep]
+        n = states.shape[0]
+        if n == 0:
+            return 0
+        if self.capacity is not None:
+            over = len(self) + n - self.capacity
+            if over > 0:
+                index, outcome = self._eviction_view()
+                self._evict(choose_evictions(over, self.eviction, index, outcome, self._rng))
+        self._insert(states, actions, outcomes, returns)
+        return n
+
+    def action_values(self, states: torch.Tensor, *, k: Optional[int], bandwidth: Optional[float]):
+        """(sums, evidence), both (Q, A): per action, the weighted sum of outcomes and the total
+        weight of the engrams consulted for each query state. The base version uses the k
+        nearest engrams (search); stores with a faster exact route override it."""
+        if k is None:
+            raise ValueError(f"{type(self).__name__} needs k (k-nearest scoring); kernel-weighted scoring over "
+                             "the whole memory is available with TorchEngramStore")
+        return weighted_action_values(self.search(states, k), self.num_actions, bandwidth)
+
+    @abc.abstractmethod
+    def search(self, states, k: int) -> Neighbours:
+        """The k nearest engrams (Euclidean) of each state, nearest first."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def _insert(self, states, actions, outcomes, episode_returns) -> None: ...
+
+    @abc.abstractmethod
+    def _eviction_view(self) -> tuple[np.ndarray, np.ndarray]:
+        """(insertion index, outcome) of every stored engram, as numpy arrays."""
+
+    @abc.abstractmethod
+    def _evict(self, positions: np.ndarray) -> None:
+        """Removes the engrams at these positions of _eviction_view()."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def check_k(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        return k

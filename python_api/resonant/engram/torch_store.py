@@ -1,0 +1,162 @@
+"""TorchEngramStore: engrams in torch tensors (CPU or GPU), exact search, fused kernel scoring.
+
+Scoring without k (kernel-weighted): ONE `resonant_kernels.gaussian_read` over the whole memory
+with values [one-hot(action)·outcome, one-hot(action)] (kept up to date on insert, so no per-call
+table is built). The read's first half over its second half is every action's kernel-weighted
+mean outcome; the second half alone is each action's share of the evidence. `match_threshold`
+(default 3 bandwidths) bounds the neighbourhood, so a state far from all experience reads zero
+evidence instead of borrowing from the nearest far-away engram.
+
+Exact k-NN (`search`): torch.cdist + topk over chunks of queries, so at most chunk×M distances
+exist at once (never Q×M×d).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import resonant_kernels
+from .store import EngramStore, Neighbours, as_states
+
+_QUERY_CHUNK_ELEMENTS = 1 << 24  # distances materialised per search chunk
+
+
+class TorchEngramStore(EngramStore):
+    def __init__(self, state_dim: int, num_actions: int, *, capacity: Optional[int] = None,
+                 eviction: str = "oldest", device="cpu", seed: Optional[int] = None,
+                 initial_size: int = 4096):
+        self._configure(state_dim, num_actions, capacity, eviction, seed)
+        self.device = torch.device(device)
+        self._n = 0
+        self._next_index = 0
+        self._alloc(max(1, min(initial_size, capacity or initial_size)))
+
+    # ---- storage ---------------------------------------------------------------------------
+    def _alloc(self, size: int) -> None:
+        old = getattr(self, "_states", None)
+        dev, A = self.device, self.num_actions
+        new = {
+            "_states": torch.zeros(size, self.state_dim, device=dev),
+            "_actions": torch.zeros(size, dtype=torch.int64, device=dev),
+            "_outcomes": torch.zeros(size, device=dev),
+            "_returns": torch.zeros(size, device=dev),
+            "_index": torch.zeros(size, dtype=torch.int64, device=dev),
+            "_values": torch.zeros(size, 2 * A, device=dev),  # [one-hot·outcome, one-hot]
+        }
+        for name, buf in new.items():
+            if old is not None:
+                buf[: self._n] = getattr(self, name)[: self._n]
+            setattr(self, name, buf)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _insert(self, states, actions, outcomes, episode_returns) -> None:
+        n = states.shape[0]
+        if self._n + n > self._states.shape[0]:
+            size = max(self._n + n, 2 * self._states.shape[0])
+            self._alloc(min(size, self.capacity) if self.capacity else size)
+        rows = slice(self._n, self._n + n)
+        dev = self.device
+        actions = actions.to(dev)
+        outcomes = outcomes.to(dev)
+        onehot = F.one_hot(actions, self.num_actions).float()
+        self._states[rows] = states.to(dev)
+        self._actions[rows] = actions
+        self._outcomes[rows] = outcomes
+        self._returns[rows] = episode_returns.to(dev)
+        self._index[rows] = torch.arange(self._next_index, self._next_index + n, device=dev)
+        self._values[rows] = torch.cat([onehot * outcomes[:, None], onehot], dim=1)
+        self._n += n
+        self._next_index += n
+
+    def _eviction_view(self):
+        return self._index[: self._n].cpu().numpy(), self._outcomes[: self._n].cpu().numpy()
+
+    def _evict(self, positions: np.ndarray) -> None:
+        keep = torch.ones(self._n, dtype=torch.bool, device=self.device)
+        keep[torch.as_tensor(positions, device=self.device)] = False
+        m = int(keep.sum())
+        for name in ("_states", "_actions", "_outcomes", "_returns", "_index", "_values"):
+            buf = getattr(self, name)
+            buf[:m] = buf[: self._n][keep]
+        self._n = m
+
+    def engrams(self) -> dict:
+        """Views of the stored engrams (insertion order is not guaranteed after eviction)."""
+        n = self._n
+        return {"states": self._states[:n], "actions": self._actions[:n], "outcomes": self._outcomes[:n],
+                "episode_returns": self._returns[:n], "index": self._index[:n]}
+
+    # ---- queries ---------------------------------------------------------------------------
+    def search(self, states, k: int) -> Neighbours:
+        k = self.check_k(k)
+        q = as_states(states, self.state_dim).to(self.device)
+        Q, n = q.shape[0], self._n
+        kk = min(k, n)
+        dist = torch.full((Q, k), math.inf, device=self.device)
+        pos = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
+        if kk:
+            mem = self._states[:n]
+            chunk = max(1, _QUERY_CHUNK_ELEMENTS // n)
+            for start in range(0, Q, chunk):
+                block = q[start:start + chunk]
+                # exact: cdist's matmul shortcut loses precision for near neighbours
+                d = torch.cdist(block, mem, compute_mode="donot_use_mm_for_euclid_dist")
+                top = torch.topk(d, kk, dim=1, largest=False, sorted=True)
+                dist[start:start + chunk, :kk] = top.values
+                pos[start:start + chunk, :kk] = top.indices
+        valid = pos >= 0
+        p = pos.clamp_min(0)
+        return Neighbours(
+            index=torch.where(valid, self._index[p], -1).cpu(),
+            action=torch.where(valid, self._actions[p], -1).cpu(),
+            outcome=torch.where(valid, self._outcomes[p], 0.0).cpu(),
+            distance=dist.cpu(),
+        )
+
+    def action_values(self, states, *, k: Optional[int], bandwidth: Optional[float],
+                      match_threshold: Optional[float] = None):
+        if k is not None:
+            return super().action_values(states, k=k, bandwidth=bandwidth)
+        if bandwidth is None or not bandwidth > 0:
+            raise ValueError(f"kernel-weighted scoring (k=None) needs a positive bandwidth, got {bandwidth!r}")
+        q = as_states(states, self.state_dim).to(self.device)
+        if self._n == 0:
+            zeros = torch.zeros(q.shape[0], self.num_actions)
+            return zeros, zeros.clone()
+        threshold = 3.0 * bandwidth if match_threshold is None else match_threshold
+        # query and memory share the bandwidth: v = σ_q² + σ_m² = bandwidth²
+        sd = bandwidth / math.sqrt(2.0)
+        read = resonant_kernels.gaussian_read(
+            q, sd, self._states[: self._n], sd, self._values[: self._n], match_threshold=threshold
+        ).cpu()
+        A = self.num_actions
+        return read[:, :A], read[:, A:]
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, path) -> None:
+        payload = {
+            "state_dim": self.state_dim, "num_actions": self.num_actions, "capacity": self.capacity,
+            "eviction": self.eviction, "next_index": self._next_index,
+            **{k: v.cpu().clone() for k, v in self.engrams().items()},
+        }
+        tmp = f"{os.fspath(path)}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # a crash mid-save leaves the previous file intact
+
+    @classmethod
+    def load(cls, path, *, device="cpu", seed: Optional[int] = None) -> "TorchEngramStore":
+        p = torch.load(path, map_location="cpu", weights_only=True)
+        store = cls(p["state_dim"], p["num_actions"], capacity=p["capacity"], eviction=p["eviction"],
+                    device=device, seed=seed, initial_size=max(1, p["states"].shape[0]))
+        order = torch.argsort(p["index"])
+        store._insert(p["states"][order], p["actions"][order], p["outcomes"][order], p["episode_returns"][order])
+        store._index[: store._n] = p["index"][order].to(store.device)
+        store._next_index = p["next_index"]
+        return store

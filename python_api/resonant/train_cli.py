@@ -1,0 +1,87 @@
+"""`resonant train ENV --episodes N --store torch|milvus-lite:PATH|milvus:URI`."""
+from __future__ import annotations
+
+import argparse
+import os
+
+ENVS = {"lunarlander": "LunarLander-v3", "cartpole": "CartPole-v1", "acrobot": "Acrobot-v1",
+        "mountaincar": "MountainCar-v0"}
+
+
+def parse_store(spec: str):
+    """'torch' -> ('torch', None); 'milvus-lite:PATH' -> ('milvus', PATH); 'milvus:URI' -> ('milvus', URI)."""
+    if spec == "torch":
+        return "torch", None
+    for prefix in ("milvus-lite:", "milvus:"):
+        if spec.startswith(prefix) and len(spec) > len(prefix):
+            return "milvus", spec[len(prefix):]
+    raise argparse.ArgumentTypeError(f"--store must be torch, milvus-lite:PATH or milvus:URI; got {spec!r}")
+
+
+def add_subcommand(subparsers) -> None:
+    # Defaults: the configuration of the best LunarLander runs in BENCHMARKS.md (tuned on seed 0).
+    p = subparsers.add_parser("train", help="train an EngramBrain on a discrete-action Gymnasium env",
+                              description="Train an EngramBrain; writes NAME.json and NAME.png to --out.")
+    p.add_argument("env", help=f"one of {sorted(ENVS)} or any Gymnasium id with Discrete actions")
+    p.add_argument("--episodes", type=int, default=1500)
+    p.add_argument("--store", type=parse_store, default=("torch", None),
+                   help="torch (default), milvus-lite:PATH (embedded) or milvus:URI (server)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=None,
+                   help="score from the k nearest engrams (default: kernel-weighted over all; needs --store torch)")
+    p.add_argument("--bandwidth", type=float, default=0.2, help="kernel width in normalised-state units")
+    p.add_argument("--gamma", type=float, default=0.96, help="discount per decision (0.96 ≈ 0.99 per step with --action-repeat 4)")
+    p.add_argument("--n-step", type=int, default=None,
+                   help="bootstrap outcomes n steps ahead from the memory (default: Monte-Carlo returns)")
+    p.add_argument("--epsilon-decay", type=float, default=0.99)
+    p.add_argument("--capacity", type=int, default=200_000)
+    p.add_argument("--eviction", choices=("oldest", "random", "smallest"), default="oldest")
+    p.add_argument("--index", choices=("FLAT", "IVF_FLAT", "HNSW"), default="FLAT", help="Milvus index type")
+    p.add_argument("--num-envs", type=int, default=8)
+    p.add_argument("--action-repeat", type=int, default=4, help="environment steps each decision is held for")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default=None, help="output file stem (default engram_ENV_seedS)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from .engram import EngramBrain, TorchEngramStore
+    from .trainer import Trainer
+
+    env_id = ENVS.get(args.env, args.env)
+    import gymnasium as gym
+
+    probe = gym.make(env_id)
+    state_dim, num_actions = int(probe.observation_space.shape[0]), int(probe.action_space.n)
+    probe.close()
+    kind, uri = args.store
+    if kind == "torch":
+        store = TorchEngramStore(state_dim, num_actions, capacity=args.capacity, eviction=args.eviction,
+                                 seed=args.seed)
+    else:
+        from .engram.milvus_store import MilvusEngramStore
+
+        if args.k is None:
+            args.k = 50  # Milvus answers k-NN queries only
+        store = MilvusEngramStore(state_dim, num_actions, uri, collection=f"engrams_{args.env}_seed{args.seed}",
+                                  index_type=args.index, capacity=args.capacity, eviction=args.eviction,
+                                  drop_existing=True, seed=args.seed)
+    torch.manual_seed(args.seed)
+    brain = EngramBrain(state_dim, num_actions, store, k=args.k, bandwidth=args.bandwidth, gamma=args.gamma,
+                        epsilon_decay=args.epsilon_decay, seed=args.seed, n_step=args.n_step)
+    trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed,
+                      action_repeat=args.action_repeat)
+    try:
+        trainer.train(args.episodes, progress=not args.no_progress)
+    finally:
+        trainer.close()
+        store.close()
+    name = args.name or f"engram_{args.env}_seed{args.seed}"
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "func"}
+    summary = trainer.write_report(args.out, name, extra={"config": config})
+    print(f"{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    print(f"wrote {os.path.join(args.out, name)}.json and .png")
+    return 0

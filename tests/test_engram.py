@@ -1,0 +1,333 @@
+"""EngramStore (torch, Milvus Lite), EngramBrain and Trainer: small, fast cases."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from resonant.engram import EngramBrain, TorchEngramStore
+from resonant.engram.brain import discounted_returns, n_step_targets
+from resonant.engram.store import choose_evictions
+
+try:
+    from resonant.engram.milvus_store import MilvusEngramStore
+
+    import milvus_lite  # noqa: F401
+    import pymilvus  # noqa: F401
+    MILVUS = None
+except ImportError as exc:  # the `milvus` extra is optional; torch-store tests still run
+    MILVUS = f"pymilvus / milvus-lite not installed: {exc}"
+needs_milvus = pytest.mark.skipif(MILVUS is not None, reason=str(MILVUS))
+
+D, A = 5, 3
+
+
+def random_engrams(n, seed=0, d=D):
+    g = np.random.default_rng(seed)
+    return (g.normal(size=(n, d)).astype(np.float32), g.integers(0, A, n), g.normal(size=n).astype(np.float32),
+            g.normal(size=n).astype(np.float32))
+
+
+def make_store(kind, tmp_path, **kw):
+    if kind == "torch":
+        return TorchEngramStore(D, A, seed=0, **kw)
+    return MilvusEngramStore(D, A, str(tmp_path / "engrams.db"), seed=0, **kw)
+
+
+@pytest.fixture(params=["torch", pytest.param("milvus", marks=needs_milvus)])
+def kind(request):
+    return request.param
+
+
+@needs_milvus
+def test_torch_and_milvus_flat_return_same_neighbours(tmp_path):
+    states, actions, outcomes, returns = random_engrams(257)
+    queries = np.random.default_rng(1).normal(size=(7, D)).astype(np.float32)
+    t = make_store("torch", tmp_path)
+    t.add(states, actions, outcomes, returns)
+    with make_store("milvus", tmp_path, index_type="FLAT", insert_batch=100) as m:
+        m.add(states, actions, outcomes, returns)
+        a, b = t.search(queries, 10), m.search(queries, 10)
+    assert torch.equal(a.index, b.index)
+    assert torch.equal(a.action, b.action)
+    torch.testing.assert_close(a.outcome, b.outcome)
+    torch.testing.assert_close(a.distance, b.distance, rtol=1e-4, atol=1e-4)
+    # exact: brute force agrees
+    brute = np.argsort(((queries[:, None] - states[None]) ** 2).sum(-1), axis=1)[:, :10]
+    assert np.array_equal(a.index.numpy(), brute)
+
+
+def test_search_pads_when_memory_is_smaller_than_k(kind, tmp_path):
+    states, actions, outcomes, returns = random_engrams(3)
+    with make_store(kind, tmp_path) as s:
+        s.add(states, actions, outcomes, returns)
+        nb = s.search(states[:2], 5)
+    assert nb.valid.sum(1).tolist() == [3, 3]
+    assert (nb.index[:, 3:] == -1).all() and torch.isinf(nb.distance[:, 3:]).all()
+    assert nb.index[:, 0].tolist() == [0, 1]  # each state finds itself first
+
+
+@needs_milvus
+def test_milvus_reopen_keeps_every_engram(tmp_path):
+    states, actions, outcomes, returns = random_engrams(120, seed=3)
+    path = str(tmp_path / "persist.db")
+    with MilvusEngramStore(D, A, path, insert_batch=50) as s:
+        s.add(states[:70], actions[:70], outcomes[:70], returns[:70])
+        s.add(states[70:], actions[70:], outcomes[70:], returns[70:])
+        before = s.search(states[:4], 6)
+    with MilvusEngramStore(D, A, path) as s:
+        assert len(s) == 120
+        after = s.search(states[:4], 6)
+        s.add(states[:1], actions[:1], outcomes[:1], returns[:1])
+        assert s.search(states[:1], 2).index[0].tolist() in ([0, 120], [120, 0])  # ids continue after reopen
+    assert torch.equal(before.index, after.index)
+    torch.testing.assert_close(before.outcome, after.outcome)
+    with pytest.raises(ValueError, match="state_dim"):
+        MilvusEngramStore(D + 1, A, path)
+
+
+def test_torch_save_load_round_trip(tmp_path):
+    states, actions, outcomes, returns = random_engrams(50, seed=4)
+    s = TorchEngramStore(D, A, capacity=40, eviction="smallest")
+    s.add(states, actions, outcomes, returns)
+    s.save(tmp_path / "store.pt")
+    r = TorchEngramStore.load(tmp_path / "store.pt")
+    assert len(r) == 40 and r.capacity == 40 and r.eviction == "smallest"
+    a, b = s.search(states[:5], 7), r.search(states[:5], 7)
+    assert torch.equal(a.index, b.index) and torch.equal(a.action, b.action)
+    r.add(states[:1], actions[:1], outcomes[:1], returns[:1])
+    assert int(r.engrams()["index"].max()) == 40  # indices continue after load (the 10 oldest were never stored)
+
+
+@pytest.mark.parametrize("policy", ["oldest", "random", "smallest"])
+def test_eviction_keeps_capacity_and_follows_policy(kind, tmp_path, policy):
+    states, actions, outcomes, returns = random_engrams(30, seed=5)
+    with make_store(kind, tmp_path, capacity=12, eviction=policy) as s:
+        for start in range(0, 30, 7):
+            s.add(states[start:start + 7], actions[start:start + 7], outcomes[start:start + 7],
+                  returns[start:start + 7])
+            assert len(s) <= 12
+        assert len(s) == 12
+        kept = sorted(s.search(states, 12).index[0].tolist())
+    if policy == "oldest":
+        assert kept == list(range(18, 30))
+    elif policy == "smallest":
+        # batches arrive 7 at a time; replay the rule to know which survive
+        ids, outs = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        for start in range(0, 30, 7):
+            new = np.arange(start, min(30, start + 7))
+            over = len(ids) + len(new) - 12
+            if over > 0:
+                drop = choose_evictions(over, "smallest", ids, outs, np.random.default_rng(0))
+                ids, outs = np.delete(ids, drop), np.delete(outs, drop)
+            ids, outs = np.concatenate([ids, new]), np.concatenate([outs, outcomes[new]])
+        assert kept == sorted(ids.tolist())
+        assert kept != list(range(18, 30))  # differs from "oldest" on this data
+    else:
+        assert len(set(kept)) == 12 and all(0 <= i < 30 for i in kept)
+        assert 29 in kept  # the newest batch is inserted after eviction
+
+
+def test_choose_evictions_rules():
+    idx = np.array([5, 1, 9, 3])
+    out = np.array([0.5, -0.1, 0.1, 2.0])
+    assert choose_evictions(2, "oldest", idx, out, None).tolist() == [1, 3]
+    assert choose_evictions(2, "smallest", idx, out, None).tolist() == [1, 2]  # |−0.1| ties 0.1: older first
+    r = choose_evictions(3, "random", idx, out, np.random.default_rng(0))
+    assert len(set(r.tolist())) == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(states=np.zeros((2, D + 1), np.float32)), "states must have shape"),
+    (dict(states=np.array([[np.nan] * D, [0.0] * D], np.float32)), "states contains NaN"),
+    (dict(actions=np.array([0, A])), r"actions must lie in \[0, 3\)"),
+    (dict(actions=np.array([-1, 0])), "actions must lie"),
+    (dict(actions=np.array([0.0, 1.0])), "actions must be integers"),
+    (dict(outcomes=np.array([0.0, np.inf])), "outcomes contains Inf"),
+    (dict(outcomes=np.zeros(3)), "outcomes has 3 entries but states has 2"),
+])
+def test_bad_input_raises_and_stores_nothing(kind, tmp_path, bad, match):
+    args = dict(states=np.zeros((2, D), np.float32), actions=np.array([0, 1]), outcomes=np.zeros(2),
+                episode_returns=np.zeros(2))
+    args.update(bad)
+    with make_store(kind, tmp_path, capacity=1) as s:
+        s.add(np.ones((1, D), np.float32), [2], [1.0], 1.0)
+        with pytest.raises((ValueError, TypeError), match=match):
+            s.add(**args)
+        assert len(s) == 1
+        assert s.search(np.ones(D, np.float32), 1).action.item() == 2  # the old engram was not evicted
+
+
+@needs_milvus
+def test_store_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="eviction"):
+        TorchEngramStore(D, A, eviction="lru")
+    with pytest.raises(ValueError, match="capacity"):
+        TorchEngramStore(D, A, capacity=0)
+    with pytest.raises(ValueError, match="index_type"):
+        MilvusEngramStore(D, A, str(tmp_path / "x.db"), index_type="DISKANN")
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        TorchEngramStore(D, A).search(np.zeros(D), 0)
+
+
+@needs_milvus
+@pytest.mark.parametrize("index_type", ["IVF_FLAT", "HNSW"])
+def test_milvus_approximate_indexes_find_exact_matches(tmp_path, index_type):
+    states, actions, outcomes, returns = random_engrams(200, seed=6)
+    with MilvusEngramStore(D, A, str(tmp_path / "a.db"), index_type=index_type) as s:
+        s.add(states, actions, outcomes, returns)
+        nb = s.search(states[:10], 3)
+    assert nb.index[:, 0].tolist() == list(range(10))
+    assert torch.allclose(nb.distance[:, 0], torch.zeros(10), atol=1e-3)
+
+
+def kernel_action_values_reference(query, states, actions, outcomes, bandwidth, threshold):
+    d2 = ((query[:, None] - states[None]) ** 2).sum(-1)
+    logw = -d2 / (2 * bandwidth**2)
+    logw = np.where(np.sqrt(d2) > threshold, -np.inf, logw)
+    w = np.exp(logw - np.where(np.isfinite(logw).any(1, keepdims=True), logw.max(1, keepdims=True), 0))
+    w = np.where(np.isfinite(logw), w, 0)
+    w = w / np.maximum(w.sum(1, keepdims=True), 1e-300)
+    onehot = np.eye(A)[actions]
+    return w @ (onehot * outcomes[:, None]), w @ onehot
+
+
+def test_torch_kernel_scoring_is_one_fused_read_matching_reference():
+    states, actions, outcomes, returns = random_engrams(97, seed=7)
+    s = TorchEngramStore(D, A)
+    s.add(states, actions, outcomes, returns)
+    q = np.concatenate([states[:5] + 0.1, np.full((1, D), 50.0, np.float32)])  # last query matches nothing
+    sums, evidence = s.action_values(torch.as_tensor(q), k=None, bandwidth=0.8)
+    ref_sums, ref_evidence = kernel_action_values_reference(q.astype(np.float64), states.astype(np.float64),
+                                                            actions, outcomes.astype(np.float64), 0.8, 2.4)
+    np.testing.assert_allclose(sums.numpy(), ref_sums, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(evidence.numpy(), ref_evidence, rtol=1e-4, atol=1e-5)
+    assert evidence[-1].sum() == 0
+
+
+def brain_with(engrams, **kw):
+    s = TorchEngramStore(2, A)
+    states, actions, outcomes = engrams
+    s.add(np.asarray(states, np.float32), actions, outcomes, 0.0)
+    kw.setdefault("epsilon_start", 0.0)
+    return EngramBrain(2, A, s, seed=0, **kw)
+
+
+@pytest.mark.parametrize("k", [None, 4])
+def test_brain_prefers_best_action_and_uses_explicit_prior(k):
+    engrams = ([[0, 0], [0, 0.1], [0.1, 0], [0, 0]], [0, 0, 1, 1], [1.0, 3.0, -1.0, -3.0])
+    brain = brain_with(engrams, k=k, bandwidth=1.0, prior=-10.0)
+    scores, share = brain.action_scores(np.zeros((1, 2), np.float32))
+    assert scores[0, 2].item() == -10.0 and share[0, 2].item() == 0.0  # no evidence -> the prior
+    assert 1.5 < scores[0, 0].item() < 2.5 and -2.5 < scores[0, 1].item() < -1.5
+    assert brain.decide(np.zeros((3, 2), np.float32)).tolist() == [0, 0, 0]
+    optimistic = brain_with(engrams, k=k, bandwidth=1.0, prior=10.0)
+    assert optimistic.decide(np.zeros(2, np.float32)).tolist() == [2]
+    neighbourhood = brain_with(engrams, k=k, bandwidth=1.0, prior="neighbourhood")
+    s, _ = neighbourhood.action_scores(np.zeros((1, 2), np.float32))
+    assert abs(s[0, 2].item()) < 0.5  # the mean of all local evidence, about 0 here
+
+
+def test_brain_empty_memory_reads_empty_prior():
+    brain = EngramBrain(2, A, TorchEngramStore(2, A), prior="neighbourhood", empty_prior=-7.0, epsilon_start=0.0)
+    scores, _ = brain.action_scores(np.zeros((2, 2), np.float32))
+    assert torch.equal(scores, torch.full((2, A), -7.0))
+
+
+def test_brain_remember_stores_discounted_returns_and_decays_epsilon():
+    store = TorchEngramStore(2, A)
+    brain = EngramBrain(2, A, store, gamma=0.5, epsilon_start=1.0, epsilon_decay=0.5, epsilon_end=0.3)
+    assert brain.remember(np.zeros((3, 2)), [0, 1, 2], [1.0, 2.0, 4.0]) == 3
+    assert store.engrams()["outcomes"].tolist() == [1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4.0]
+    assert store.engrams()["episode_returns"].tolist() == [7.0] * 3
+    assert brain.epsilon == 0.5
+    brain.remember(np.zeros((1, 2)), [0], [0.0])
+    assert brain.epsilon == 0.3  # clamped at epsilon_end
+
+
+def test_brain_bad_input_raises_and_stores_nothing():
+    store = TorchEngramStore(2, A)
+    brain = EngramBrain(2, A, store)
+    with pytest.raises(ValueError, match="states must have shape"):
+        brain.decide(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="states contains NaN"):
+        brain.decide(np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError, match="actions must lie"):
+        brain.remember(np.zeros((2, 2)), [0, 5], [1.0, 1.0])
+    with pytest.raises(ValueError, match="rewards contains NaN"):
+        brain.remember(np.zeros((2, 2)), [0, 1], [1.0, math.nan])
+    with pytest.raises(ValueError, match="state_dim"):
+        EngramBrain(3, A, store)
+    assert len(store) == 0
+
+
+def test_n_step_targets_match_direct_sum():
+    g = np.random.default_rng(0)
+    rewards, values, gamma = g.normal(size=9), g.normal(size=10), 0.9
+    for n in (1, 3, 20):
+        direct = []
+        for t in range(9):
+            stop = min(t + n, 9)
+            direct.append(sum(gamma ** (i - t) * rewards[i] for i in range(t, stop)) + gamma ** (stop - t) * values[stop])
+        np.testing.assert_allclose(n_step_targets(rewards, values, gamma, n), direct)
+    np.testing.assert_allclose(discounted_returns(rewards, gamma, values[-1]),
+                               n_step_targets(rewards, values, gamma, 100))
+
+
+def test_trainer_runs_and_writes_report(tmp_path):
+    from resonant.trainer import Trainer
+
+    pytest.importorskip("gymnasium")
+    brain = EngramBrain(4, 2, TorchEngramStore(4, 2), bandwidth=0.5, seed=0, n_step=5)
+    trainer = Trainer(brain, "CartPole-v1", num_envs=3, seed=0, normalise_episodes=4)
+    result = trainer.train(10, progress=False)
+    trainer.close()
+    assert len(result.episode_returns) == 10
+    assert len(brain.store) == sum(result.episode_lengths)  # every step of every episode remembered
+    with pytest.raises(ValueError, match="action_repeat"):
+        Trainer(brain, "CartPole-v1", action_repeat=0)
+    summary = trainer.write_report(tmp_path, "cartpole")
+    assert summary["episodes"] == 10 and (tmp_path / "cartpole.png").stat().st_size > 1000
+    import json
+
+    assert json.loads((tmp_path / "cartpole.json").read_text())["episode_returns"] == result.episode_returns
+
+
+def test_cli_store_specs():
+    import argparse
+
+    from resonant.train_cli import parse_store
+
+    assert parse_store("torch") == ("torch", None)
+    assert parse_store("milvus-lite:/tmp/x.db") == ("milvus", "/tmp/x.db")
+    assert parse_store("milvus:http://h:19530") == ("milvus", "http://h:19530")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_store("faiss")
+
+
+def test_trainer_action_repeat_makes_one_engram_per_decision():
+    from resonant.trainer import Trainer
+
+    brain = EngramBrain(4, 2, TorchEngramStore(4, 2), bandwidth=0.5, seed=0)
+    trainer = Trainer(brain, "CartPole-v1", num_envs=2, seed=0, normalise_episodes=2, action_repeat=3)
+    result = trainer.train(6, progress=False)
+    trainer.close()
+    decisions = sum(-(-n // 3) for n in result.episode_lengths)  # ceil: the last decision may be cut short
+    assert len(brain.store) == decisions < sum(result.episode_lengths)
+    assert abs(sum(result.episode_returns) - sum(result.episode_lengths)) < 1e-9  # CartPole pays 1 per step
+
+
+@needs_milvus
+def test_brain_scores_agree_between_torch_and_milvus_stores(tmp_path):
+    states, actions, outcomes, returns = random_engrams(150, seed=8)
+    queries = np.random.default_rng(2).normal(size=(6, D)).astype(np.float32)
+    t = TorchEngramStore(D, A)
+    t.add(states, actions, outcomes, returns)
+    with MilvusEngramStore(D, A, str(tmp_path / "b.db")) as m:
+        m.add(states, actions, outcomes, returns)
+        got = EngramBrain(D, A, m, k=12, bandwidth=0.7, prior=-5.0).action_scores(queries)
+    want = EngramBrain(D, A, t, k=12, bandwidth=0.7, prior=-5.0).action_scores(queries)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="needs k"):
+        EngramBrain(D, A, m, k=None).action_scores(queries)
