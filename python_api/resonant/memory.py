@@ -142,7 +142,9 @@ class SpatialMemory:
         """
         loc, sd, values = self._observations(loc, sd, values)
         if merge_radius is not None:
-            merge_radius = _validate.match_threshold(merge_radius)
+            if isinstance(merge_radius, bool) or not isinstance(merge_radius, (int, float)) or not merge_radius >= 0:
+                raise ValueError(f"merge_radius must be a float >= 0 or None, got {merge_radius!r}")
+            merge_radius = float(merge_radius)
         with self._lock:
             if merge_radius is None:
                 self._append(loc, sd, values)
