@@ -391,7 +391,9 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--prune-points", type=int, default=1024, help="memory size before pruning (notebook: 1024)")
     p.add_argument("--regress-steps", type=int, default=100, help="Adam steps of the post-pruning regression")
     p.add_argument("--samples", type=int, default=250, help="samples per hunger search")
-    p.add_argument("--seed", type=int, default=0, help="world and data seed")
+    # seed 4: the first world of TreeWorldConfig whose nearest tree stands near the origin (6 m), like the
+    # notebook's (23 m), where the Gaussian memories of the notebook are written
+    p.add_argument("--seed", type=int, default=4, help="world and data seed")
     p.add_argument("--embedder", default="auto", choices=("auto", "hash", "minilm"))
     p.add_argument("--backend", default="auto", help="resonant_kernels backend for every op")
     p.set_defaults(func=run)
