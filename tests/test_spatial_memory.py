@@ -294,3 +294,13 @@ def test_real_background_prune_loses_no_concurrent_write():
     assert len(memory) == 230 - removed
     assert memory.ids[-30:].tolist() == list(range(200, 230))
     torch.testing.assert_close(memory.loc[-30:], torch.stack(written))
+
+
+def test_empty_memory_reads_zeros_and_reset_empties():
+    memory = SpatialMemory(2, 3, dtype=F64)
+    assert len(memory) == 0
+    assert torch.equal(memory.read(torch.ones(4, 2, dtype=F64), 1.0), torch.zeros(4, 3, dtype=F64))
+    memory.write(torch.ones(2, 2, dtype=F64), 1.0, torch.ones(2, 3, dtype=F64))
+    assert len(memory) == 2
+    memory.reset()
+    assert len(memory) == 0 and memory.values.shape == (0, 3)
