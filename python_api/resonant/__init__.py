@@ -1,10 +1,16 @@
 """resonant: the high-level API over resonant_kernels (memories, agents, simulations)."""
 import resonant_kernels as kernels
 
+from .drives import DriveClassifier
 from .engram import EngramBrain, EngramStore, TorchEngramStore
+from .memory import PruneHandle, SpatialMemory
 from .trainer import Trainer
 
-__all__ = ["kernels", "EngramBrain", "EngramStore", "TorchEngramStore", "MilvusEngramStore", "Trainer"]
+# resonant.sim (TreeWorld) needs gymnasium, an optional dependency: import it explicitly.
+__all__ = [
+    "kernels", "DriveClassifier", "PruneHandle", "SpatialMemory",
+    "EngramBrain", "EngramStore", "TorchEngramStore", "MilvusEngramStore", "Trainer",
+]
 
 
 def __getattr__(name):

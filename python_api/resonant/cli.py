@@ -1,26 +1,39 @@
-"""The `resonant` console script: one argparse subcommand per module.
+"""The `resonant` console script.
 
-Each module in SUBCOMMANDS has `add_subcommand(subparsers)`, which adds its parser and sets
-`func` (called with the parsed args; its return value is the exit status).
+Each subcommand lives in its own module with an `add_subcommand(subparsers)` function that adds
+its parser (setting `func`, called with the parsed args); list the module in SUBCOMMAND_MODULES.
+Modules that share a command group (`resonant demo <name>`) get it from `subgroup`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import Optional
 
-SUBCOMMANDS = ("resonant.train_cli",)
+SUBCOMMAND_MODULES = ("resonant.train_cli", "resonant.demo_treeworld")
+
+GROUP_HELP = {"demo": "reproduce a published experiment on the fused ops"}
+
+
+def subgroup(subparsers, name: str):
+    """The subparsers of command group `name` (e.g. "demo"), created on first use."""
+    groups = subparsers.__dict__.setdefault("_resonant_groups", {})
+    if name not in groups:
+        parser = subparsers.add_parser(name, help=GROUP_HELP.get(name))
+        groups[name] = parser.add_subparsers(dest=f"{name}_command", required=True, metavar="NAME")
+    return groups[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resonant", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMANDS:
-        importlib.import_module(name).add_subcommand(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_subcommand(subparsers)
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
