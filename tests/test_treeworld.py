@@ -170,8 +170,8 @@ def test_demo_smoke(tmp_path):
     assert numbers["drive_classifier.tree_accuracy"] == 1.0
     assert 0 < numbers["gaussian.unmatched_fraction_at_threshold_100"] < 1
     assert len(result["figures"]) >= 9 and all((out / p.split("/")[-1]).exists() for p in result["figures"])
-    if "prune.skipped" not in numbers:
-        assert numbers["prune.final_size"] <= 96
-        assert numbers["background_prune"]["kept_of_those"] == 32
-    if "sample.skipped" not in numbers:
-        assert math.isfinite(numbers["sample.sqrtE_temperature"]["avg_hunger"])
+    assert numbers["prune.final_size"] < 96  # pruning removed something
+    assert numbers["prune.removed_per_step"][0] > 0
+    assert numbers["background_prune"]["kept_of_those"] == numbers["background_prune"]["written_meanwhile"] > 0
+    for name in ("sample.free_T1_sigma25", "sample.sqrtE_temperature", "sample.location_biased"):
+        assert 0 <= numbers[name]["min_hunger"] <= numbers[name]["avg_hunger"] <= 1

@@ -119,12 +119,6 @@ def make_grid(points_per_axis: int, world_size: float = 500.0) -> torch.Tensor:
     return torch.cartesian_prod(points, points)
 
 
-def require(*ops: str) -> Optional[str]:
-    """Why a step cannot run (an op of another issue not in this build), or None."""
-    missing = [op for op in ops if not hasattr(kernels, op)]
-    return f"resonant_kernels has no {', '.join(missing)} in this build" if missing else None
-
-
 # ---- figures ---------------------------------------------------------------------------------
 
 def pca_colors(values: torch.Tensor, seed: int = 42) -> Callable:
@@ -260,10 +254,6 @@ def hunger_at(ctx: Context, samples: torch.Tensor) -> dict:
 
 
 def step_sampling(ctx: Context) -> None:
-    why = require("conditional_sample")
-    if why:
-        ctx.record("sample.skipped", why)
-        return
     memory, E = ctx.memory, ctx.world.embed_dim
     y_hunger = ctx.classifier.key("edible")
     n, gen = ctx.args.samples, torch.Generator().manual_seed(ctx.args.seed)
@@ -285,10 +275,6 @@ def step_sampling(ctx: Context) -> None:
 
 
 def step_pruning(ctx: Context) -> None:
-    why = require("leave_one_out", "prune_mask")
-    if why:
-        ctx.record("prune.skipped", why)
-        return
     a = ctx.args
     gen = torch.Generator().manual_seed(a.seed + 1)
     loc = torch.randn(a.prune_points, 2, generator=gen) * 100
