@@ -172,9 +172,10 @@ def print_table(results):
             print(f"{pass_:<8} {thr:>4} {r['E']:>4} {r['method']:<14} skipped: {r['skipped']}")
             continue
         mem = f"{r['peak_extra_mb']:.1f}" if "peak_extra_mb" in r else "-"
+        # accuracy is checked on the forward rows (the gradients are checked by the tests)
+        diff = f"{r['max_abs_diff_vs_reference']:.1e}" if "max_abs_diff_vs_reference" in r else "-"
         print(f"{pass_:<8} {thr:>4} {r['E']:>4} {r['method']:<14} {r['seconds'] * 1e3:>10.2f} "
-              f"{r.get('speedup_vs_reference', float('nan')):>12.1f}x {mem:>14} "
-              f"{r.get('max_abs_diff_vs_reference', float('nan')):>10.1e}")
+              f"{r.get('speedup_vs_reference', float('nan')):>12.1f}x {mem:>14} {diff:>10}")
 
 
 def main(argv=None):
