@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _cpu
+from . import _cpu, triton_read
 from .loo import LooImpl, register_impl
 
 BLOCK_I = 32
@@ -26,33 +26,15 @@ BLOCK_J = 32
 def _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
             D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr,
             BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """log k_ij for a (BLOCK_I, BLOCK_J) tile, -inf beyond the threshold (design.md §1).
-
-    consts holds [threshold², 1/v, uniform normaliser, −(d/2) log 2π] in the locations' dtype
-    (Triton would pass Python floats as float32)."""
-    thr2, uniform_inv = tl.load(consts), tl.load(consts + 1)
-    uniform_norm, norm_const = tl.load(consts + 2), tl.load(consts + 3)
-    dist2 = tl.zeros((BLOCK_I, BLOCK_J), dtype=loc.dtype.element_ty)
-    quad = tl.zeros_like(dist2)
-    logv = tl.zeros_like(dist2)
-    for k in tl.static_range(D):
-        li = tl.load(loc + b * s_lb + offs_i * s_lm + k * s_ld, mask=mask_i, other=0.0)
-        lj = tl.load(loc + b * s_lb + offs_j * s_lm + k * s_ld, mask=mask_j, other=0.0)
-        diff = li[:, None] - lj[None, :]
-        dist2 += diff * diff
-        if not UNIFORM:
-            vi = tl.load(var + b * s_vb + offs_i * s_vm + k * s_vd, mask=mask_i, other=1.0)
-            vj = tl.load(var + b * s_vb + offs_j * s_vm + k * s_vd, mask=mask_j, other=1.0)
-            v = vi[:, None] + vj[None, :]
-            quad += diff * diff / v
-            logv += tl.log(v)
-    if UNIFORM:
-        score = -0.5 * dist2 * uniform_inv + uniform_norm
-    else:
-        score = -0.5 * quad - 0.5 * logv + norm_const
-    if HAS_THR:
-        score = tl.where(dist2 > thr2, float("-inf"), score)
-    return score
+    """log k_ij for a (BLOCK_I, BLOCK_J) tile of entries against entries: the read's score tile
+    (design.md §1) with the memory as its own queries. consts holds [threshold², 1/v, uniform
+    normaliser, −(d/2) log 2π, max_error] in the locations' dtype (Triton would pass Python floats
+    as float32)."""
+    thr2, uniform_inv, uniform_norm, norm_const = triton_read._load_consts(consts)
+    loc, var = loc + b * s_lb, var + b * s_vb
+    return triton_read._scores(loc, var, offs_i, mask_i, s_lm, s_ld, s_vm, s_vd,
+                               loc, var, offs_j, mask_j, s_lm, s_ld, s_vm, s_vd,
+                               thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
 
 
 @triton.jit
