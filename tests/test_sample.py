@@ -10,17 +10,20 @@ from resonant_kernels import _backends
 from cases import TOL, awkward_cases, sample_inputs
 
 
-def _fused(name):
-    why = _backends.BACKENDS[name].unavailable_reason()
-    return pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"{name} backend unusable: {why}"))
-
-
-FUSED = [_fused(b) for b in ("cpu", "triton", "cuda")]
-ALL = ["reference", *FUSED]
 # Where each backend's tests run (the reference it is compared with runs there too): triton takes
 # CPU tensors only under its interpreter.
 DEVICE = {"reference": "cpu", "cpu": "cpu", "triton": "cpu" if _backends.triton_interpreting() else "cuda",
           "cuda": "cuda"}
+
+
+def _fused(name):
+    why = _backends.BACKENDS[name].unavailable_reason()
+    marks = [pytest.mark.skipif(why is not None, reason=f"{name} backend unusable: {why}")]
+    return pytest.param(name, marks=marks + ([pytest.mark.gpu] if DEVICE[name] == "cuda" else []))
+
+
+FUSED = [_fused(b) for b in ("cpu", "triton", "cuda")]
+ALL = ["reference", *FUSED]
 # The Triton interpreter runs one program at a time: it gets the small cases only.
 CASES = [c for c in awkward_cases(full=False) if c.M > 0]
 SMALL = [c for c in CASES if c.Q * c.M * max(c.E, 8) <= 2000]
