@@ -1,6 +1,6 @@
 """Read benchmark on CUDA (issue 3, point 4): reference, torch.compile(reference), the fused
-`triton` backend, and the speed-of-light peers PyTorch SDPA and FlexAttention on the dot-product
-reformulation of the isotropic read.
+`triton` and `cuda` (CUDA C++, csrc/cuda/read.cu) backends, and the speed-of-light peers PyTorch
+SDPA and FlexAttention on the dot-product reformulation of the isotropic read.
 
     python benchmarks/bench_read_gpu.py            # full grid (Q, M, E, value dtype, fwd / fwd+bwd)
     python benchmarks/bench_read_gpu.py --quick    # the target row: Q=65536, M=8192, E=1024
@@ -34,7 +34,7 @@ from _measure import cuda_peak_extra_mb, machine_description, median_time, write
 
 SIGMA, SPREAD, D = 10.0, 100.0, 2
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("reference", "compiled_reference", "triton", "sdpa", "flex")
+METHODS = ("reference", "compiled_reference", "triton", "cuda", "sdpa", "flex")
 SDPA_CHUNK = 256
 
 
@@ -121,7 +121,7 @@ def compiled_reference(query_loc, query_var, mem_loc, mem_var, mem_values):
 
 def read_fn(method, query_loc, mem_loc, mem_values, allow_tf32):
     """The read by `method` as a function of the three tracked tensors (σ fixed, no threshold)."""
-    if method in ("reference", "triton"):
+    if method in ("reference", "triton", "cuda"):
         return lambda: rk.gaussian_read(query_loc, SIGMA, mem_loc, SIGMA, mem_values, backend=method,
                                         allow_tf32=allow_tf32)
     if method == "compiled_reference":
@@ -175,6 +175,12 @@ def skip_reason(method, row, device):
         return flex_reason()
     if method == "compiled_reference" and device == "cpu":
         return "torch.compile is not exercised in a dry run"
+    if method == "cuda":
+        cuda = next(info for info in rk.backends(print_table=False) if info.name == "cuda")
+        if not cuda.usable:
+            return f"cuda backend unusable: {cuda.reason}"
+        if device != "cuda":
+            return "the cuda backend runs on CUDA tensors only"
     return None
 
 

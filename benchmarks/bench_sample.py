@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sample.py                 # M ∈ {1024, 16384}, E = 1024, Q ∈ {1, 256}, S = 256
     python benchmarks/bench_sample.py --quick         # small sizes, to check that it runs
-    python benchmarks/bench_sample.py --device cuda   # reference vs triton (and cuda once registered)
+    python benchmarks/bench_sample.py --device cuda   # reference vs triton vs cuda (CUDA C++, csrc/cuda/sample.cu)
 
 Inputs follow the notebook's search: entries at N(0, 100²) in 2-D with σ = 10, values ~ N(0, 1),
 random search keys, search locations ~ N(0, 100²) with σ = 25 (the location term is on; add

@@ -188,8 +188,7 @@ T row_max(const T* row, int64_t M) {
 template <class T, int D>
 void probs_impl(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,
                 View3<const T> qvar, View3<const T> mloc, View3<const T> mvar, T* probs) {
-  const auto geo = make_geometry<T, D>(s.d, s.threshold, s.uniform_var_value >= 0,
-                                       std::max(s.uniform_var_value, 0.0));
+  const auto geo = sample_geometry<T, D>(s);
   for_each_group<T>(s, probs, [&](int64_t b, int64_t q0, int64_t G, T* logits, Scratch<T>& w) {
     group_logits<T, D>(s, geo, b, q0, G, key, values, qloc, qvar, mloc, mvar, logits, w);
     for (int64_t g = 0; g < G; ++g) {
@@ -210,8 +209,7 @@ template <class T, int D>
 void indices_impl(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,
                   View3<const T> qvar, View3<const T> mloc, View3<const T> mvar, const double* uniforms,
                   int64_t* idx) {
-  const auto geo = make_geometry<T, D>(s.d, s.threshold, s.uniform_var_value >= 0,
-                                       std::max(s.uniform_var_value, 0.0));
+  const auto geo = sample_geometry<T, D>(s);
   for_each_group<T>(s, nullptr, [&](int64_t b, int64_t q0, int64_t G, T* logits, Scratch<T>& w) {
     group_logits<T, D>(s, geo, b, q0, G, key, values, qloc, qvar, mloc, mvar, logits, w);
     std::vector<double> cdf(s.M);

@@ -13,6 +13,13 @@ struct SampleShape {
   double uniform_var_value;  // qv + mv when every variance is one number, else < 0
 };
 
+// The location term's geometry for a call (shared by the CPU and CUDA kernels).
+template <class T, int D>
+Geometry<T, D> sample_geometry(const SampleShape& s) {
+  const bool uniform = s.uniform_var_value >= 0;
+  return make_geometry<T, D>(s.d, s.threshold, uniform, uniform ? s.uniform_var_value : 0.0);
+}
+
 // probs (B,Q,M) contiguous: softmax over entries of the logits.
 template <class T>
 void conditional_probs_cpu(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,

@@ -10,7 +10,7 @@ from ._backends import backends
 from .loo import leave_one_out, prune_mask
 from .read import gaussian_read
 from .sample import conditional_probs, conditional_sample
-from . import cuda_read  # noqa: F401 - registers backend="cuda" (usable only with _C_cuda and a GPU)
+from . import cuda_read, cuda_sample  # noqa: F401 - register backend="cuda" (usable only with _C_cuda and a GPU)
 
 for _module in ("triton_read", "triton_loo", "triton_sample"):
     # Triton kernels register backend="triton"; without a working triton the backend table says

@@ -1,4 +1,4 @@
-"""backend="cuda" for the read: csrc/cuda/read.cu through the pybind11 module _C_cuda.
+"""backend="cuda" for the read: csrc/cuda/read.cu through the pybind11 module _C_cuda (_cuda.py).
 
 Importing this never needs the extension or a GPU (the backend table says why cuda is unusable);
 the kernels run on the caller's current CUDA stream, on the tensors' device.
@@ -8,21 +8,13 @@ from __future__ import annotations
 import torch
 
 from . import read
+from ._cuda import DTYPE_NAMES, check_location_dim, current_stream, module, strided
 
-DTYPE_NAMES = {
-    torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16",
-}
 # Location dtype -> value dtypes the kernels take (half-precision values: tensor-core P @ V).
 VALUE_DTYPES = {
     torch.float64: (torch.float64,),
     torch.float32: (torch.float32, torch.float16, torch.bfloat16),
 }
-
-
-def module():
-    from resonant_kernels import _C_cuda
-
-    return _C_cuda
 
 
 def supports_dtypes(loc_dtype: torch.dtype, value_dtype: torch.dtype):
@@ -34,18 +26,11 @@ def supports_dtypes(loc_dtype: torch.dtype, value_dtype: torch.dtype):
     return None
 
 
-def _strided(t: torch.Tensor):
-    assert t.dim() == 3, t.shape
-    return (t.data_ptr(), *t.stride())
-
-
 def _call_args(query_loc, mem_values, threshold, uniform_var):
     """dtype names and the shape arguments; checks what only this backend limits."""
     B, Q, d = query_loc.shape
     M, E = mem_values.shape[1:]
-    max_dim = module().max_dim
-    if d > max_dim:
-        raise ValueError(f"query_loc/mem_loc: the cuda backend supports location dimension d <= {max_dim}, got {d}")
+    check_location_dim(d, "query_loc/mem_loc")
     return (DTYPE_NAMES[query_loc.dtype], DTYPE_NAMES[mem_values.dtype], B, Q, M, d, E, threshold,
             uniform_var >= 0, max(uniform_var, 0.0))
 
@@ -56,10 +41,10 @@ def _forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, unif
     out = mem_values.new_empty((B, Q, mem_values.shape[-1]))
     lse = query_loc.new_empty((B, Q))
     args = _call_args(query_loc, mem_values, threshold, uniform_var)
-    with torch.cuda.device(query_loc.device):
+    with current_stream(query_loc.device) as stream:
         module().read_forward(
-            *args, *(_strided(t) for t in (query_loc, query_var, mem_loc, mem_var, mem_values)),
-            out.data_ptr(), lse.data_ptr(), torch.cuda.current_stream().cuda_stream,
+            *args, *(strided(t) for t in (query_loc, query_var, mem_loc, mem_var, mem_values)),
+            out.data_ptr(), lse.data_ptr(), stream,
         )
     return out, lse
 
@@ -71,11 +56,11 @@ def _backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_va
              for t in (query_loc, query_var, mem_loc, mem_var, mem_values)]
     delta = torch.empty(lse.shape, dtype=lse.dtype, device=lse.device)
     args = _call_args(query_loc, mem_values, threshold, uniform_var)
-    with torch.cuda.device(query_loc.device):
+    with current_stream(query_loc.device) as stream:
         module().read_backward(
-            *args, *(_strided(t) for t in (query_loc, query_var, mem_loc, mem_var, mem_values)),
+            *args, *(strided(t) for t in (query_loc, query_var, mem_loc, mem_var, mem_values)),
             grad_out.data_ptr(), out.data_ptr(), lse.data_ptr(), delta.data_ptr(),
-            *(g.data_ptr() for g in grads), torch.cuda.current_stream().cuda_stream,
+            *(g.data_ptr() for g in grads), stream,
         )
     return tuple(grads)
 

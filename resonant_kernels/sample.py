@@ -176,7 +176,7 @@ def conditional_probs(
     every entry is masked falls back to the drive term alone (never an empty distribution).
     search_key is (..., Q, E) or (..., E); search_loc (..., Q, d) or (..., d); with a single key and
     a single (or no) location the result is (..., M). Differentiable on the reference backend;
-    fused backends (cpu, triton) return probabilities without a gradient.
+    fused backends (cpu, triton, cuda) return probabilities without a gradient.
     """
     call = _prepare(PROBS_OP, mem_loc, mem_sd, mem_values, search_key, search_loc, search_sd, temperature,
                     location_temperature, match_threshold, backend)

@@ -50,6 +50,16 @@ def make_inputs(case: Case, dtype=torch.float64, seed=0, value_dtype=None, requi
     return tensors
 
 
+def sample_inputs(case: Case, dtype, seed=0, device=None):
+    """(mem_loc, mem_sd, mem_values, search_key, search_loc, search_sd) for conditional sampling; keys
+    scaled so the drive term is not flat."""
+    query_loc, query_sd, mem_loc, mem_sd, mem_values = make_inputs(case, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    key = torch.randn((*query_loc.shape[:-1], case.E), generator=gen, dtype=dtype) * 2
+    tensors = [mem_loc, mem_sd, mem_values, key, query_loc, query_sd]
+    return [t.to(device) if device is not None and isinstance(t, torch.Tensor) else t for t in tensors]
+
+
 def awkward_cases(full: bool = True):
     """Batch dims, Q or M of 1, M = 0, d in 1..8, E up to 300, non-powers-of-two, thresholds that
     empty whole rows (0.05 leaves most queries with nothing), σ as float, per-dim and per-entry."""

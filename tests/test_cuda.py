@@ -1,4 +1,7 @@
-"""backend="cuda" (csrc/cuda): against the reference on a GPU; its build and skip logic everywhere."""
+"""backend="cuda" (csrc/cuda): against the reference on a GPU; its build and skip logic everywhere.
+
+The shared sampling tests (probabilities, chi-square draws, same draws as the reference, fallback,
+shapes) run for cuda in test_sample.py; the cuda-specific sampling cases are here."""
 import os
 import shutil
 import sys
@@ -7,9 +10,9 @@ import pytest
 import torch
 
 import resonant_kernels as rk
-from resonant_kernels import _backends, cuda_read
-from cases import (Case, awkward_cases, batch_broadcast_inputs, check_read_against_reference, clone_inputs,
-                   grads_of, make_inputs)
+from resonant_kernels import _backends, cuda_read, sample
+from cases import (TOL, Case, awkward_cases, batch_broadcast_inputs, check_read_against_reference, clone_inputs,
+                   grads_of, make_inputs, sample_inputs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_REASON = _backends.BACKENDS["cuda"].unavailable_reason()
@@ -27,7 +30,8 @@ TILED = [
 
 def test_backend_table_lists_cuda_with_its_op_and_reason():
     row = next(r for r in rk.backends(print_table=False) if r.name == "cuda")
-    assert "gaussian_read" in row.ops  # cuda_read registered itself without the extension
+    # cuda_read and cuda_sample registered themselves without the extension
+    assert {"gaussian_read", "conditional_probs", "conditional_sample"} <= set(row.ops)
     if not torch.cuda.is_available():
         assert not row.usable and "CUDA device" in row.reason
     elif CUDA_REASON is not None:
@@ -40,6 +44,27 @@ def test_requesting_unusable_cuda_names_the_reason():
     with pytest.raises(ValueError, match="backend 'cuda' cannot run gaussian_read") as err:
         rk.gaussian_read(q, qs, m, ms, z, backend="cuda")
     assert CUDA_REASON in str(err.value)
+
+
+@pytest.mark.skipif(CUDA_REASON is None, reason="the cuda backend is usable here")
+@pytest.mark.parametrize("op", ["conditional_probs", "conditional_sample"])
+def test_requesting_unusable_cuda_for_sampling_names_the_reason(op):
+    mem_loc, mem_sd, mem_values, key, _, _ = sample_inputs(Case((), 3, 4, 2, 5, "float", None), torch.float32)
+    with pytest.raises(ValueError, match=f"backend 'cuda' cannot run {op}") as err:
+        getattr(rk, op)(mem_loc, mem_sd, mem_values, key, backend="cuda")
+    assert CUDA_REASON in str(err.value)
+
+
+def test_sampling_dtype_rule():
+    """Both sampling ops share one implementation: float32 or float64, values in that dtype."""
+    impls = _backends.BACKENDS["cuda"].impls
+    impl = impls["conditional_sample"]
+    assert impls["conditional_probs"] is impl and isinstance(impl, sample.SampleImpl)
+    for dtype in (torch.float32, torch.float64):
+        assert impl.supports_dtypes(dtype, dtype) is None
+    assert "mem_values" in impl.supports_dtypes(torch.float32, torch.float16)
+    assert "mem_values" in impl.supports_dtypes(torch.float64, torch.float32)
+    assert "locations" in impl.supports_dtypes(torch.float16, torch.float16)
 
 
 def test_dtype_rule():
@@ -67,7 +92,8 @@ def test_build_flags_target_ampere_and_hopper_without_fast_math():
     assert any(f.endswith("code=compute_90") for f in flags)  # PTX for newer GPUs
     assert not any("fast_math" in f or "fast-math" in f for f in build.nvcc_flags())
     sources = build.cuda_sources()
-    assert "csrc/cuda/read.cu" in sources and all(os.path.exists(os.path.join(ROOT, s)) for s in sources)
+    assert {"csrc/cuda/read.cu", "csrc/cuda/sample.cu"} <= set(sources)
+    assert all(os.path.exists(os.path.join(ROOT, s)) for s in sources)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -169,3 +195,106 @@ def test_custom_op_registration_passes_opcheck():
     args = (q, qs * qs, m, ms * ms, z, 1.5, -1.0, "cuda")
     torch.library.opcheck(read.read_forward, [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a
                                               for a in args])
+
+
+# ---- conditional sampling on a GPU (the shared cases run in test_sample.py) ---------------------
+
+# Memories spanning several 256-entry tiles, values wider than a warp, thresholds that mask most
+# entries (and whole rows), every σ layout.
+SAMPLE_TILED = [
+    Case((), 19, 700, 2, 70, "per_dim", 1.0),
+    Case((2,), 5, 1000, 3, 33, "float", None),
+    Case((), 9, 513, 1, 300, "per_entry", 0.3),
+    Case((3,), 4, 257, 5, 8, "per_dim", 0.05),
+]
+
+
+def _sample_call(inputs, with_location):
+    mem_loc, mem_sd, mem_values, key, query_loc, query_sd = inputs
+    loc = dict(search_loc=query_loc, search_sd=query_sd) if with_location else {}
+    return (mem_loc, mem_sd, mem_values, key), loc
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("with_location", [True, False], ids=["loc", "noloc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", SAMPLE_TILED, ids=str)
+def test_cuda_sampling_matches_reference_across_tiles(case, dtype, with_location):
+    args, loc = _sample_call(sample_inputs(case, dtype, device="cuda"), with_location)
+    kw = dict(temperature=0.7, location_temperature=1.3, match_threshold=case.threshold, **loc)
+    want = rk.conditional_probs(*args, backend="reference", **kw)
+    got = rk.conditional_probs(*args, backend="cuda", **kw)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    # S > the block's 256 threads: each thread draws several uniforms
+    draws = {b: rk.conditional_sample(*args, num_samples=300, sigma_scale=0.0, backend=b,
+                                      generator=torch.Generator(device="cuda").manual_seed(3), **kw)
+             for b in ("reference", "cuda")}
+    assert (draws["cuda"] == draws["reference"]).all(-1).double().mean() > 0.999
+    # every draw is an entry of positive probability
+    mem_loc = args[0]
+    entry = (draws["cuda"].unsqueeze(-2) == mem_loc[..., None, None, :, :]).all(-1).double().argmax(-1)  # (.., Q, S)
+    assert bool((want.gather(-1, entry) > 0).all())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sampling_broadcast_and_strided_inputs():
+    mem_loc, mem_sd, mem_values, key, query_loc, query_sd = sample_inputs(
+        Case((2,), 9, 300, 3, 40, "per_dim", 2.0), torch.float64, device="cuda")
+    # transposed storage: every tensor has a non-unit innermost stride
+    nc = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (mem_loc, mem_sd, mem_values, key, query_loc,
+                                                                       query_sd)]
+    assert all(t.stride(-1) != 1 for t in nc)
+    kw = dict(match_threshold=2.0)
+    want = rk.conditional_probs(mem_loc, mem_sd, mem_values, key, search_loc=query_loc, search_sd=query_sd,
+                                backend="reference", **kw)
+    got = rk.conditional_probs(*nc[:4], search_loc=nc[4], search_sd=nc[5], backend="cuda", **kw)
+    torch.testing.assert_close(got, want)
+    # one memory (batch dim 1) against a batch of keys
+    probs = rk.conditional_probs(mem_loc[:1], mem_sd[:1], mem_values[:1], key, backend="cuda")
+    torch.testing.assert_close(probs, rk.conditional_probs(mem_loc[:1], mem_sd[:1], mem_values[:1], key,
+                                                           backend="reference"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sampling_runs_on_the_current_stream():
+    mem_loc, mem_sd, mem_values, key, query_loc, query_sd = sample_inputs(
+        Case((3,), 50, 2000, 2, 256, "float", None), torch.float32, device="cuda")
+    kw = dict(search_loc=query_loc, search_sd=query_sd)
+    want = rk.conditional_probs(mem_loc, mem_sd, mem_values, key, backend="reference", **kw)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = rk.conditional_probs(mem_loc, mem_sd, mem_values, key, backend="cuda", **kw)
+    side.synchronize()
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sampling_location_dim_limit():
+    """d > 16 is a clear error with a search location; without one the locations are never read."""
+    mem_loc, mem_sd, mem_values, key, query_loc, query_sd = sample_inputs(
+        Case((), 3, 20, 17, 4, "float", None), torch.float64, device="cuda")
+    with pytest.raises(ValueError, match="location dimension d <= 16"):
+        rk.conditional_probs(mem_loc, mem_sd, mem_values, key, search_loc=query_loc, search_sd=query_sd,
+                             backend="cuda")
+    torch.testing.assert_close(rk.conditional_probs(mem_loc, mem_sd, mem_values, key, backend="cuda"),
+                               rk.conditional_probs(mem_loc, mem_sd, mem_values, key, backend="reference"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sampling_custom_ops_pass_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    B, Q, M, d, E, S = 2, 3, 300, 2, 5, 4
+    tensors = [torch.randn(B, Q, E, generator=gen), torch.randn(B, M, E, generator=gen),
+               torch.randn(B, Q, d, generator=gen), torch.rand(B, Q, d, generator=gen) + 0.5,
+               torch.randn(B, M, d, generator=gen), torch.rand(B, M, d, generator=gen) + 0.5]
+    tensors = [t.cuda() for t in tensors]
+    scalars = (0.4, 1.0, 1.5, -1.0, "cuda")
+    torch.library.opcheck(sample.probs_fused, (*tensors, *scalars))
+    uniforms = torch.rand(B, Q, S, generator=gen, dtype=torch.float64).cuda()
+    torch.library.opcheck(sample.indices_fused, (*tensors, uniforms, *scalars))

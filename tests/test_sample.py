@@ -7,22 +7,38 @@ from scipy import stats
 
 import resonant_kernels as rk
 from resonant_kernels import _backends
-from cases import TOL, awkward_cases, make_inputs
+from cases import TOL, awkward_cases, sample_inputs
 
-FUSED = [b for b in ("cpu", "triton") if _backends.BACKENDS[b].unavailable_reason() is None]
+
+# Where each backend's tests run (the reference it is compared with runs there too): triton takes
+# CPU tensors only under its interpreter.
+DEVICE = {"reference": "cpu", "cpu": "cpu", "triton": "cpu" if _backends.triton_interpreting() else "cuda",
+          "cuda": "cuda"}
+
+
+def _fused(name):
+    why = _backends.BACKENDS[name].unavailable_reason()
+    marks = [pytest.mark.skipif(why is not None, reason=f"{name} backend unusable: {why}")]
+    return pytest.param(name, marks=marks + ([pytest.mark.gpu] if DEVICE[name] == "cuda" else []))
+
+
+FUSED = [_fused(b) for b in ("cpu", "triton", "cuda")]
 ALL = ["reference", *FUSED]
 # The Triton interpreter runs one program at a time: it gets the small cases only.
 CASES = [c for c in awkward_cases(full=False) if c.M > 0]
 SMALL = [c for c in CASES if c.Q * c.M * max(c.E, 8) <= 2000]
 
 
-def sample_inputs(case, dtype, seed=0):
-    """(mem_loc, mem_sd, mem_values, search_key, search_loc, search_sd) for a Case; keys scaled so
-    the drive term is not flat."""
-    query_loc, query_sd, mem_loc, mem_sd, mem_values = make_inputs(case, dtype=dtype, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    key = torch.randn((*query_loc.shape[:-1], case.E), generator=gen, dtype=dtype) * 2
-    return mem_loc, mem_sd, mem_values, key, query_loc, query_sd
+def on(device, *tensors):
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def on_device_kw(device, kw):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def generator(backend, seed):
+    return torch.Generator(device=DEVICE[backend]).manual_seed(seed)
 
 
 def probs_kwargs(case, with_location, **extra):
@@ -72,8 +88,8 @@ def test_reference_probs_follow_the_formula():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_probs_match_reference(backend, dtype, with_location):
-    for case in CASES if backend == "cpu" else SMALL:
-        inputs = sample_inputs(case, dtype)
+    for case in SMALL if backend == "triton" and DEVICE["triton"] == "cpu" else CASES:
+        inputs = sample_inputs(case, dtype, device=DEVICE[backend])
         kw = probs_kwargs(case, with_location)
         want = call_probs(inputs, with_location, "reference", **kw)
         got = call_probs(inputs, with_location, backend, **kw)
@@ -100,15 +116,16 @@ def chi_square_setup(dtype=torch.float32):
 @pytest.mark.parametrize("backend", ALL)
 def test_draw_frequencies_match_probs(backend):
     args, kw = chi_square_setup()
+    args, kw = on(DEVICE[backend], *args), on_device_kw(DEVICE[backend], kw)
     mem_loc = args[0]
     N = 20_000
-    probs = rk.conditional_probs(*args, backend="reference", **kw).double()
+    probs = rk.conditional_probs(*args, backend="reference", **kw).double().cpu()
     assert 0 < int((probs[0] == 0).sum()) < 11  # the location row has masked entries
     samples = rk.conditional_sample(*args, num_samples=N, sigma_scale=0.0, backend=backend,
-                                    generator=torch.Generator().manual_seed(11), **kw)
+                                    generator=generator(backend, 11), **kw)
     assert samples.shape == (2, N, 2)
     # sigma_scale = 0: every sample is exactly an entry's location; recover which
-    hits = (samples.unsqueeze(-2) == mem_loc).all(-1)  # (Q, N, M)
+    hits = (samples.unsqueeze(-2) == mem_loc).all(-1).cpu()  # (Q, N, M)
     assert bool((hits.sum(-1) == 1).all())
     for q in range(2):
         counts = hits[q].sum(0).double()
@@ -126,10 +143,11 @@ def test_draw_frequencies_match_probs(backend):
 @pytest.mark.parametrize("backend", ALL)
 def test_seeded_draws_are_reproducible(backend):
     args, kw = chi_square_setup(torch.float64)
+    args, kw = on(DEVICE[backend], *args), on_device_kw(DEVICE[backend], kw)
 
     def draw(seed):
-        return rk.conditional_sample(*args, num_samples=300, backend=backend,
-                                     generator=torch.Generator().manual_seed(seed), **kw)
+        return rk.conditional_sample(*args, num_samples=300, backend=backend, generator=generator(backend, seed),
+                                     **kw)
 
     first, again, other = draw(5), draw(5), draw(6)
     assert torch.equal(first, again)
@@ -145,12 +163,14 @@ def test_same_seed_same_draws_as_reference(backend):
     """Every backend turns the generator's uniforms into entries by the same inverse CDF."""
     # batch (2,), Q 17, M 33, threshold 0.05: most rows fall back to the drive term
     case = next(c for c in CASES if c.batch == (2,) and c.threshold == 0.05)
-    mem_loc, mem_sd, mem_values, key, query_loc, query_sd = sample_inputs(case, torch.float64)
+    mem_loc, mem_sd, mem_values, key, query_loc, query_sd = sample_inputs(case, torch.float64,
+                                                                            device=DEVICE[backend])
     kw = dict(search_loc=query_loc, search_sd=query_sd, num_samples=64, match_threshold=case.threshold)
+    # both on the backend's device: the same generator there gives both the same uniforms
     want = rk.conditional_sample(mem_loc, mem_sd, mem_values, key, backend="reference",
-                                 generator=torch.Generator().manual_seed(1), **kw)
-    got = rk.conditional_sample(mem_loc, mem_sd, mem_values, key, backend=backend,
-                                generator=torch.Generator().manual_seed(1), **kw)
+                                 generator=generator(backend, 1), **kw)
+    got = rk.conditional_sample(mem_loc, mem_sd, mem_values, key, backend=backend, generator=generator(backend, 1),
+                                **kw)
     assert got.shape == want.shape == (2, 17, 64, 2)
     same = (got == want).all(-1).double().mean()
     assert same > 0.999  # only a uniform within rounding of a bin edge may differ
@@ -190,8 +210,8 @@ def test_jitter_is_pathwise_differentiable():
 @pytest.mark.parametrize("backend", ALL)
 def test_all_masked_query_falls_back_to_drive_term(backend):
     args, _ = chi_square_setup(torch.float64)
-    mem_loc, mem_sd, mem_values, key = args
-    far = torch.full((2, 2), 1e3, dtype=torch.float64)
+    mem_loc, mem_sd, mem_values, key = on(DEVICE[backend], *args)
+    far = torch.full((2, 2), 1e3, dtype=torch.float64, device=DEVICE[backend])
     masked = rk.conditional_probs(mem_loc, mem_sd, mem_values, key, search_loc=far, search_sd=1.0,
                                   match_threshold=0.0, backend=backend)
     drive_only = rk.conditional_probs(mem_loc, mem_sd, mem_values, key, backend=backend)
@@ -202,14 +222,14 @@ def test_all_masked_query_falls_back_to_drive_term(backend):
 @pytest.mark.parametrize("backend", ALL)
 def test_shapes_and_batch_broadcast(backend):
     gen = torch.Generator().manual_seed(9)
-    mem_loc, mem_values = torch.randn(1, 7, 2, generator=gen), torch.randn(1, 7, 3, generator=gen)
-    keys = torch.randn(4, 5, 3, generator=gen)
+    mem_loc, mem_values, keys = on(DEVICE[backend], torch.randn(1, 7, 2, generator=gen),
+                                   torch.randn(1, 7, 3, generator=gen), torch.randn(4, 5, 3, generator=gen))
     out = rk.conditional_sample(mem_loc, 0.5, mem_values, keys, num_samples=6, backend=backend)
     assert out.shape == (4, 5, 6, 2)
     single = rk.conditional_sample(mem_loc[0], 0.5, mem_values[0], keys[0, 0], num_samples=6, backend=backend)
     assert single.shape == (6, 2)
     # one key, several search locations: a Q axis appears
-    locs = rk.conditional_probs(mem_loc[0], 0.5, mem_values[0], keys[0, 0], search_loc=torch.zeros(3, 2),
+    locs = rk.conditional_probs(mem_loc[0], 0.5, mem_values[0], keys[0, 0], search_loc=mem_loc.new_zeros(3, 2),
                                 search_sd=1.0, backend=backend)
     assert locs.shape == (3, 7)
     # batch rows broadcast against the shared memory: row r equals a call with row r alone
@@ -285,7 +305,7 @@ def test_empty_memory_raises_for_probs_too():
 def test_cpu_probs_match_reference_on_a_larger_memory(Q):
     """Sizes past the small cases: a lone query's dots spread over threads (Q = 1), and several
     query groups with packed value chunks longer than one chunk (E > 256) (Q = 40)."""
-    if "cpu" not in FUSED:
+    if _backends.BACKENDS["cpu"].unavailable_reason() is not None:
         pytest.skip("cpu backend unavailable")
     gen = torch.Generator().manual_seed(12)
     M, E = 2100, 530

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "read_cuda.h"
+#include "sample_cuda.h"
 
 namespace py = pybind11;
 using rk::cuda::Dtype;
@@ -30,6 +31,11 @@ Dtype dtype(const std::string& name) {
 rk::ReadShape read_shape(int64_t B, int64_t Q, int64_t M, int64_t d, int64_t E, double threshold, bool uniform_var,
                          double uniform_var_value) {
   return rk::ReadShape{B, Q, M, d, E, threshold, uniform_var, uniform_var_value};
+}
+
+rk::SampleShape sample_shape(int64_t B, int64_t Q, int64_t M, int64_t d, int64_t E, int64_t S, double drive_scale,
+                             double location_scale, double threshold, double uniform_var_value) {
+  return rk::SampleShape{B, Q, M, d, E, S, drive_scale, location_scale, threshold, uniform_var_value};
 }
 
 }  // namespace
@@ -58,6 +64,29 @@ PYBIND11_MODULE(_C_cuda, m) {
                                 dtype(loc_dtype), dtype(value_dtype), strided(qloc), strided(qvar), strided(mloc),
                                 strided(mvar), strided(values), grad_out, out, lse, delta, g_qloc, g_qvar, g_mloc,
                                 g_mvar, g_values, stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // Conditional sampling: (B, Q, M, d, E, S) and the four scalars of sample.py's fused interface.
+  m.def(
+      "conditional_probs",
+      [](const std::string& dtype_name, int64_t B, int64_t Q, int64_t M, int64_t d, int64_t E, double drive_scale,
+         double location_scale, double threshold, double uniform_var, const Arr& key, const Arr& values,
+         const Arr& qloc, const Arr& qvar, const Arr& mloc, const Arr& mvar, uintptr_t probs, uintptr_t stream) {
+        rk::cuda::conditional_probs(sample_shape(B, Q, M, d, E, 0, drive_scale, location_scale, threshold, uniform_var),
+                                    dtype(dtype_name), strided(key), strided(values), strided(qloc), strided(qvar),
+                                    strided(mloc), strided(mvar), probs, stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "conditional_sample_indices",
+      [](const std::string& dtype_name, int64_t B, int64_t Q, int64_t M, int64_t d, int64_t E, int64_t S,
+         double drive_scale, double location_scale, double threshold, double uniform_var, const Arr& key,
+         const Arr& values, const Arr& qloc, const Arr& qvar, const Arr& mloc, const Arr& mvar, uintptr_t uniforms,
+         uintptr_t idx, uintptr_t stream) {
+        rk::cuda::conditional_sample_indices(
+            sample_shape(B, Q, M, d, E, S, drive_scale, location_scale, threshold, uniform_var), dtype(dtype_name),
+            strided(key), strided(values), strided(qloc), strided(qvar), strided(mloc), strided(mvar), uniforms, idx,
+            stream);
       },
       py::call_guard<py::gil_scoped_release>());
 }

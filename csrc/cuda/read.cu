@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "launch.cuh"
 #include "read_cuda.h"
 
 namespace rk::cuda {
@@ -32,14 +33,9 @@ constexpr int kInner = 64;        // entries (or queries) per tile of the other 
 constexpr int kLanesPerRow = kThreads / kRows;  // 8 threads share one row
 constexpr int kEChunk = 32;       // E columns per step of the backward's dot products
 
-template <int D>
-constexpr int kDim = D > 0 ? D : int(kMaxDim);
-
 // E columns per block: 64 (tensor-core friendly) in fp32, 32 in fp64 to stay in 48 KiB of smem.
 template <class T>
 constexpr int kBlockE = sizeof(T) == 8 ? 32 : 64;
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <class To, class From>
 __device__ inline To cvt(From x) {
@@ -360,17 +356,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class T>
-View3<const T> view(const Strided& a) {
-  return {reinterpret_cast<const T*>(a.p), a.s0, a.s1, a.s2};
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("cuda backend: ") + what + ": " + cudaGetErrorString(err));
-}
-
 // Calls f.template operator()<T, V>() for the supported (location, value) dtype pairs.
 template <class F>
 void by_dtypes(Dtype loc, Dtype value, F&& f) {
@@ -381,18 +366,13 @@ void by_dtypes(Dtype loc, Dtype value, F&& f) {
   else throw std::invalid_argument("cuda backend: unsupported (location, value) dtype pair");
 }
 
-void check_shape(const ReadShape& s) {
-  if (s.d < 1 || s.d > kMaxDim)
-    throw std::invalid_argument("cuda backend: location dimension d must be in 1.." + std::to_string(kMaxDim));
-}
-
 }  // namespace
 
 void read_forward(const ReadShape& s, Dtype loc, Dtype value, Strided qloc, Strided qvar, Strided mloc,
                   Strided mvar, Strided values, uintptr_t out, uintptr_t lse, uintptr_t stream) {
-  check_shape(s);
+  check_location_dim(s.d);
   if (s.B * s.Q == 0) return;
-  auto st = reinterpret_cast<cudaStream_t>(stream);
+  auto st = as_stream(stream);
   by_dtypes(loc, value, [&]<class T, class V>() {
     dispatch_dim(s.d, [&]<int D>() {
       const auto geo = make_geometry<T, D>(s.d, s.threshold, s.uniform_var, s.uniform_var_value);
@@ -410,8 +390,8 @@ void read_backward(const ReadShape& s, Dtype loc, Dtype value, Strided qloc, Str
                    Strided mvar, Strided values, uintptr_t grad_out, uintptr_t out, uintptr_t lse,
                    uintptr_t delta, uintptr_t g_qloc, uintptr_t g_qvar, uintptr_t g_mloc, uintptr_t g_mvar,
                    uintptr_t g_values, uintptr_t stream) {
-  check_shape(s);
-  auto st = reinterpret_cast<cudaStream_t>(stream);
+  check_location_dim(s.d);
+  auto st = as_stream(stream);
   by_dtypes(loc, value, [&]<class T, class V>() {
     const auto* lse_p = reinterpret_cast<const T*>(lse);
     auto* delta_p = reinterpret_cast<T*>(delta);
