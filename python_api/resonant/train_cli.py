@@ -33,7 +33,12 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--gamma", type=float, default=0.96, help="discount per decision (0.96 ≈ 0.99 per step with --action-repeat 4)")
     p.add_argument("--n-step", type=int, default=None,
                    help="bootstrap outcomes n steps ahead from the memory (default: Monte-Carlo returns)")
-    p.add_argument("--epsilon-decay", type=float, default=0.99)
+    p.add_argument("--recency-halflife", type=float, default=None,
+                   help="halve an engram's evidence for every this many engrams stored after it (default: no decay)")
+    p.add_argument("--outcome-temperature", type=float, default=None,
+                   help="score actions by the exp(outcome/T)-weighted mean outcome, between mean and max (default: mean)")
+    p.add_argument("--epsilon-decay", type=float, default=0.99, help="epsilon factor per remembered episode")
+    p.add_argument("--epsilon-end", type=float, default=0.02, help="floor of the exploration rate")
     p.add_argument("--capacity", type=int, default=200_000)
     p.add_argument("--eviction", choices=("oldest", "random", "smallest"), default="oldest")
     p.add_argument("--index", choices=("FLAT", "IVF_FLAT", "HNSW"), default="FLAT", help="Milvus index type")
@@ -71,7 +76,8 @@ def run(args) -> int:
                                   drop_existing=True, seed=args.seed)
     torch.manual_seed(args.seed)
     brain = EngramBrain(state_dim, num_actions, store, k=args.k, bandwidth=args.bandwidth, gamma=args.gamma,
-                        epsilon_decay=args.epsilon_decay, seed=args.seed, n_step=args.n_step)
+                        epsilon_decay=args.epsilon_decay, epsilon_end=args.epsilon_end, seed=args.seed, n_step=args.n_step,
+                        recency_halflife=args.recency_halflife, outcome_temperature=args.outcome_temperature)
     trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed,
                       action_repeat=args.action_repeat)
     try:
