@@ -385,7 +385,8 @@ def test_outcome_temperature_scores_a_soft_maximum(k):
 
     def score(**kw):
         sums, evidence = store.action_values(q, k=k, bandwidth=1.0, **kw)
-        assert evidence[0, 0].item() == pytest.approx(1.0 if k is None else 8.0, rel=1e-5)  # the tilt leaves evidence alone
+        # the tilt leaves the evidence alone
+        assert evidence[0, 0].item() == pytest.approx(1.0 if k is None else 8.0, rel=1e-5)
         return sums[0, 0].item() / evidence[0, 0].item()
 
     for temperature in (0.5, 2.0, 10.0):
@@ -399,3 +400,36 @@ def test_outcome_temperature_scores_a_soft_maximum(k):
     assert evidence[0, 1].item() > 0 and sums[0, 1].item() / evidence[0, 1].item() == pytest.approx(-4000.0, rel=1e-5)
     with pytest.raises(ValueError, match="outcome_temperature"):
         store.action_values(q, k=k, bandwidth=1.0, outcome_temperature=0.0)
+
+
+def test_cli_defaults_are_the_chosen_lunarlander_configuration():
+    # BENCHMARKS.md (EngramBrain) names these as the `resonant train` defaults
+    from resonant.cli import build_parser
+
+    args = build_parser().parse_args(["train", "lunarlander"])
+    chosen = {"bandwidth": 0.2, "gamma": 0.96, "action_repeat": 4, "capacity": 200_000, "epsilon_decay": 0.99,
+              "epsilon_end": 0.0, "recency_halflife": None, "outcome_temperature": None, "k": None, "n_step": None}
+    assert {key: getattr(args, key) for key in chosen} == chosen
+    args = build_parser().parse_args(["train", "lunarlander", "--recency-halflife", "5000", "--outcome-temperature",
+                                      "30", "--epsilon-end", "0.05"])
+    assert (args.recency_halflife, args.outcome_temperature, args.epsilon_end) == (5000.0, 30.0, 0.05)
+
+
+def test_cli_train_passes_the_options_to_the_brain(tmp_path, monkeypatch):
+    pytest.importorskip("gymnasium")
+    import resonant.engram
+    from resonant.cli import main
+
+    built = {}
+
+    class RecordingBrain(EngramBrain):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built["brain"] = self
+
+    monkeypatch.setattr(resonant.engram, "EngramBrain", RecordingBrain)
+    assert main(["train", "cartpole", "--episodes", "3", "--recency-halflife", "50", "--outcome-temperature", "7",
+                 "--epsilon-end", "0.1", "--out", str(tmp_path), "--name", "run", "--no-progress"]) == 0
+    brain = built["brain"]
+    assert (brain.recency_halflife, brain.outcome_temperature, brain.epsilon_end) == (50.0, 7.0, 0.1)
+    assert (tmp_path / "run.json").exists()

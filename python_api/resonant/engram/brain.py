@@ -7,11 +7,18 @@ kernel-weighted over the whole memory (k=None, TorchEngramStore: one fused gauss
 actions) or over the k nearest engrams (any store; Gaussian weights in the distance, or uniform
 when bandwidth is None). An action whose share of the evidence is below `min_evidence` is scored
 by the explicit `prior`: a float, or "neighbourhood" (the mean outcome of all evidence at that
-state, falling back to `empty_prior` where there is none). With `recency_halflife` (in engrams)
-an engram's evidence halves for every recency_halflife engrams stored after it, so the scores
-follow the current policy's outcomes rather than the average over all the policies that were
-ever acting (the returns of a poor early policy would otherwise weigh as much as today's). Exploration: epsilon-greedy with
-epsilon decaying geometrically per remembered episode, from epsilon_start to epsilon_end.
+state, falling back to `empty_prior` where there is none).
+
+Two optional reweightings (both off by default; store.recency_weights, store.outcome_tilt):
+`recency_halflife` (in engrams) halves an engram's evidence for every recency_halflife engrams
+stored after it, so the scores follow the current policy's outcomes rather than the average over
+every policy that ever acted; `outcome_temperature` T scores each action by its
+exp(outcome/T)-weighted mean, a soft maximum between the mean (T → ∞) and the best outcome seen
+(T → 0, as model-free episodic control keeps). Neither helped on LunarLander (BENCHMARKS.md).
+
+Exploration: epsilon-greedy with epsilon decaying geometrically per remembered episode, from
+epsilon_start to epsilon_end (epsilon_end 0: fully greedy in the end, which did best on
+LunarLander: the episodes that count are the ones played while learning).
 """
 from __future__ import annotations
 
