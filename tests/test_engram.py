@@ -331,3 +331,105 @@ def test_brain_scores_agree_between_torch_and_milvus_stores(tmp_path):
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="needs k"):
         EngramBrain(D, A, m, k=None).action_scores(queries)
+
+
+def one_state_history(outcomes_in_order, actions=None):
+    """A 1-d memory whose engrams all sit at the origin, stored oldest first."""
+    n = len(outcomes_in_order)
+    store = TorchEngramStore(1, 2)
+    store.add(np.zeros((n, 1), np.float32), np.zeros(n, np.int64) if actions is None else actions,
+              np.asarray(outcomes_in_order, np.float32), 0.0)
+    return store
+
+
+@pytest.mark.parametrize("k", [None, 6])
+def test_recency_halflife_weighs_engrams_by_age(k):
+    outcomes = [-8.0, -4.0, 0.0, 2.0, 4.0, 6.0]  # oldest first
+    store = one_state_history(outcomes)
+    q = torch.zeros(1, 1)
+    ages = np.arange(len(outcomes))[::-1]  # the newest has age 0
+    for halflife in (2.5, 1.0):  # 1.0 last, so the read after the insert below reuses its key
+        sums, evidence = store.action_values(q, k=k, bandwidth=1.0, recency_halflife=halflife)
+        w = 2.0 ** (-ages / halflife)
+        assert sums[0, 0].item() / evidence[0, 0].item() == pytest.approx(w @ outcomes / w.sum(), rel=1e-5)
+    sums, evidence = store.action_values(q, k=k, bandwidth=1.0)
+    assert sums[0, 0].item() / evidence[0, 0].item() == pytest.approx(np.mean(outcomes), rel=1e-5)
+    # a new engram makes every other one older: the cached weights must follow
+    store.add(np.zeros((1, 1), np.float32), [0], [100.0], 0.0)
+    sums, evidence = store.action_values(q, k=k and k + 1, bandwidth=1.0, recency_halflife=1.0)
+    w = 2.0 ** (-np.arange(7)[::-1] / 1.0)
+    assert sums[0, 0].item() / evidence[0, 0].item() == pytest.approx(w @ (outcomes + [100.0]) / w.sum(), rel=1e-5)
+
+
+def test_brain_recency_halflife_follows_the_newer_outcomes():
+    # action 0 was good long ago and is bad now; action 1 was always middling
+    actions = np.array([0] * 20 + [1] * 10 + [0] * 5)
+    outcomes = [5.0] * 20 + [1.0] * 10 + [-5.0] * 5
+    s = one_state_history(outcomes, actions)
+    plain = EngramBrain(1, 2, s, bandwidth=1.0, epsilon_start=0.0)
+    recent = EngramBrain(1, 2, s, bandwidth=1.0, epsilon_start=0.0, recency_halflife=3.0)
+    assert plain.decide(np.zeros(1, np.float32)).tolist() == [0]  # mean of action 0 is 3
+    assert recent.decide(np.zeros(1, np.float32)).tolist() == [1]
+    for bad in (0, -1.0, math.nan, math.inf, True, "3"):
+        with pytest.raises(ValueError, match="recency_halflife"):
+            EngramBrain(1, 2, s, recency_halflife=bad)
+        with pytest.raises(ValueError, match="recency_halflife"):
+            s.action_values(torch.zeros(1, 1), k=None, bandwidth=1.0, recency_halflife=bad)
+
+
+@pytest.mark.parametrize("k", [None, 8])
+def test_outcome_temperature_scores_a_soft_maximum(k):
+    outcomes = np.array([-3.0, 0.0, 1.0, 2.0, -40.0, 5.0, 4.0, -1.0])
+    store = one_state_history(outcomes)
+    q = torch.zeros(1, 1)
+
+    def score(**kw):
+        sums, evidence = store.action_values(q, k=k, bandwidth=1.0, **kw)
+        # the tilt leaves the evidence alone
+        assert evidence[0, 0].item() == pytest.approx(1.0 if k is None else 8.0, rel=1e-5)
+        return sums[0, 0].item() / evidence[0, 0].item()
+
+    for temperature in (0.5, 2.0, 10.0):
+        t = np.exp((outcomes - outcomes.max()) / temperature)
+        assert score(outcome_temperature=temperature) == pytest.approx(t @ outcomes / t.sum(), rel=1e-4)
+    assert score(outcome_temperature=1e-3) == pytest.approx(5.0, rel=1e-4)  # towards the max
+    assert score(outcome_temperature=1e6) == pytest.approx(outcomes.mean(), rel=1e-3)  # towards the mean
+    # an outcome 400 temperatures below the best still counts (floored, not underflowed to nothing)
+    lone = one_state_history([-4000.0, 0.0], actions=np.array([1, 0]))
+    sums, evidence = lone.action_values(q, k=k and 2, bandwidth=1.0, outcome_temperature=10.0)
+    assert evidence[0, 1].item() > 0 and sums[0, 1].item() / evidence[0, 1].item() == pytest.approx(-4000.0, rel=1e-5)
+    with pytest.raises(ValueError, match="outcome_temperature"):
+        store.action_values(q, k=k, bandwidth=1.0, outcome_temperature=0.0)
+
+
+def test_cli_defaults_are_the_chosen_lunarlander_configuration():
+    # BENCHMARKS.md (EngramBrain) names these as the `resonant train` defaults
+    from resonant.cli import build_parser
+
+    args = build_parser().parse_args(["train", "lunarlander"])
+    chosen = {"bandwidth": 0.2, "gamma": 0.96, "action_repeat": 4, "capacity": 200_000, "epsilon_decay": 0.99,
+              "epsilon_end": 0.0, "recency_halflife": None, "outcome_temperature": None, "k": None, "n_step": None}
+    assert {key: getattr(args, key) for key in chosen} == chosen
+    args = build_parser().parse_args(["train", "lunarlander", "--recency-halflife", "5000", "--outcome-temperature",
+                                      "30", "--epsilon-end", "0.05"])
+    assert (args.recency_halflife, args.outcome_temperature, args.epsilon_end) == (5000.0, 30.0, 0.05)
+
+
+def test_cli_train_passes_the_options_to_the_brain(tmp_path, monkeypatch):
+    pytest.importorskip("gymnasium")
+    import resonant.engram
+    from resonant.cli import main
+
+    built = {}
+
+    class RecordingBrain(EngramBrain):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built["brain"] = self
+
+    monkeypatch.setattr(resonant.engram, "EngramBrain", RecordingBrain)
+    assert main(["train", "cartpole", "--episodes", "3", "--recency-halflife", "50", "--outcome-temperature", "7",
+                 "--epsilon-end", "0.1", "--out", str(tmp_path), "--name", "run", "--no-progress"]) == 0
+    brain = built["brain"]
+    assert (brain.recency_halflife, brain.outcome_temperature, brain.epsilon_end) == (50.0, 7.0, 0.1)
+    assert (tmp_path / "run.json").exists()

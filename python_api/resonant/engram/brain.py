@@ -7,8 +7,18 @@ kernel-weighted over the whole memory (k=None, TorchEngramStore: one fused gauss
 actions) or over the k nearest engrams (any store; Gaussian weights in the distance, or uniform
 when bandwidth is None). An action whose share of the evidence is below `min_evidence` is scored
 by the explicit `prior`: a float, or "neighbourhood" (the mean outcome of all evidence at that
-state, falling back to `empty_prior` where there is none). Exploration: epsilon-greedy with
-epsilon decaying geometrically per remembered episode, from epsilon_start to epsilon_end.
+state, falling back to `empty_prior` where there is none).
+
+Two optional reweightings (both off by default; store.recency_weights, store.outcome_tilt):
+`recency_halflife` (in engrams) halves an engram's evidence for every recency_halflife engrams
+stored after it, so the scores follow the current policy's outcomes rather than the average over
+every policy that ever acted; `outcome_temperature` T scores each action by its
+exp(outcome/T)-weighted mean, a soft maximum between the mean (T → ∞) and the best outcome seen
+(T → 0, as model-free episodic control keeps). Neither helped on LunarLander (BENCHMARKS.md).
+
+Exploration: epsilon-greedy with epsilon decaying geometrically per remembered episode, from
+epsilon_start to epsilon_end (epsilon_end 0: fully greedy in the end, which did best on
+LunarLander: the episodes that count are the ones played while learning).
 """
 from __future__ import annotations
 
@@ -17,7 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .store import EngramStore, as_states, validate_engrams
+from .store import EngramStore, as_states, check_positive_or_none, validate_engrams
 
 
 def discounted_returns(rewards: Sequence[float], gamma: float, tail_value: float = 0.0) -> np.ndarray:
@@ -47,7 +57,8 @@ class EngramBrain:
                  gamma: float = 0.99, prior: Union[float, str] = "neighbourhood", empty_prior: float = 0.0,
                  min_evidence: float = 1e-3, epsilon_start: float = 1.0, epsilon_end: float = 0.02,
                  epsilon_decay: float = 0.995, seed: Optional[int] = None,
-                 n_step: Optional[int] = None,
+                 n_step: Optional[int] = None, recency_halflife: Optional[float] = None,
+                 outcome_temperature: Optional[float] = None,
                  normalise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if store.state_dim != state_dim or store.num_actions != num_actions:
             raise ValueError(f"store holds {store.state_dim}-dim states and {store.num_actions} actions; the brain "
@@ -69,6 +80,8 @@ class EngramBrain:
         if n_step is not None and (isinstance(n_step, bool) or not isinstance(n_step, int) or n_step < 1):
             raise ValueError(f"n_step must be a positive integer or None (Monte-Carlo), got {n_step!r}")
         self.n_step = n_step
+        self.recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
+        self.outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
         self.normalise = normalise
         self._rng = np.random.default_rng(seed)
 
@@ -81,6 +94,9 @@ class EngramBrain:
         s = self._prepare(states)
         # match_threshold only shapes kernel-weighted scoring (k=None); None keeps the store's default
         kwargs = {"match_threshold": self.match_threshold} if self.k is None and self.match_threshold else {}
+        for name in ("recency_halflife", "outcome_temperature"):
+            if getattr(self, name) is not None:  # stores without the option keep working when it is off
+                kwargs[name] = getattr(self, name)
         sums, evidence = self.store.action_values(s, k=self.k, bandwidth=self.bandwidth, **kwargs)
         total_evidence = evidence.sum(1, keepdim=True)
         share = evidence / total_evidence.clamp_min(1e-30)

@@ -12,6 +12,7 @@ way (naming the argument) whichever store would have held it.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,9 +99,58 @@ def choose_evictions(count: int, policy: str, index: np.ndarray, outcome: np.nda
     return np.lexsort((index, np.abs(outcome)))[:count]
 
 
-def weighted_action_values(nb: Neighbours, num_actions: int, bandwidth: Optional[float]):
+def check_positive_or_none(value, name: str) -> Optional[float]:
+    """A finite positive number as float, or None; anything else raises ValueError naming `name`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    return float(value)
+
+
+def recency_weights(index: torch.Tensor, newest_index: int, recency_halflife: Optional[float]) -> torch.Tensor:
+    """Evidence weight 2^(−age / recency_halflife) of engrams with these insertion indices, where age
+    is the number of engrams stored after it (the newest weighs 1); all ones when halflife is None.
+
+    Why: outcomes are returns of the policy that was acting when the engram was stored; as the
+    policy improves, older outcomes describe a worse policy, so they should count for less."""
+    if recency_halflife is None:
+        return torch.ones(index.shape, dtype=torch.float32)
+    age = (newest_index - index).clamp_min(0).double()
+    return torch.exp2(-age / recency_halflife).float()
+
+
+# Outcomes more than this many temperatures below the best are all tilted by exp(-TILT_FLOOR): far
+# below float32's limits even after the kernel weight multiplies it, so a state whose evidence is
+# all poor still reads that evidence instead of underflowing to "no evidence".
+TILT_FLOOR = 30.0
+
+
+def outcome_tilt(outcome: torch.Tensor, best: torch.Tensor, temperature: Optional[float]) -> torch.Tensor:
+    """exp((outcome − best) / temperature), floored at exp(−TILT_FLOOR); ones when temperature is None.
+
+    Why: an action's score is the tilted weighted mean of its outcomes, a soft maximum between the
+    plain mean (temperature → ∞) and the best outcome seen (→ 0, as model-free episodic control
+    keeps the max): the returns that followed an action mix what the action allows with the
+    mistakes of the (exploring, older) policy that acted afterwards."""
+    if temperature is None:
+        return torch.ones(outcome.shape, dtype=torch.float32)
+    return torch.exp(((outcome.double() - best) / temperature).clamp_min(-TILT_FLOOR)).float()
+
+
+def tilted_sums(tilted_sums_: torch.Tensor, tilted_evidence: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+    """sums whose ratio to `evidence` is the tilted mean: (Σ w·t·o / Σ w·t) · Σ w (0 where no evidence)."""
+    return torch.where(tilted_evidence > 0, tilted_sums_ / tilted_evidence.clamp_min(1e-38), 0.0) * evidence
+
+
+def weighted_action_values(nb: Neighbours, num_actions: int, bandwidth: Optional[float], *,
+                           recency_halflife: Optional[float] = None, newest_index: int = 0,
+                           outcome_temperature: Optional[float] = None):
     """Per-action weighted outcome sums and evidence weights from neighbours: (Q, A), (Q, A).
-    Weights are Gaussian in the distance (bandwidth) or uniform (bandwidth None)."""
+    Evidence weights are Gaussian in the distance (bandwidth) or uniform (bandwidth None), times
+    the recency weight of each engram (recency_weights; newest_index: the newest engram's index).
+    sums / evidence is each action's score: the weighted mean outcome, tilted towards the better
+    outcomes with outcome_temperature (outcome_tilt, relative to the query's best neighbour)."""
     valid = nb.valid
     if bandwidth is None:
         w = valid.float()
@@ -109,20 +159,30 @@ def weighted_action_values(nb: Neighbours, num_actions: int, bandwidth: Optional
         d2 = torch.where(valid, nb.distance.double() ** 2, torch.inf)
         w = torch.exp(-(d2 - d2.min(dim=1, keepdim=True).values.clamp_max(1e300)) / (2 * bandwidth**2)).float()
         w = torch.where(valid, w, torch.zeros_like(w))
+    if recency_halflife is not None:
+        w = w * recency_weights(nb.index, newest_index, recency_halflife)
     act = nb.action.clamp_min(0)
-    sums = torch.zeros(nb.action.shape[0], num_actions).scatter_add_(1, act, w * nb.outcome)
-    evidence = torch.zeros(nb.action.shape[0], num_actions).scatter_add_(1, act, w)
-    return sums, evidence
+    Q = nb.action.shape[0]
+    evidence = torch.zeros(Q, num_actions).scatter_add_(1, act, w)
+    if outcome_temperature is None:
+        return torch.zeros(Q, num_actions).scatter_add_(1, act, w * nb.outcome), evidence
+    best = torch.where(valid, nb.outcome.double(), -torch.inf).max(dim=1, keepdim=True).values
+    wt = w * outcome_tilt(nb.outcome, best.clamp_min(-1e300), outcome_temperature)
+    sums_t = torch.zeros(Q, num_actions).scatter_add_(1, act, wt * nb.outcome)
+    evidence_t = torch.zeros(Q, num_actions).scatter_add_(1, act, wt)
+    return tilted_sums(sums_t, evidence_t, evidence), evidence
 
 
 class EngramStore(abc.ABC):
     """Where an EngramBrain keeps its engrams. Subclasses implement _insert, _evict, search,
-    __len__ and close; validation and eviction choice live here."""
+    __len__ and close, and keep _next_index (the insertion index the next engram will get);
+    validation and eviction choice live here."""
 
     state_dim: int
     num_actions: int
     capacity: Optional[int]
     eviction: str
+    _next_index: int
 
     def _configure(self, state_dim, num_actions, capacity, eviction, seed) -> None:
         check_store_config(state_dim, num_actions, capacity, eviction)
@@ -151,14 +211,20 @@ class EngramStore(abc.ABC):
         self._insert(states, actions, outcomes, returns)
         return n
 
-    def action_values(self, states: torch.Tensor, *, k: Optional[int], bandwidth: Optional[float]):
-        """(sums, evidence), both (Q, A): per action, the weighted sum of outcomes and the total
-        weight of the engrams consulted for each query state. The base version uses the k
-        nearest engrams (search); stores with a faster exact route override it."""
+    def action_values(self, states: torch.Tensor, *, k: Optional[int], bandwidth: Optional[float],
+                      recency_halflife: Optional[float] = None, outcome_temperature: Optional[float] = None):
+        """(sums, evidence), both (Q, A): per action, the total weight of the engrams consulted for
+        each query state and the weighted sum of their outcomes (sums / evidence is the score;
+        see weighted_action_values for recency_halflife and outcome_temperature). The base
+        version uses the k nearest engrams (search); stores with a faster exact route override it."""
         if k is None:
             raise ValueError(f"{type(self).__name__} needs k (k-nearest scoring); kernel-weighted scoring over "
                              "the whole memory is available with TorchEngramStore")
-        return weighted_action_values(self.search(states, k), self.num_actions, bandwidth)
+        recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
+        outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
+        return weighted_action_values(self.search(states, k), self.num_actions, bandwidth,
+                                      recency_halflife=recency_halflife, newest_index=self._next_index - 1,
+                                      outcome_temperature=outcome_temperature)
 
     @abc.abstractmethod
     def search(self, states, k: int) -> Neighbours:

@@ -5,7 +5,10 @@ with values [one-hot(action)·outcome, one-hot(action)] (kept up to date on inse
 table is built). The read's first half over its second half is every action's kernel-weighted
 mean outcome; the second half alone is each action's share of the evidence. `match_threshold`
 (default 3 bandwidths) bounds the neighbourhood, so a state far from all experience reads zero
-evidence instead of borrowing from the nearest far-away engram.
+evidence instead of borrowing from the nearest far-away engram. With a recency half-life the
+values are scaled per engram by its recency weight (the read is linear in the values, so sums and
+evidence are both recency-weighted); with an outcome temperature the read gains a block of
+tilted columns (store.outcome_tilt). That scaled copy is rebuilt only when the memory changes.
 
 Exact k-NN (`search`): torch.cdist + topk over chunks of queries, so at most chunk×M distances
 exist at once (never Q×M×d).
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import resonant_kernels
-from .store import EngramStore, Neighbours, as_states
+from .store import (EngramStore, Neighbours, as_states, check_positive_or_none, outcome_tilt, recency_weights,
+                    tilted_sums)
 
 _QUERY_CHUNK_ELEMENTS = 1 << 24  # distances materialised per search chunk
 
@@ -120,10 +124,33 @@ class TorchEngramStore(EngramStore):
             distance=dist.cpu(),
         )
 
+    def _weighted_values(self, recency_halflife: Optional[float], outcome_temperature: Optional[float]):
+        """The read's values with each row scaled by its engram's weight: [one-hot·outcome·w·t,
+        one-hot·w·t, one-hot·w] (w: recency weight, t: outcome tilt against the memory's best
+        outcome; the last block only when tilting). Cached until the memory changes: engrams are
+        added once per episode but read at every decision."""
+        if recency_halflife is None and outcome_temperature is None:
+            return self._values[: self._n]
+        key = (self._n, self._next_index, recency_halflife, outcome_temperature)
+        if getattr(self, "_weighted_key", None) != key:
+            n, A = self._n, self.num_actions
+            w = recency_weights(self._index[:n].cpu(), self._next_index - 1, recency_halflife).to(self.device)
+            values = self._values[:n] * w[:, None]
+            if outcome_temperature is not None:
+                outcomes = self._outcomes[:n]
+                t = outcome_tilt(outcomes.cpu(), outcomes.max().item(), outcome_temperature).to(self.device)
+                values = torch.cat([values * t[:, None], values[:, A:]], dim=1)
+            self._weighted_cache, self._weighted_key = values, key
+        return self._weighted_cache
+
     def action_values(self, states, *, k: Optional[int], bandwidth: Optional[float],
-                      match_threshold: Optional[float] = None):
+                      match_threshold: Optional[float] = None, recency_halflife: Optional[float] = None,
+                      outcome_temperature: Optional[float] = None):
         if k is not None:
-            return super().action_values(states, k=k, bandwidth=bandwidth)
+            return super().action_values(states, k=k, bandwidth=bandwidth, recency_halflife=recency_halflife,
+                                         outcome_temperature=outcome_temperature)
+        recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
+        outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
         if bandwidth is None or not bandwidth > 0:
             raise ValueError(f"kernel-weighted scoring (k=None) needs a positive bandwidth, got {bandwidth!r}")
         q = as_states(states, self.state_dim).to(self.device)
@@ -133,11 +160,15 @@ class TorchEngramStore(EngramStore):
         threshold = 3.0 * bandwidth if match_threshold is None else match_threshold
         # query and memory share the bandwidth: v = σ_q² + σ_m² = bandwidth²
         sd = bandwidth / math.sqrt(2.0)
+        values = self._weighted_values(recency_halflife, outcome_temperature)
         read = resonant_kernels.gaussian_read(
-            q, sd, self._states[: self._n], sd, self._values[: self._n], match_threshold=threshold
+            q, sd, self._states[: self._n], sd, values, match_threshold=threshold
         ).cpu()
         A = self.num_actions
-        return read[:, :A], read[:, A:]
+        if outcome_temperature is None:
+            return read[:, :A], read[:, A:]
+        evidence = read[:, 2 * A:]
+        return tilted_sums(read[:, :A], read[:, A:2 * A], evidence), evidence
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path) -> None:
