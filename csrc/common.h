@@ -67,6 +67,12 @@ struct Geometry {
 
   RK_HD inline int64_t dim() const { return D > 0 ? D : d; }
 
+  // log k of a pair at squared distance dist2 when uniform_var (or -inf when masked): branch-free
+  // and without scratch writes, so a loop over entries that calls it vectorises.
+  RK_HD inline T uniform_score(T dist2) const {
+    return thr2 >= 0 && dist2 > thr2 ? neg_inf<T>() : T(-0.5) * dist2 * uniform_inv_var + uniform_norm;
+  }
+
   // log k for the pair, or -inf when masked by the threshold. `dv` (optional, size d) receives
   // the per-dimension (q - m) and `inv` the per-dimension 1 / v, which the backward reuses.
   template <class QL, class QV, class ML, class MV>
@@ -77,11 +83,11 @@ struct Geometry {
       diff[i] = ql(i) - ml(i);
       dist2 += diff[i] * diff[i];
     }
-    if (thr2 >= 0 && dist2 > thr2) return neg_inf<T>();
     if (uniform_var) {
       for (int64_t i = 0; i < n; ++i) inv[i] = uniform_inv_var;
-      return T(-0.5) * dist2 * uniform_inv_var + uniform_norm;
+      return uniform_score(dist2);
     }
+    if (thr2 >= 0 && dist2 > thr2) return neg_inf<T>();
     T quad = 0;
     double prod = 1.0;  // product of variances in double: one log per pair instead of d
     for (int64_t i = 0; i < n; ++i) {
