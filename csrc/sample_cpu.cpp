@@ -1,17 +1,31 @@
-// Fused conditional sampling on the CPU (design.md §4). OpenMP over groups of queries; each
-// group computes its logits against every entry into a per-thread G×M buffer (never Q×M) and
-// then either normalises them (probs) or draws by inverse CDF from caller-supplied uniforms.
+// Fused conditional sampling on the CPU (design.md §4).
 //
-// The drive term y·z_t is a (G×E)·(E×M) product. It is register-blocked like a GEMM: a tile of
-// kRJ value rows is packed transposed once per group, so the innermost loop runs over entries
-// (SIMD lanes, no horizontal reductions) and every value row is read once per group, not once
-// per query. Entries whose location term is masked by the threshold skip the E-wide work.
+// Queries go in groups of G (make_plan): a group's logits against every entry are computed into a
+// G×M buffer (probs: straight into the output rows), then normalised (probs) or summed into an
+// inverse CDF that the caller's uniforms are looked up in (indices). G is bounded so the buffer
+// stays within kLogitsBytes: never Q×M for large Q·M.
+//
+// Threads: a large group is shared by all threads, which first split its entries (each thread
+// computes the logits of all G queries for its passes of entries) and then its queries (softmax,
+// draws); so the values are read from memory once per group whatever the thread count, and the
+// buffer is one G×M for the whole call. Many small groups (a large batch of small problems) are
+// instead handed out whole, one per thread, without barriers.
+//
+// The drive term y·z_t is the GEMM logits^T (M×G) = values (M×E) · keys^T (E×G), blocked like
+// BLIS with the SIMD lanes over queries: a register block is kNE entries × 2 vectors of queries;
+// the keys are packed once per group into panels of query_block queries, column-interleaved (a
+// column of a panel is two vector loads); the values are read in place, one broadcast per
+// (entry, column), never transposed or copied. Loop order per pass of entries_per_pass entries:
+// kKC-column chunk, then query panel (its kKC columns stay in L1), then block of kNE entries (the
+// pass's kKC columns stay in L2 for every panel). Entries whose location term is masked for every
+// query of the group skip the E-wide work.
 #include "sample_cpu.h"
 
 #include "fast_exp.h"
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -21,48 +35,136 @@
 namespace rk {
 namespace {
 
-// The drive term is a GEMM, logits^T (M×G) = values (M×E) · keys^T (E×G), blocked BLIS-style:
-// SIMD lanes run over queries, so the keys are packed once per group and the values are read in
-// place (one broadcast per entry and column), never transposed or copied.
 template <class T>
 constexpr int64_t lanes() { return 32 / int64_t(sizeof(T)); }  // one AVX2 register
 
 template <class T>
-constexpr int64_t query_block() { return 2 * lanes<T>(); }  // queries per register block
+constexpr int64_t query_block() { return 2 * lanes<T>(); }  // queries per register block (a key panel)
 
 constexpr int64_t kNE = 6;  // entries per register block: 6 × 2 accumulators + 2 keys + 1 broadcast = 15 registers
 
-constexpr int64_t kKC = 256;  // value columns per pass: a kKC × query_block key panel is 16 KiB, L1-resident
+constexpr int64_t kKC = 256;  // value columns per chunk: a kKC × query_block key panel is 16 KiB, L1-resident
 
 template <class T>
-constexpr int64_t entries_per_pass() { return 96 * 4 / int64_t(sizeof(T)); }  // kMC × kKC values: 96 KiB, in L2
+constexpr int64_t entries_per_pass() { return 96 * 4 / int64_t(sizeof(T)); }  // × kKC columns: 96 KiB, in L2
+
+constexpr int64_t kLogitsBytes = int64_t(8) << 20;  // a group's G×M logits buffer, when M allows G ≥ 1 panel
+constexpr int64_t kMaxGroup = 128;  // beyond this the key panels of a chunk outgrow L2 for little gain
+constexpr int64_t kSplitWork = int64_t(1) << 20;  // G·M·(E + 16) above which a group is worth a few barriers
 
 template <class T>
-struct Scratch {
-  std::vector<T> keys;   // the group's keys in panels of query_block rows, interleaved: [panel][k][q]
-  std::vector<T> acc;    // drive dots of one pass: [entry block][query panel][kNE][query_block]
-  std::vector<T> rows;   // a pass's value columns copied contiguous, when values are strided
-  std::vector<T> zeros;  // stands in for the rows past M in the last entry block
-  std::vector<T> diff, inv;
-  Scratch(const SampleShape& s, int64_t G)
-      : keys(padded(G) * s.E),
-        acc(padded(G) * entries_per_pass<T>()),
-        rows(s.E > 0 && s.M > 0 ? entries_per_pass<T>() * kKC : 0),
-        zeros(kKC),
-        diff(s.d),
-        inv(s.d) {}
-  static int64_t padded(int64_t G) { return ((G + query_block<T>() - 1) / query_block<T>()) * query_block<T>(); }
+int64_t padded_group(int64_t G) { return ((G + query_block<T>() - 1) / query_block<T>()) * query_block<T>(); }
+
+struct Plan {
+  int64_t G;               // queries per group
+  int64_t groups_per_row;  // groups per batch row
+  int64_t tasks;           // groups in the call: B × groups_per_row
+  int64_t passes;          // passes of entries_per_pass entries over M
+  int threads;
+  bool split;  // every thread works on every group (else each thread takes whole groups)
 };
 
-int64_t group_size(const SampleShape& s) {
+template <class T>
+Plan make_plan(const SampleShape& s) {
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
 #endif
-  // Large groups read the values fewer times; enough groups keep every thread busy.
-  const int64_t want = (s.B * s.Q + 2 * threads - 1) / (2 * threads);
-  const int64_t g = std::clamp<int64_t>(want, kNE, 64);
-  return std::min(((g + kNE - 1) / kNE) * kNE, s.Q);
+  Plan p;
+  // Large groups read each value row fewer times and reuse it from L2 for more key panels.
+  const int64_t fit = kLogitsBytes / (std::max<int64_t>(s.M, 1) * int64_t(sizeof(T)));
+  const int64_t cap = std::max(query_block<T>(), std::min(kMaxGroup, fit) / query_block<T>() * query_block<T>());
+  p.G = std::max<int64_t>(1, std::min(s.Q, cap));
+  p.groups_per_row = (s.Q + p.G - 1) / p.G;
+  p.tasks = s.B * p.groups_per_row;
+  p.passes = (s.M + entries_per_pass<T>() - 1) / entries_per_pass<T>();
+  p.split = threads > 1 && p.G * s.M * (s.E + 16) >= kSplitWork && p.passes >= 2 * threads;
+  // never wake threads with no group to run
+  p.threads = p.split ? threads : int(std::max<int64_t>(1, std::min<int64_t>(threads, p.tasks)));
+  return p;
+}
+
+// One call's inputs.
+template <class T, int D>
+struct Call {
+  const SampleShape& s;
+  Geometry<T, D> geo;
+  View3<const T> key, values, qloc, qvar, mloc, mvar;
+};
+
+// Per-thread working memory.
+template <class T>
+struct Scratch {
+  std::vector<T> acc;    // one pass's drive dots: [entry block][query panel][kNE][query_block]
+  std::vector<T> rows;   // a pass's value columns copied contiguous, when values are strided
+  std::vector<T> zeros;  // stands in for the rows past M in a pass's last entry block
+  std::vector<T> diff, inv;  // Geometry::score's per-dimension outputs
+  std::vector<double> cdf;   // indices: one query's running sums of weights
+  Scratch(const SampleShape& s, int64_t G, bool draws)
+      : acc(padded_group<T>(G) * entries_per_pass<T>()),
+        rows(entries_per_pass<T>() * kKC),
+        zeros(kKC),
+        diff(s.d),
+        inv(s.d),
+        cdf(draws ? s.M : 0) {}
+};
+
+// row[t] = log k(query q, entry t) · location_scale (-inf where masked) for every entry t; zeros
+// (the drive term alone) when there is no location term or every entry is masked.
+template <class T, int D>
+void location_row(const Call<T, D>& c, int64_t b, int64_t q, T* row, Scratch<T>& w) {
+  const SampleShape& s = c.s;
+  if (s.location_scale <= 0) {
+    std::fill(row, row + s.M, T(0));
+    return;
+  }
+  const T ninf = neg_inf<T>(), scale = T(s.location_scale);  // scale > 0: -inf stays -inf
+  int64_t matched = 0;
+  if (D > 0 && c.geo.uniform_var && c.mloc.s2 == 1 && c.mloc.s1 == D) {
+    // One shared variance and contiguous locations: a loop the compiler vectorises.
+    T ql[D > 0 ? D : 1];
+    for (int64_t i = 0; i < D; ++i) ql[i] = c.qloc(b, q, i);
+    const T* ml = c.mloc.row(b, 0);
+    for (int64_t t = 0; t < s.M; ++t) {
+      T dist2 = 0;
+      for (int64_t i = 0; i < D; ++i) dist2 += (ql[i] - ml[t * D + i]) * (ql[i] - ml[t * D + i]);
+      const T sc = c.geo.uniform_score(dist2);
+      matched += sc != ninf;
+      row[t] = sc * scale;
+    }
+  } else {
+    const auto ql = row_ref(c.qloc, b, q), qv = row_ref(c.qvar, b, q);
+    for (int64_t t = 0; t < s.M; ++t) {
+      const T sc = c.geo.score(ql, qv, row_ref(c.mloc, b, t), row_ref(c.mvar, b, t), w.diff.data(), w.inv.data());
+      matched += sc != ninf;
+      row[t] = sc * scale;
+    }
+  }
+  if (matched == 0) std::fill(row, row + s.M, T(0));
+}
+
+// Groups smaller than a register block (Q = 1 is matrix-vector) take one streamed dot per pair.
+inline bool streamed(int64_t G) { return G < kNE; }
+
+// Pieces the keys of a group are packed in, one per call of pack_keys.
+template <class T>
+int64_t key_units(int64_t G) { return streamed(G) ? G : padded_group<T>(G) / query_block<T>(); }
+
+// Packs piece u of the keys of queries q0 .. q0+G-1: query u's row (streamed), else query panel
+// u as [column][query_block], zero past G.
+template <class T, int D>
+void pack_keys(const Call<T, D>& c, int64_t b, int64_t q0, int64_t G, int64_t u, T* keys) {
+  const int64_t E = c.s.E;
+  if (streamed(G)) {
+    for (int64_t k = 0; k < E; ++k) keys[u * E + k] = c.key(b, q0 + u, k);
+    return;
+  }
+  constexpr int64_t QB = query_block<T>();
+  T* panel = keys + u * E * QB;
+  for (int64_t j = 0; j < QB; ++j) {
+    const int64_t g = u * QB + j;
+    for (int64_t k = 0; k < E; ++k) panel[k * QB + j] = g < G ? c.key(b, q0 + g, k) : T(0);
+  }
 }
 
 // acc[r][q] += Σ_k rows[r][k] · panel[k][q] over K columns, r < kNE, q < query_block.
@@ -89,67 +191,21 @@ inline void block_dots(const T* const* rows, const T* panel, int64_t K, T* acc) 
     for (int64_t c = 0; c < 2; ++c) __builtin_memcpy(acc + r * QB + c * L, &sum[r][c], sizeof(Vec));
 }
 
-// log k(query q, entry t) · location_scale (-inf where masked) for every entry t, into row.
-// Returns whether any entry is within the threshold.
+// Adds the drive term of queries q0 .. q0+G-1 (keys packed by pack_keys) for the entries of pass
+// `pass` to their logits (rows of stride M), leaving masked (-inf) logits alone.
 template <class T, int D>
-bool location_row(const SampleShape& s, const Geometry<T, D>& geo, int64_t b, int64_t q, View3<const T> qloc,
-                  View3<const T> qvar, View3<const T> mloc, View3<const T> mvar, T* row, Scratch<T>& w) {
-  const T ninf = neg_inf<T>(), scale = T(s.location_scale);  // scale > 0: -inf stays -inf
-  int64_t matched = 0;
-  if (D > 0 && geo.uniform_var && mloc.s2 == 1 && mloc.s1 == D) {
-    // One shared variance and contiguous locations: a loop the compiler vectorises.
-    T ql[D > 0 ? D : 1];
-    for (int64_t i = 0; i < D; ++i) ql[i] = qloc(b, q, i);
-    const T* ml = mloc.row(b, 0);
-    for (int64_t t = 0; t < s.M; ++t) {
-      T dist2 = 0;
-      for (int64_t i = 0; i < D; ++i) dist2 += (ql[i] - ml[t * D + i]) * (ql[i] - ml[t * D + i]);
-      const T sc = geo.uniform_score(dist2);
-      matched += sc != ninf;
-      row[t] = sc * scale;
-    }
-    return matched > 0;
-  }
-  const auto ql = row_ref(qloc, b, q), qv = row_ref(qvar, b, q);
-  for (int64_t t = 0; t < s.M; ++t) {
-    const T sc = geo.score(ql, qv, row_ref(mloc, b, t), row_ref(mvar, b, t), w.diff.data(), w.inv.data());
-    matched += sc != ninf;
-    row[t] = sc * scale;
-  }
-  return matched > 0;
-}
-
-// Logits of queries q0 .. q0+G-1 of batch row b against all M entries, into rows of `logits`
-// (row stride M).
-template <class T, int D>
-void group_logits(const SampleShape& s, const Geometry<T, D>& geo, int64_t b, int64_t q0, int64_t G,
-                  View3<const T> key, View3<const T> values, View3<const T> qloc, View3<const T> qvar,
-                  View3<const T> mloc, View3<const T> mvar, T* logits, Scratch<T>& w) {
-  const int64_t M = s.M, E = s.E;
-  const T ninf = neg_inf<T>();
-  // Location term first, so masked entries can skip the drive term below.
-  for (int64_t g = 0; g < G; ++g) {
-    T* row = logits + g * M;
-    if (s.location_scale <= 0) {
-      std::fill(row, row + M, T(0));
-      continue;
-    }
-    if (!location_row(s, geo, b, q0 + g, qloc, qvar, mloc, mvar, row, w))
-      std::fill(row, row + M, T(0));  // every entry masked: the drive term alone
-  }
-  const T scale = T(s.drive_scale);
-  if (G < kNE) {
-    // Too few queries for the register block (Q = 1 is matrix-vector): one streamed dot per pair.
-    // When this is the call's only group, the caller's team has one thread (an inactive region),
-    // so this nested loop may spread the entries over all threads; otherwise it runs serially.
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t k = 0; k < E; ++k) w.keys[g * E + k] = key(b, q0 + g, k);
-#pragma omp parallel for schedule(static) if (M * E * G >= (int64_t(1) << 20))
-    for (int64_t t = 0; t < M; ++t) {
+void drive_pass(const Call<T, D>& c, int64_t b, int64_t G, const T* keys, int64_t pass, T* logits,
+                Scratch<T>& w) {
+  constexpr int64_t QB = query_block<T>(), MC = entries_per_pass<T>();
+  const int64_t M = c.s.M, E = c.s.E, t0 = pass * MC, nt = std::min(MC, M - t0);
+  const T ninf = neg_inf<T>(), scale = T(c.s.drive_scale);
+  const View3<const T>& values = c.values;
+  if (streamed(G)) {
+    for (int64_t t = t0; t < t0 + nt; ++t) {
       const T* z = values.row(b, t);
       for (int64_t g = 0; g < G; ++g) {
         if (logits[g * M + t] == ninf) continue;
-        const T* y = w.keys.data() + g * E;
+        const T* y = keys + g * E;
         T acc = 0;
         if (values.s2 == 1) {
 #pragma omp simd reduction(+ : acc)
@@ -162,76 +218,96 @@ void group_logits(const SampleShape& s, const Geometry<T, D>& geo, int64_t b, in
     }
     return;
   }
-  constexpr int64_t QB = query_block<T>(), MC = entries_per_pass<T>();
-  const int64_t panels = Scratch<T>::padded(G) / QB;
-  std::fill(w.keys.begin(), w.keys.end(), T(0));
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t k = 0; k < E; ++k) w.keys[(g / QB) * E * QB + k * QB + g % QB] = key(b, q0 + g, k);
+  const int64_t panels = padded_group<T>(G) / QB, blocks = (nt + kNE - 1) / kNE;
+  // An entry block whose every (query, entry) pair is masked skips its dots.
+  bool live[MC / kNE];
+  bool any_live = false;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    live[blk] = false;
+    const int64_t j1 = std::min(nt, (blk + 1) * kNE);
+    for (int64_t g = 0; g < G && !live[blk]; ++g)
+      for (int64_t j = blk * kNE; j < j1; ++j) live[blk] |= logits[g * M + t0 + j] != ninf;
+    any_live |= live[blk];
+  }
+  if (!any_live) return;
+  std::fill(w.acc.begin(), w.acc.begin() + blocks * panels * kNE * QB, T(0));
   const bool contiguous = values.s2 == 1;
-  for (int64_t t0 = 0; t0 < M; t0 += MC) {
-    const int64_t nt = std::min(MC, M - t0), blocks = (nt + kNE - 1) / kNE;
-    // An entry block whose every (query, entry) pair is masked skips its dots.
-    bool live[MC / kNE];
-    bool any_live = false;
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      live[blk] = false;
-      const int64_t j1 = std::min(nt, (blk + 1) * kNE);
-      for (int64_t g = 0; g < G && !live[blk]; ++g)
-        for (int64_t j = blk * kNE; j < j1; ++j) live[blk] |= logits[g * M + t0 + j] != ninf;
-      any_live |= live[blk];
-    }
-    if (!any_live) continue;
-    std::fill(w.acc.begin(), w.acc.begin() + blocks * panels * kNE * QB, T(0));
-    for (int64_t k0 = 0; k0 < E; k0 += kKC) {
-      const int64_t K = std::min(kKC, E - k0);
-      if (!contiguous)
-        for (int64_t j = 0; j < nt; ++j)
-          for (int64_t k = 0; k < K; ++k) w.rows[j * kKC + k] = values(b, t0 + j, k0 + k);
-      for (int64_t p = 0; p < panels; ++p) {
-        const T* panel = w.keys.data() + p * E * QB + k0 * QB;
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-          if (!live[blk]) continue;
-          const T* rows[kNE];
-          for (int64_t r = 0; r < kNE; ++r) {
-            const int64_t j = blk * kNE + r;
-            rows[r] = j >= nt ? w.zeros.data() : contiguous ? values.row(b, t0 + j) + k0 : w.rows.data() + j * kKC;
-          }
-          block_dots<T>(rows, panel, K, w.acc.data() + (blk * panels + p) * kNE * QB);
+  for (int64_t k0 = 0; k0 < E; k0 += kKC) {
+    const int64_t K = std::min(kKC, E - k0);
+    if (!contiguous)
+      for (int64_t j = 0; j < nt; ++j)
+        for (int64_t k = 0; k < K; ++k) w.rows[j * kKC + k] = values(b, t0 + j, k0 + k);
+    for (int64_t p = 0; p < panels; ++p) {
+      const T* panel = keys + p * E * QB + k0 * QB;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        if (!live[blk]) continue;
+        const T* rows[kNE];
+        for (int64_t r = 0; r < kNE; ++r) {
+          const int64_t j = blk * kNE + r;
+          rows[r] = j >= nt ? w.zeros.data() : contiguous ? values.row(b, t0 + j) + k0 : w.rows.data() + j * kKC;
         }
+        block_dots<T>(rows, panel, K, w.acc.data() + (blk * panels + p) * kNE * QB);
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      T* row = logits + g * M + t0;
-      const T* dots = w.acc.data() + (g / QB) * kNE * QB + g % QB;
-      for (int64_t blk = 0; blk < blocks; ++blk, row += kNE, dots += panels * kNE * QB) {
-        const int64_t n = std::min(kNE, nt - blk * kNE);
-        for (int64_t r = 0; r < n; ++r)
-          if (row[r] != ninf) row[r] += dots[r * QB] * scale;
-      }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    T* row = logits + g * M + t0;
+    const T* dots = w.acc.data() + (g / QB) * kNE * QB + g % QB;
+    for (int64_t blk = 0; blk < blocks; ++blk, row += kNE, dots += panels * kNE * QB) {
+      const int64_t n = std::min(kNE, nt - blk * kNE);
+      for (int64_t r = 0; r < n; ++r)
+        if (row[r] != ninf) row[r] += dots[r * QB] * scale;
     }
   }
 }
 
-// Runs body(b, q0, G, logits, scratch) for every query group, in parallel; logits points at
-// rows of `out` when given (probs), else at a per-thread G×M buffer.
-template <class T, class Body>
-void for_each_group(const SampleShape& s, T* out, Body&& body) {
-  const int64_t G = group_size(s);
-  const int64_t groups_per_row = (s.Q + G - 1) / G;
-  const int64_t tasks = s.B * groups_per_row;
-  int threads = 1;
-#ifdef _OPENMP
-  threads = int(std::min<int64_t>(omp_get_max_threads(), tasks));  // never wake threads with no group to run
-#endif
-#pragma omp parallel num_threads(threads)
-  {
-    Scratch<T> w(s, G);
-    std::vector<T> own(out ? 0 : G * s.M);
+// Runs body(i) for i in [0, n): shared out among the team (a worksharing loop, ending in a
+// barrier) when `split`, else all on the calling thread. Called inside the parallel region.
+template <class F>
+void share(bool split, int64_t n, F&& body) {
+  if (split) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / groups_per_row, q0 = (task % groups_per_row) * G;
+    for (int64_t i = 0; i < n; ++i) body(i);
+  } else {
+    for (int64_t i = 0; i < n; ++i) body(i);
+  }
+}
+
+// Computes the logits of every query group and runs finish(b, q, row, scratch) on each query's
+// row of M logits (its own to overwrite); rows are those of `out` when given (probs), else of a
+// G×M buffer (one per thread when threads take whole groups).
+template <class T, int D, class Finish>
+void for_each_query(const Call<T, D>& c, T* out, bool draws, Finish&& finish) {
+  const SampleShape& s = c.s;
+  const Plan plan = make_plan<T>(s);
+  if (plan.tasks == 0 || s.M == 0) return;
+  const int64_t G = plan.G, M = s.M;
+  const int slots = plan.split ? 1 : plan.threads;
+  const int64_t key_size = padded_group<T>(G) * s.E;
+  std::vector<T> keys(slots * key_size);
+  std::unique_ptr<T[]> own(out ? nullptr : new T[slots * G * M]);  // uninitialised: every logit is written
+#pragma omp parallel num_threads(plan.threads)
+  {
+    Scratch<T> w(s, G, draws);
+    auto run = [&](int64_t task, int slot) {
+      const int64_t b = task / plan.groups_per_row, q0 = (task % plan.groups_per_row) * G;
       const int64_t n = std::min(G, s.Q - q0);
-      body(b, q0, n, out ? out + (b * s.Q + q0) * s.M : own.data(), w);
+      T* logits = out ? out + (b * s.Q + q0) * M : own.get() + slot * G * M;
+      T* packed = keys.data() + slot * key_size;
+      share(plan.split, n, [&](int64_t g) { location_row(c, b, q0 + g, logits + g * M, w); });
+      share(plan.split, key_units<T>(n), [&](int64_t u) { pack_keys(c, b, q0, n, u, packed); });
+      share(plan.split, plan.passes, [&](int64_t pass) { drive_pass(c, b, n, packed, pass, logits, w); });
+      share(plan.split, n, [&](int64_t g) { finish(b, q0 + g, logits + g * M, w); });
+    };
+    if (plan.split) {
+      for (int64_t task = 0; task < plan.tasks; ++task) run(task, 0);
+    } else {
+      int slot = 0;
+#ifdef _OPENMP
+      slot = omp_get_thread_num();
+#endif
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < plan.tasks; ++task) run(task, slot);
     }
   }
 }
@@ -243,50 +319,49 @@ T row_max(const T* row, int64_t M) {
   return mx;
 }
 
-template <class T, int D>
-void probs_impl(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,
-                View3<const T> qvar, View3<const T> mloc, View3<const T> mvar, T* probs) {
-  const auto geo = sample_geometry<T, D>(s);
-  for_each_group<T>(s, probs, [&](int64_t b, int64_t q0, int64_t G, T* logits, Scratch<T>& w) {
-    group_logits<T, D>(s, geo, b, q0, G, key, values, qloc, qvar, mloc, mvar, logits, w);
-    for (int64_t g = 0; g < G; ++g) {
-      T* row = logits + g * s.M;
-      const T mx = row_max(row, s.M);
-      for (int64_t t = 0; t < s.M; ++t) row[t] = exp_nonpositive(row[t] - mx);  // vectorised; -inf -> 0
-      double total = 0;
+// row[t] = exp(row[t] - max) (masked: 0), returning their sum (≥ 1: the max contributes 1).
+template <class T>
+double exp_shifted_row(T* row, int64_t M) {
+  const T mx = row_max(row, M);
+  for (int64_t t = 0; t < M; ++t) row[t] = exp_nonpositive(row[t] - mx);  // vectorised
+  double total = 0;
 #pragma omp simd reduction(+ : total)
-      for (int64_t t = 0; t < s.M; ++t) total += double(row[t]);
-      const T inv_total = T(1.0 / total);
-      for (int64_t t = 0; t < s.M; ++t) row[t] *= inv_total;
-    }
+  for (int64_t t = 0; t < M; ++t) total += double(row[t]);
+  return total;
+}
+
+template <class T, int D>
+Call<T, D> make_call(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,
+                     View3<const T> qvar, View3<const T> mloc, View3<const T> mvar) {
+  return Call<T, D>{s, sample_geometry<T, D>(s), key, values, qloc, qvar, mloc, mvar};
+}
+
+template <class T, int D>
+void probs_impl(const Call<T, D>& c, T* probs) {
+  for_each_query(c, probs, false, [&](int64_t, int64_t, T* row, Scratch<T>&) {
+    const T inv_total = T(1.0 / exp_shifted_row(row, c.s.M));
+    for (int64_t t = 0; t < c.s.M; ++t) row[t] *= inv_total;
   });
 }
 
 template <class T, int D>
-void indices_impl(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,
-                  View3<const T> qvar, View3<const T> mloc, View3<const T> mvar, const double* uniforms,
-                  int64_t* idx) {
-  const auto geo = sample_geometry<T, D>(s);
-  for_each_group<T>(s, nullptr, [&](int64_t b, int64_t q0, int64_t G, T* logits, Scratch<T>& w) {
-    group_logits<T, D>(s, geo, b, q0, G, key, values, qloc, qvar, mloc, mvar, logits, w);
-    std::vector<double> cdf(s.M);
-    for (int64_t g = 0; g < G; ++g) {
-      T* row = logits + g * s.M;  // this group's own buffer: the weights may overwrite it
-      const T mx = row_max(row, s.M);
-      for (int64_t t = 0; t < s.M; ++t) row[t] = exp_nonpositive(row[t] - mx);  // vectorised; -inf -> 0
-      double total = 0;
-      for (int64_t t = 0; t < s.M; ++t) {
-        total += double(row[t]);
-        cdf[t] = total;
-      }
-      // u < 1, but u * total may round up to total; the largest double below it still lands on
-      // an entry of positive probability.
-      const double top = std::nextafter(total, 0.0);
-      const int64_t bq = b * s.Q + q0 + g;
-      for (int64_t i = 0; i < s.S; ++i) {
-        const double target = std::min(uniforms[bq * s.S + i] * total, top);
-        idx[bq * s.S + i] = std::upper_bound(cdf.begin(), cdf.end(), target) - cdf.begin();
-      }
+void indices_impl(const Call<T, D>& c, const double* uniforms, int64_t* idx) {
+  const SampleShape& s = c.s;
+  for_each_query<T>(c, nullptr, true, [&](int64_t b, int64_t q, T* row, Scratch<T>& w) {
+    exp_shifted_row(row, s.M);
+    double* cdf = w.cdf.data();
+    double total = 0;
+    for (int64_t t = 0; t < s.M; ++t) {
+      total += double(row[t]);
+      cdf[t] = total;
+    }
+    // u < 1, but u * total may round up to total; the largest double below it still lands on
+    // an entry of positive probability.
+    const double top = std::nextafter(total, 0.0);
+    const int64_t bq = b * s.Q + q;
+    for (int64_t i = 0; i < s.S; ++i) {
+      const double target = std::min(uniforms[bq * s.S + i] * total, top);
+      idx[bq * s.S + i] = std::upper_bound(cdf, cdf + s.M, target) - cdf;
     }
   });
 }
@@ -296,14 +371,16 @@ void indices_impl(const SampleShape& s, View3<const T> key, View3<const T> value
 template <class T>
 void conditional_probs_cpu(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,
                            View3<const T> qvar, View3<const T> mloc, View3<const T> mvar, T* probs) {
-  dispatch_dim(s.d, [&]<int D>() { probs_impl<T, D>(s, key, values, qloc, qvar, mloc, mvar, probs); });
+  dispatch_dim(s.d, [&]<int D>() { probs_impl(make_call<T, D>(s, key, values, qloc, qvar, mloc, mvar), probs); });
 }
 
 template <class T>
 void conditional_sample_indices_cpu(const SampleShape& s, View3<const T> key, View3<const T> values,
                                     View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                                     View3<const T> mvar, const double* uniforms, int64_t* idx) {
-  dispatch_dim(s.d, [&]<int D>() { indices_impl<T, D>(s, key, values, qloc, qvar, mloc, mvar, uniforms, idx); });
+  dispatch_dim(s.d, [&]<int D>() {
+    indices_impl(make_call<T, D>(s, key, values, qloc, qvar, mloc, mvar), uniforms, idx);
+  });
 }
 
 #define RK_INSTANTIATE(T)                                                                                      \
