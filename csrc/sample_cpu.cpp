@@ -92,6 +92,9 @@ struct Call {
   View3<const T> key, values, qloc, qvar, mloc, mvar;
 };
 
+constexpr int64_t kCdfBlock = 16;  // entries per block of the draws' CDF
+inline int64_t cdf_blocks(int64_t M) { return (M + kCdfBlock - 1) / kCdfBlock; }
+
 // Per-thread working memory.
 template <class T>
 struct Scratch {
@@ -99,14 +102,14 @@ struct Scratch {
   std::vector<T> rows;   // a pass's value columns copied contiguous, when values are strided
   std::vector<T> zeros;  // stands in for the rows past M in a pass's last entry block
   std::vector<T> diff, inv;  // Geometry::score's per-dimension outputs
-  std::vector<double> cdf;   // indices: one query's running sums of weights
+  std::vector<double> cdf;   // indices: one query's CDF at the ends of its blocks of kCdfBlock entries
   Scratch(const SampleShape& s, int64_t G, bool draws)
       : acc(padded_group<T>(G) * entries_per_pass<T>()),
         rows(entries_per_pass<T>() * kKC),
         zeros(kKC),
         diff(s.d),
         inv(s.d),
-        cdf(draws ? s.M : 0) {}
+        cdf(draws ? cdf_blocks(s.M) : 0) {}
 };
 
 // row[t] = log k(query q, entry t) · location_scale (-inf where masked) for every entry t; zeros
@@ -344,24 +347,48 @@ void probs_impl(const Call<T, D>& c, T* probs) {
   });
 }
 
+// Index of the first of a[0 .. n) (ascending, n ≥ 1) that exceeds x, or n; without branches, so
+// the random targets of the draws cost no mispredictions.
+inline int64_t upper_bound_branchless(const double* a, int64_t n, double x) {
+  const double* first = a;
+  for (int64_t len = n; len > 1;) {
+    const int64_t half = len / 2;
+    first += first[half - 1] <= x ? half : 0;  // the answer lies in [first, first + len]
+    len -= half;
+  }
+  return (first - a) + (*first <= x);
+}
+
 template <class T, int D>
 void indices_impl(const Call<T, D>& c, const double* uniforms, int64_t* idx) {
   const SampleShape& s = c.s;
+  const int64_t blocks = cdf_blocks(s.M);
   for_each_query<T>(c, nullptr, true, [&](int64_t b, int64_t q, T* row, Scratch<T>& w) {
-    exp_shifted_row(row, s.M);
+    const T mx = row_max(row, s.M);
+    for (int64_t t = 0; t < s.M; ++t) row[t] = exp_nonpositive(row[t] - mx);  // vectorised; masked -> 0
+    // The CDF in blocks of kCdfBlock entries: cdf[blk] = cdf[blk - 1] + the block's weights summed
+    // in order from zero. The sums of different blocks are independent chains (a plain running
+    // sum is one chain of M dependent adds), and a draw recomputes the partial sums of its block
+    // the same way, so it ends at the latest on the block's last entry, where they equal cdf[blk].
     double* cdf = w.cdf.data();
-    double total = 0;
-    for (int64_t t = 0; t < s.M; ++t) {
-      total += double(row[t]);
-      cdf[t] = total;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      double local = 0;
+      for (int64_t t = blk * kCdfBlock; t < std::min(s.M, (blk + 1) * kCdfBlock); ++t) local += double(row[t]);
+      cdf[blk] = local;
     }
+    for (int64_t blk = 1; blk < blocks; ++blk) cdf[blk] += cdf[blk - 1];
+    const double total = cdf[blocks - 1];  // ≥ 1: the largest weight is exp(0)
     // u < 1, but u * total may round up to total; the largest double below it still lands on
     // an entry of positive probability.
     const double top = std::nextafter(total, 0.0);
     const int64_t bq = b * s.Q + q;
     for (int64_t i = 0; i < s.S; ++i) {
       const double target = std::min(uniforms[bq * s.S + i] * total, top);
-      idx[bq * s.S + i] = std::upper_bound(cdf, cdf + s.M, target) - cdf;
+      const int64_t blk = upper_bound_branchless(cdf, blocks, target);  // first block whose sum exceeds it
+      const double base = blk > 0 ? cdf[blk - 1] : 0.0;
+      int64_t t = blk * kCdfBlock;
+      for (double local = double(row[t]); base + local <= target;) local += double(row[++t]);
+      idx[bq * s.S + i] = t;
     }
   });
 }

@@ -1,5 +1,8 @@
 """conditional_probs / conditional_sample (design.md §4) on every backend against the reference."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from scipy import stats
 
 import resonant_kernels as rk
 from resonant_kernels import _backends
-from cases import TOL, awkward_cases, sample_inputs
+from cases import TOL, awkward_cases, make_sd, sample_inputs
 
 
 # Where each backend's tests run (the reference it is compared with runs there too): triton takes
@@ -315,3 +318,83 @@ def test_cpu_probs_match_reference_on_a_larger_memory(Q):
     want = rk.conditional_probs(mem_loc, 1.0, mem_values, key, backend="reference", **kw)
     got = rk.conditional_probs(mem_loc, 1.0, mem_values, key, backend="cpu", **kw)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+# Shapes for the cpu kernel's plan (csrc/sample_cpu.cpp, make_plan): queries in groups of up to 128
+# (fewer where M is large), shared by all threads, which split the entries into passes of 96
+# (float32) or 48 (float64) and then the queries; many small groups go whole to one thread each.
+CPU_PLANS = {
+    # 300 queries: groups of 128, 128 and 44; a shared variance (the vectorised location term) and
+    # a threshold that masks many pairs; M = 1000: a last pass of 40 entries, a last block of 4
+    "groups": dict(batch=(), Q=300, M=1000, d=2, E=300, sd="float", threshold=1.0),
+    # values and locations as strided views (the copied-rows and generic location paths), a batch
+    "strided": dict(batch=(2,), Q=40, M=517, d=3, E=260, sd="per_entry", threshold=None, strided=True),
+    # fewer queries than a register block: one streamed dot per pair, entries split over threads
+    "streamed": dict(batch=(), Q=5, M=3000, d=2, E=200, sd="float", threshold=1.5),
+    # M so large that 128 queries' logits would pass the buffer bound: smaller groups
+    "capped": dict(batch=(), Q=70, M=40000, d=1, E=12, sd="per_dim", threshold=None),
+    # a batch of small problems: whole groups (128 + 72 queries per row) handed to threads
+    "small": dict(batch=(5,), Q=200, M=40, d=2, E=8, sd="per_dim", threshold=0.8),
+}
+
+
+def plan_inputs(plan, dtype, seed=21):
+    gen = torch.Generator().manual_seed(seed)
+    batch, Q, M, d, E = plan["batch"], plan["Q"], plan["M"], plan["d"], plan["E"]
+    if plan.get("strided"):
+        mem_values = torch.randn((*batch, E, M), generator=gen, dtype=dtype).transpose(-1, -2)
+        mem_loc = torch.randn((*batch, M, 2 * d), generator=gen, dtype=dtype)[..., ::2]
+    else:
+        mem_values = torch.randn((*batch, M, E), generator=gen, dtype=dtype)
+        mem_loc = torch.randn((*batch, M, d), generator=gen, dtype=dtype)
+    key = torch.randn((*batch, Q, E), generator=gen, dtype=dtype) * 2
+    search_loc = torch.randn((*batch, Q, d), generator=gen, dtype=dtype)
+    mem_sd = make_sd(plan["sd"], mem_loc.shape, dtype, gen, 0.5)
+    search_sd = make_sd(plan["sd"], search_loc.shape, dtype, gen, 0.6)
+    return mem_loc, mem_sd, mem_values, key, search_loc, search_sd
+
+
+def check_cpu_plan(name, dtype):
+    """cpu probs within tolerance of the reference, and the same inverse-CDF draws from the same
+    uniforms (all but draws within rounding of a bin edge), never an entry of probability zero."""
+    from resonant_kernels import reference, sample
+
+    plan = CPU_PLANS[name]
+    mem_loc, mem_sd, mem_values, key, search_loc, search_sd = plan_inputs(plan, dtype)
+    kw = dict(search_loc=search_loc, search_sd=search_sd, match_threshold=plan["threshold"], temperature=0.7)
+    want = rk.conditional_probs(mem_loc, mem_sd, mem_values, key, backend="reference", **kw)
+    got = rk.conditional_probs(mem_loc, mem_sd, mem_values, key, backend="cpu", **kw)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    call = sample._prepare(sample.SAMPLE_OP, mem_loc, mem_sd, mem_values, key, search_loc, search_sd, 0.7, 1.0,
+                           plan["threshold"], "cpu")
+    B, Q, M, _, _ = call.shape
+    uniforms = torch.rand((B, Q, 64), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    drawn = sample.indices_fused(*call.fused_args(), uniforms, *call.scalars(), "cpu")
+    probs = torch.softmax(call.reference_logits(), dim=-1)
+    expected = reference.inverse_cdf(probs, uniforms)
+    assert drawn.shape == expected.shape and drawn.min() >= 0 and drawn.max() < M
+    assert float((drawn == expected).double().mean()) > 0.999
+    assert bool((probs.gather(-1, drawn) > 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(CPU_PLANS))
+def test_cpu_plans_match_reference(name, dtype):
+    if _backends.BACKENDS["cpu"].unavailable_reason() is not None:
+        pytest.skip("cpu backend unavailable")
+    check_cpu_plan(name, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_plans_with_other_thread_counts(threads):
+    """The same checks in a fresh process with OMP_NUM_THREADS set: one thread (no split) and an
+    odd team that divides neither the passes nor the queries evenly."""
+    if _backends.BACKENDS["cpu"].unavailable_reason() is not None:
+        pytest.skip("cpu backend unavailable")
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_sample as t\n"
+            "for name in ('groups', 'streamed', 'capped'):\n"
+            "    for dtype in (torch.float32, torch.float64): t.check_cpu_plan(name, dtype)\n"
+            "print('ok')" % os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
