@@ -171,19 +171,20 @@ void pack_keys(const Call<T, D>& c, int64_t b, int64_t q0, int64_t G, int64_t u,
 }
 
 // acc[r][q] += Σ_k rows[r][k] · panel[k][q] over K columns, r < kNE, q < query_block.
-// Explicit 32-byte vectors (GCC/Clang extension) keep all of acc in registers.
+// Explicit 32-byte vectors (GCC/Clang extension) keep all of acc in registers; the element-aligned
+// vector type makes each load and store of acc one 32-byte move (a memcpy into the vectors was
+// compiled as 16-byte copies through the stack, which stall store-to-load forwarding).
 template <class T>
 inline void block_dots(const T* const* rows, const T* panel, int64_t K, T* acc) {
-  typedef T Vec __attribute__((vector_size(32)));
+  typedef T Vec __attribute__((vector_size(32), aligned(alignof(T))));
   constexpr int64_t L = lanes<T>(), QB = query_block<T>();
   Vec sum[kNE][2];
   for (int64_t r = 0; r < kNE; ++r)
-    for (int64_t c = 0; c < 2; ++c) __builtin_memcpy(&sum[r][c], acc + r * QB + c * L, sizeof(Vec));
+    for (int64_t c = 0; c < 2; ++c) sum[r][c] = *reinterpret_cast<const Vec*>(acc + r * QB + c * L);
   const T *z0 = rows[0], *z1 = rows[1], *z2 = rows[2], *z3 = rows[3], *z4 = rows[4], *z5 = rows[5];
   for (int64_t k = 0; k < K; ++k) {
-    Vec y0, y1;
-    __builtin_memcpy(&y0, panel + k * QB, sizeof(Vec));
-    __builtin_memcpy(&y1, panel + k * QB + L, sizeof(Vec));
+    const Vec y0 = *reinterpret_cast<const Vec*>(panel + k * QB);
+    const Vec y1 = *reinterpret_cast<const Vec*>(panel + k * QB + L);
     const T z[kNE] = {z0[k], z1[k], z2[k], z3[k], z4[k], z5[k]};
     for (int64_t r = 0; r < kNE; ++r) {
       sum[r][0] += z[r] * y0;
@@ -191,7 +192,7 @@ inline void block_dots(const T* const* rows, const T* panel, int64_t K, T* acc) 
     }
   }
   for (int64_t r = 0; r < kNE; ++r)
-    for (int64_t c = 0; c < 2; ++c) __builtin_memcpy(acc + r * QB + c * L, &sum[r][c], sizeof(Vec));
+    for (int64_t c = 0; c < 2; ++c) *reinterpret_cast<Vec*>(acc + r * QB + c * L) = sum[r][c];
 }
 
 // Adds the drive term of queries q0 .. q0+G-1 (keys packed by pack_keys) for the entries of pass
@@ -318,7 +319,8 @@ void for_each_query(const Call<T, D>& c, T* out, bool draws, Finish&& finish) {
 template <class T>
 T row_max(const T* row, int64_t M) {
   T mx = neg_inf<T>();
-  for (int64_t t = 0; t < M; ++t) mx = std::max(mx, row[t]);
+#pragma omp simd reduction(max : mx)  // vectorised (std::max's NaN order would keep it scalar)
+  for (int64_t t = 0; t < M; ++t) mx = row[t] > mx ? row[t] : mx;
   return mx;
 }
 
