@@ -50,7 +50,9 @@ constexpr int64_t entries_per_pass() { return 96 * 4 / int64_t(sizeof(T)); }  //
 
 constexpr int64_t kLogitsBytes = int64_t(8) << 20;  // a group's G×M logits buffer, when M allows G ≥ 1 panel
 constexpr int64_t kMaxGroup = 128;  // beyond this the key panels of a chunk outgrow L2 for little gain
-constexpr int64_t kSplitWork = int64_t(1) << 20;  // G·M·(E + 16) above which a group is worth a few barriers
+// G·M·(E + 16) above which a group is worth sharing: ~1 ms of one thread's work, so that three
+// barriers cost little even when another process holds a core and a thread misses its slice.
+constexpr int64_t kSplitWork = int64_t(1) << 22;
 
 template <class T>
 int64_t padded_group(int64_t G) { return ((G + query_block<T>() - 1) / query_block<T>()) * query_block<T>(); }
@@ -65,7 +67,7 @@ struct Plan {
 };
 
 template <class T>
-Plan make_plan(const SampleShape& s) {
+Plan make_plan(const SampleShape& s, bool buffered) {
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
@@ -78,7 +80,13 @@ Plan make_plan(const SampleShape& s) {
   p.groups_per_row = (s.Q + p.G - 1) / p.G;
   p.tasks = s.B * p.groups_per_row;
   p.passes = (s.M + entries_per_pass<T>() - 1) / entries_per_pass<T>();
-  p.split = threads > 1 && p.G * s.M * (s.E + 16) >= kSplitWork && p.passes >= 2 * threads;
+  // Whole groups per thread need no barriers, but idle threads when the groups do not share out
+  // evenly, and one logits buffer per thread; a group shared by the team needs enough work and
+  // enough passes of entries to go round.
+  const bool even = p.tasks % threads == 0 || p.tasks >= 4 * threads;
+  const bool buffers_fit = !buffered || threads * p.G * s.M * int64_t(sizeof(T)) <= kLogitsBytes;
+  p.split = threads > 1 && !(even && buffers_fit) && p.G * s.M * (s.E + 16) >= kSplitWork &&
+            p.passes >= 2 * threads;
   // never wake threads with no group to run
   p.threads = p.split ? threads : int(std::max<int64_t>(1, std::min<int64_t>(threads, p.tasks)));
   return p;
@@ -266,13 +274,17 @@ void drive_pass(const Call<T, D>& c, int64_t b, int64_t G, const T* keys, int64_
 }
 
 // Runs body(i) for i in [0, n): shared out among the team (a worksharing loop, ending in a
-// barrier) when `split`, else all on the calling thread. Called inside the parallel region.
+// barrier unless `then_wait` is false) when `split`, else all on the calling thread. Called inside
+// the parallel region.
 template <class F>
-void share(bool split, int64_t n, F&& body) {
-  if (split) {
+void share(bool split, int64_t n, F&& body, bool then_wait = true) {
+  if (!split) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+  } else if (then_wait) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) body(i);
   } else {
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t i = 0; i < n; ++i) body(i);
   }
 }
@@ -283,7 +295,7 @@ void share(bool split, int64_t n, F&& body) {
 template <class T, int D, class Finish>
 void for_each_query(const Call<T, D>& c, T* out, bool draws, Finish&& finish) {
   const SampleShape& s = c.s;
-  const Plan plan = make_plan<T>(s);
+  const Plan plan = make_plan<T>(s, out == nullptr);
   if (plan.tasks == 0 || s.M == 0) return;
   const int64_t G = plan.G, M = s.M;
   const int slots = plan.split ? 1 : plan.threads;
@@ -298,7 +310,8 @@ void for_each_query(const Call<T, D>& c, T* out, bool draws, Finish&& finish) {
       const int64_t n = std::min(G, s.Q - q0);
       T* logits = out ? out + (b * s.Q + q0) * M : own.get() + slot * G * M;
       T* packed = keys.data() + slot * key_size;
-      share(plan.split, n, [&](int64_t g) { location_row(c, b, q0 + g, logits + g * M, w); });
+      // (the packing does not read the logits: one barrier after both)
+      share(plan.split, n, [&](int64_t g) { location_row(c, b, q0 + g, logits + g * M, w); }, false);
       share(plan.split, key_units<T>(n), [&](int64_t u) { pack_keys(c, b, q0, n, u, packed); });
       share(plan.split, plan.passes, [&](int64_t pass) { drive_pass(c, b, n, packed, pass, logits, w); });
       share(plan.split, n, [&](int64_t g) { finish(b, q0 + g, logits + g * M, w); });

@@ -321,16 +321,19 @@ def test_cpu_probs_match_reference_on_a_larger_memory(Q):
 
 
 # Shapes for the cpu kernel's plan (csrc/sample_cpu.cpp, make_plan): queries in groups of up to 128
-# (fewer where M is large), shared by all threads, which split the entries into passes of 96
-# (float32) or 48 (float64) and then the queries; many small groups go whole to one thread each.
+# (fewer where M is large); a group is shared by all threads, which split the entries into passes
+# of 96 (float32) or 48 (float64) and then the queries, unless the groups share out evenly over the
+# threads (and their buffers fit), when each thread takes whole groups.
 CPU_PLANS = {
-    # 300 queries: groups of 128, 128 and 44; a shared variance (the vectorised location term) and
-    # a threshold that masks many pairs; M = 1000: a last pass of 40 entries, a last block of 4
+    # 300 queries: groups of 128, 128 and 44 (shared by 2 threads); a shared variance (the
+    # vectorised location term) and a threshold that masks many pairs; M = 1000: a last pass of 40
+    # entries, a last block of 4
     "groups": dict(batch=(), Q=300, M=1000, d=2, E=300, sd="float", threshold=1.0),
     # values and locations as strided views (the copied-rows and generic location paths), a batch
-    "strided": dict(batch=(2,), Q=40, M=517, d=3, E=260, sd="per_entry", threshold=None, strided=True),
+    # of 3 (groups shared by 2 threads, whole with 1 or 3)
+    "strided": dict(batch=(3,), Q=40, M=517, d=3, E=260, sd="per_entry", threshold=None, strided=True),
     # fewer queries than a register block: one streamed dot per pair, entries split over threads
-    "streamed": dict(batch=(), Q=5, M=3000, d=2, E=200, sd="float", threshold=1.5),
+    "streamed": dict(batch=(), Q=5, M=5000, d=2, E=200, sd="float", threshold=1.5),
     # M so large that 128 queries' logits would pass the buffer bound: smaller groups
     "capped": dict(batch=(), Q=70, M=40000, d=1, E=12, sd="per_dim", threshold=None),
     # a batch of small problems: whole groups (128 + 72 queries per row) handed to threads
@@ -392,7 +395,7 @@ def test_cpu_plans_with_other_thread_counts(threads):
     if _backends.BACKENDS["cpu"].unavailable_reason() is not None:
         pytest.skip("cpu backend unavailable")
     code = ("import sys, torch; sys.path.insert(0, %r); import test_sample as t\n"
-            "for name in ('groups', 'streamed', 'capped'):\n"
+            "for name in ('groups', 'strided', 'streamed', 'capped'):\n"
             "    for dtype in (torch.float32, torch.float64): t.check_cpu_plan(name, dtype)\n"
             "print('ok')" % os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
