@@ -1,24 +1,30 @@
 // Fused conditional sampling on the CPU (design.md §4).
 //
-// Queries go in groups of G (make_plan): a group's logits against every entry are computed into a
-// G×M buffer (probs: straight into the output rows), then normalised (probs) or summed into an
-// inverse CDF that the caller's uniforms are looked up in (indices). G is bounded so the buffer
-// stays within kLogitsBytes: never Q×M for large Q·M.
+// Queries go in groups of G ≤ kMaxGroup (make_plan): a group's logits against every entry are
+// computed into G×M rows (probs: the output's own rows; indices: a buffer, G bounded so that it
+// stays within kLogitsBytes, so never Q×M for large Q·M), then normalised (probs) or turned into
+// an inverse CDF that the caller's uniforms are looked up in (indices).
 //
-// Threads: a large group is shared by all threads, which first split its entries (each thread
-// computes the logits of all G queries for its passes of entries) and then its queries (softmax,
-// draws); so the values are read from memory once per group whatever the thread count, and the
-// buffer is one G×M for the whole call. Many small groups (a large batch of small problems) are
-// instead handed out whole, one per thread, without barriers.
+// Threads: when the groups share out evenly and one buffer per thread fits the bound, each thread
+// takes whole groups (no barriers). Otherwise a group is shared by the team: the threads split its
+// entries (each computes the logits of all G queries for its passes of entries), then its queries
+// (softmax, draws). Either way each group reads the values once, and the bigger G, the fewer times
+// the whole M×E values stream from memory.
 //
 // The drive term y·z_t is the GEMM logits^T (M×G) = values (M×E) · keys^T (E×G), blocked like
 // BLIS with the SIMD lanes over queries: a register block is kNE entries × 2 vectors of queries;
 // the keys are packed once per group into panels of query_block queries, column-interleaved (a
 // column of a panel is two vector loads); the values are read in place, one broadcast per
-// (entry, column), never transposed or copied. Loop order per pass of entries_per_pass entries:
-// kKC-column chunk, then query panel (its kKC columns stay in L1), then block of kNE entries (the
-// pass's kKC columns stay in L2 for every panel). Entries whose location term is masked for every
-// query of the group skip the E-wide work.
+// (entry, column), never transposed or copied (a copy of each pass's values, even prefetched,
+// measured slower: the values are read from memory once per group anyway). Loop order per pass
+// of entries_per_pass entries: kKC-column chunk, then query panel (its kKC columns stay in L1
+// across the pass), then block of kNE entries (the pass's kKC columns stay in L2 across the
+// panels). Entries whose location term is masked for every query of the group skip the E-wide
+// work. Groups of fewer than kNE queries (Q = 1 is matrix-vector) take one streamed dot per pair.
+//
+// The draws: a vectorised exp (fast_exp.h), the CDF summed in blocks of kCdfBlock entries
+// (independent chains instead of one of M dependent adds), a branchless binary search over the
+// block ends, then a scan inside the block.
 #include "sample_cpu.h"
 
 #include "fast_exp.h"
@@ -49,7 +55,7 @@ template <class T>
 constexpr int64_t entries_per_pass() { return 96 * 4 / int64_t(sizeof(T)); }  // × kKC columns: 96 KiB, in L2
 
 constexpr int64_t kLogitsBytes = int64_t(8) << 20;  // a group's G×M logits buffer, when M allows G ≥ 1 panel
-constexpr int64_t kMaxGroup = 128;  // beyond this the key panels of a chunk outgrow L2 for little gain
+constexpr int64_t kMaxGroup = 128;  // larger groups measured no faster; smaller ones reuse each pass less
 // G·M·(E + 16) above which a group is worth sharing: ~1 ms of one thread's work, so that three
 // barriers cost little even when another process holds a core and a thread misses its slice.
 constexpr int64_t kSplitWork = int64_t(1) << 22;
