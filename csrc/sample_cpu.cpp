@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -117,13 +118,15 @@ struct Scratch {
   std::vector<T> zeros;  // stands in for the rows past M in a pass's last entry block
   std::vector<T> diff, inv;  // Geometry::score's per-dimension outputs
   std::vector<double> cdf;   // indices: one query's CDF at the ends of its blocks of kCdfBlock entries
+  std::vector<double> part;  // indices: its partial sums within each block, +inf past M
   Scratch(const SampleShape& s, int64_t G, bool draws)
       : acc(padded_group<T>(G) * entries_per_pass<T>()),
         rows(entries_per_pass<T>() * kKC),
         zeros(kKC),
         diff(s.d),
         inv(s.d),
-        cdf(draws ? cdf_blocks(s.M) : 0) {}
+        cdf(draws ? cdf_blocks(s.M) : 0),
+        part(draws ? cdf_blocks(s.M) * kCdfBlock : 0, std::numeric_limits<double>::infinity()) {}
 };
 
 // row[t] = log k(query q, entry t) · location_scale (-inf where masked) for every entry t; zeros
@@ -368,16 +371,19 @@ void probs_impl(const Call<T, D>& c, T* probs) {
   });
 }
 
-// Index of the first of a[0 .. n) (ascending, n ≥ 1) that exceeds x, or n; without branches, so
-// the random targets of the draws cost no mispredictions.
-inline int64_t upper_bound_branchless(const double* a, int64_t n, double x) {
-  const double* first = a;
+constexpr int64_t kSearchBatch = 8;  // draws whose block searches run in lockstep
+
+// out[j] = index of the first of a[0 .. n) (ascending, n ≥ 1) that exceeds x[j], or n, for
+// j < kSearchBatch. Branchless (random targets cost no mispredictions) and in lockstep (the
+// iteration count depends on n only), so the searches' chains of dependent loads overlap.
+inline void upper_bounds(const double* a, int64_t n, const double* x, int64_t* out) {
+  int64_t first[kSearchBatch] = {};
   for (int64_t len = n; len > 1;) {
     const int64_t half = len / 2;
-    first += first[half - 1] <= x ? half : 0;  // the answer lies in [first, first + len]
-    len -= half;
+    for (int64_t j = 0; j < kSearchBatch; ++j) first[j] += a[first[j] + half - 1] <= x[j] ? half : 0;
+    len -= half;  // the answer for x[j] lies in [first[j], first[j] + len]
   }
-  return (first - a) + (*first <= x);
+  for (int64_t j = 0; j < kSearchBatch; ++j) out[j] = first[j] + (a[first[j]] <= x[j]);
 }
 
 template <class T, int D>
@@ -387,14 +393,16 @@ void indices_impl(const Call<T, D>& c, const double* uniforms, int64_t* idx) {
   for_each_query<T>(c, nullptr, true, [&](int64_t b, int64_t q, T* row, Scratch<T>& w) {
     const T mx = row_max(row, s.M);
     for (int64_t t = 0; t < s.M; ++t) row[t] = exp_nonpositive(row[t] - mx);  // vectorised; masked -> 0
-    // The CDF in blocks of kCdfBlock entries: cdf[blk] = cdf[blk - 1] + the block's weights summed
-    // in order from zero. The sums of different blocks are independent chains (a plain running
-    // sum is one chain of M dependent adds), and a draw recomputes the partial sums of its block
-    // the same way, so it ends at the latest on the block's last entry, where they equal cdf[blk].
+    // The CDF in blocks of kCdfBlock entries: part[t] is the sum of t's block's weights up to t,
+    // added in order from zero, and cdf[blk] = cdf[blk - 1] + part[the block's last entry]. The
+    // blocks' sums are independent chains (a plain running sum is one chain of M dependent adds),
+    // and the CDF at t is cdf[blk - 1] + part[t], computed the same way in the search below, so
+    // at the block's last entry it is exactly cdf[blk].
     double* cdf = w.cdf.data();
+    double* part = w.part.data();
     for (int64_t blk = 0; blk < blocks; ++blk) {
       double local = 0;
-      for (int64_t t = blk * kCdfBlock; t < std::min(s.M, (blk + 1) * kCdfBlock); ++t) local += double(row[t]);
+      for (int64_t t = blk * kCdfBlock; t < std::min(s.M, (blk + 1) * kCdfBlock); ++t) part[t] = local += double(row[t]);
       cdf[blk] = local;
     }
     for (int64_t blk = 1; blk < blocks; ++blk) cdf[blk] += cdf[blk - 1];
@@ -403,13 +411,22 @@ void indices_impl(const Call<T, D>& c, const double* uniforms, int64_t* idx) {
     // an entry of positive probability.
     const double top = std::nextafter(total, 0.0);
     const int64_t bq = b * s.Q + q;
-    for (int64_t i = 0; i < s.S; ++i) {
-      const double target = std::min(uniforms[bq * s.S + i] * total, top);
-      const int64_t blk = upper_bound_branchless(cdf, blocks, target);  // first block whose sum exceeds it
-      const double base = blk > 0 ? cdf[blk - 1] : 0.0;
-      int64_t t = blk * kCdfBlock;
-      for (double local = double(row[t]); base + local <= target;) local += double(row[++t]);
-      idx[bq * s.S + i] = t;
+    for (int64_t i0 = 0; i0 < s.S; i0 += kSearchBatch) {
+      const int64_t n = std::min(kSearchBatch, s.S - i0);
+      double target[kSearchBatch];
+      for (int64_t j = 0; j < kSearchBatch; ++j)
+        target[j] = std::min(uniforms[bq * s.S + i0 + std::min(j, n - 1)] * total, top);
+      int64_t blk[kSearchBatch];
+      upper_bounds(cdf, blocks, target, blk);  // the first block whose CDF exceeds each target
+      for (int64_t j = 0; j < n; ++j) {
+        // the draw is the first entry of the block whose CDF exceeds the target: count those that
+        // do not (the CDF rises within the block; the padding past M is +inf)
+        const double base = blk[j] > 0 ? cdf[blk[j] - 1] : 0.0;
+        const double* p = part + blk[j] * kCdfBlock;
+        int64_t below = 0;
+        for (int64_t u = 0; u < kCdfBlock; ++u) below += base + p[u] <= target[j];
+        idx[bq * s.S + i0 + j] = blk[j] * kCdfBlock + below;
+      }
     }
   });
 }
