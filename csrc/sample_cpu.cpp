@@ -23,8 +23,9 @@
 // work. Groups of fewer than kNE queries (Q = 1 is matrix-vector) take one streamed dot per pair.
 //
 // The draws: a vectorised exp (fast_exp.h), the CDF summed in blocks of kCdfBlock entries
-// (independent chains instead of one of M dependent adds), a branchless binary search over the
-// block ends, then a scan inside the block.
+// (independent chains instead of one of M dependent adds), branchless binary searches over the
+// block ends (kSearchBatch draws in lockstep, so their dependent loads overlap), then a branchless
+// count over the block's stored partial sums.
 #include "sample_cpu.h"
 
 #include "fast_exp.h"
