@@ -43,15 +43,23 @@
 namespace rk {
 namespace {
 
+// One SIMD register: a ymm where the build targets AVX (-march=native here), else the 16 bytes
+// every 64-bit target has (32-byte vectors without AVX compile to spills through the stack).
+#if defined(__AVX__)
+constexpr int64_t kVectorBytes = 32;
+#else
+constexpr int64_t kVectorBytes = 16;
+#endif
+
 template <class T>
-constexpr int64_t lanes() { return 32 / int64_t(sizeof(T)); }  // one AVX2 register
+constexpr int64_t lanes() { return kVectorBytes / int64_t(sizeof(T)); }
 
 template <class T>
 constexpr int64_t query_block() { return 2 * lanes<T>(); }  // queries per register block (a key panel)
 
 constexpr int64_t kNE = 6;  // entries per register block: 6 × 2 accumulators + 2 keys + 1 broadcast = 15 registers
 
-constexpr int64_t kKC = 256;  // value columns per chunk: a kKC × query_block key panel is 16 KiB, L1-resident
+constexpr int64_t kKC = 256;  // value columns per chunk: a kKC × query_block key panel (16 KiB with AVX) stays in L1
 
 template <class T>
 constexpr int64_t entries_per_pass() { return 96 * 4 / int64_t(sizeof(T)); }  // × kKC columns: 96 KiB, in L2
@@ -120,9 +128,9 @@ struct Scratch {
   std::vector<T> diff, inv;  // Geometry::score's per-dimension outputs
   std::vector<double> cdf;   // indices: one query's CDF at the ends of its blocks of kCdfBlock entries
   std::vector<double> part;  // indices: its partial sums within each block, +inf past M
-  Scratch(const SampleShape& s, int64_t G, bool draws)
+  Scratch(const SampleShape& s, int64_t G, bool strided_values, bool draws)
       : acc(padded_group<T>(G) * entries_per_pass<T>()),
-        rows(entries_per_pass<T>() * kKC),
+        rows(strided_values ? entries_per_pass<T>() * kKC : 0),
         zeros(kKC),
         diff(s.d),
         inv(s.d),
@@ -189,12 +197,12 @@ void pack_keys(const Call<T, D>& c, int64_t b, int64_t q0, int64_t G, int64_t u,
 }
 
 // acc[r][q] += Σ_k rows[r][k] · panel[k][q] over K columns, r < kNE, q < query_block.
-// Explicit 32-byte vectors (GCC/Clang extension) keep all of acc in registers; the element-aligned
-// vector type makes each load and store of acc one 32-byte move (a memcpy into the vectors was
-// compiled as 16-byte copies through the stack, which stall store-to-load forwarding).
+// Explicit vectors (GCC/Clang extension) keep all of acc in registers; the element-aligned vector
+// type makes each load and store of acc one full-width move (a memcpy into the vectors was
+// compiled as half-width copies through the stack, which stall store-to-load forwarding).
 template <class T>
 inline void block_dots(const T* const* rows, const T* panel, int64_t K, T* acc) {
-  typedef T Vec __attribute__((vector_size(32), aligned(alignof(T))));
+  typedef T Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(T))));
   constexpr int64_t L = lanes<T>(), QB = query_block<T>();
   Vec sum[kNE][2];
   for (int64_t r = 0; r < kNE; ++r)
@@ -314,7 +322,7 @@ void for_each_query(const Call<T, D>& c, T* out, bool draws, Finish&& finish) {
   std::unique_ptr<T[]> own(out ? nullptr : new T[slots * G * M]);  // uninitialised: every logit is written
 #pragma omp parallel num_threads(plan.threads)
   {
-    Scratch<T> w(s, G, draws);
+    Scratch<T> w(s, G, c.values.s2 != 1, draws);
     auto run = [&](int64_t task, int slot) {
       const int64_t b = task / plan.groups_per_row, q0 = (task % plan.groups_per_row) * G;
       const int64_t n = std::min(G, s.Q - q0);
