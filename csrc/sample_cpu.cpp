@@ -64,7 +64,9 @@ constexpr int64_t kKC = 256;  // value columns per chunk: a kKC × query_block k
 template <class T>
 constexpr int64_t entries_per_pass() { return 96 * 4 / int64_t(sizeof(T)); }  // × kKC columns: 96 KiB, in L2
 
-constexpr int64_t kLogitsBytes = int64_t(8) << 20;  // a group's G×M logits buffer, when M allows G ≥ 1 panel
+// The draws' G×M logits buffers in all (one shared, or one per thread where that fits), unless M
+// is so large that not even one query panel fits.
+constexpr int64_t kLogitsBytes = int64_t(8) << 20;
 constexpr int64_t kMaxGroup = 128;  // larger groups measured no faster; smaller ones reuse each pass less
 // G·M·(E + 16) above which a group is worth sharing: ~1 ms of one thread's work, so that three
 // barriers cost little even when another process holds a core and a thread misses its slice.
@@ -221,8 +223,9 @@ inline void block_dots(const T* const* rows, const T* panel, int64_t K, T* acc) 
     for (int64_t c = 0; c < 2; ++c) *reinterpret_cast<Vec*>(acc + r * QB + c * L) = sum[r][c];
 }
 
-// Adds the drive term of queries q0 .. q0+G-1 (keys packed by pack_keys) for the entries of pass
-// `pass` to their logits (rows of stride M), leaving masked (-inf) logits alone.
+// Adds the drive term of a group's G queries (keys packed by pack_keys) for the entries of pass
+// `pass` to their logits (rows of stride M), leaving masked (-inf) logits alone. Passes write
+// disjoint columns, so threads may run different passes of one group at once.
 template <class T, int D>
 void drive_pass(const Call<T, D>& c, int64_t b, int64_t G, const T* keys, int64_t pass, T* logits,
                 Scratch<T>& w) {
