@@ -89,6 +89,16 @@ def cuda_peak_extra_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / MB
 
 
+def add_speedups(results: list, method_key: str, same_case: tuple, baseline: str = "reference") -> None:
+    """Sets entry["speedup_vs_<baseline>"] = baseline seconds / entry seconds for every timed
+    entry whose case (the `same_case` fields) has a timed baseline row in the same run."""
+    for entry in results:
+        ref = next((r for r in results if r[method_key] == baseline and
+                    all(r[k] == entry[k] for k in same_case)), None)
+        if ref and "seconds" in ref and "seconds" in entry:
+            entry[f"speedup_vs_{baseline}"] = ref["seconds"] / entry["seconds"]
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

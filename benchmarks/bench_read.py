@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resonant_kernels as rk  # noqa: E402
-from _measure import machine_description, median_time, peak_extra_rss_mb, write_json  # noqa: E402
+from _measure import add_speedups, machine_description, median_time, peak_extra_rss_mb, write_json  # noqa: E402
 
 SIGMA, THRESHOLD, SPREAD = 10.0, 25.0, 100.0
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -154,11 +154,7 @@ def run(args):
             results.append(entry)
             progress.update()
     progress.close()
-    for entry in results:
-        ref = next((r for r in results if r["method"] == "reference" and
-                    all(r[k] == entry[k] for k in ("Q", "M", "E", "threshold", "backward"))), None)
-        if ref and "seconds" in ref and "seconds" in entry:
-            entry["speedup_vs_reference"] = ref["seconds"] / entry["seconds"]
+    add_speedups(results, "method", ("Q", "M", "E", "threshold", "backward"))
     return results
 
 

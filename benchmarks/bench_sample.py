@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resonant_kernels as rk  # noqa: E402
-from _measure import (cuda_peak_extra_mb, machine_description, median_time, peak_extra_rss_mb,  # noqa: E402
+from _measure import (add_speedups, cuda_peak_extra_mb, machine_description, median_time, peak_extra_rss_mb,  # noqa: E402
                       write_json)
 
 MEM_SD, SEARCH_SD, SPREAD, D = 10.0, 25.0, 100.0, 2
@@ -92,11 +92,7 @@ def run(args):
             results.append(entry)
             progress.update()
     progress.close()
-    for entry in results:
-        ref = next((r for r in results if r["backend"] == "reference" and
-                    all(r[k] == entry[k] for k in ("Q", "M", "E", "S"))), None)
-        if ref and "seconds" in ref and "seconds" in entry:
-            entry["speedup_vs_reference"] = ref["seconds"] / entry["seconds"]
+    add_speedups(results, "backend", ("Q", "M", "E", "S"))
     return results
 
 
