@@ -408,7 +408,8 @@ def test_cli_defaults_are_the_chosen_lunarlander_configuration():
 
     args = build_parser().parse_args(["train", "lunarlander"])
     chosen = {"bandwidth": 0.2, "gamma": 0.96, "action_repeat": 4, "capacity": 200_000, "epsilon_decay": 0.99,
-              "epsilon_end": 0.0, "recency_halflife": None, "outcome_temperature": None, "k": None, "n_step": None}
+              "epsilon_end": 0.0, "recency_halflife": None, "outcome_temperature": None, "k": None, "n_step": None,
+              "estimator": None, "ridge": 0.01}  # estimator None: local_linear for kernel-weighted scoring
     assert {key: getattr(args, key) for key in chosen} == chosen
     args = build_parser().parse_args(["train", "lunarlander", "--recency-halflife", "5000", "--outcome-temperature",
                                       "30", "--epsilon-end", "0.05"])
@@ -432,4 +433,11 @@ def test_cli_train_passes_the_options_to_the_brain(tmp_path, monkeypatch):
                  "--epsilon-end", "0.1", "--out", str(tmp_path), "--name", "run", "--no-progress"]) == 0
     brain = built["brain"]
     assert (brain.recency_halflife, brain.outcome_temperature, brain.epsilon_end) == (50.0, 7.0, 0.1)
+    assert brain.estimator == "mean"  # the outcome tilt is not a weighted sum a local fit can use
     assert (tmp_path / "run.json").exists()
+    assert main(["train", "cartpole", "--episodes", "2", "--ridge", "0.5", "--out", str(tmp_path), "--name", "ll",
+                 "--no-progress"]) == 0
+    assert (built["brain"].estimator, built["brain"].ridge) == ("local_linear", 0.5)
+    assert main(["train", "cartpole", "--episodes", "2", "--k", "5", "--out", str(tmp_path), "--name", "knn",
+                 "--no-progress"]) == 0
+    assert (built["brain"].estimator, built["brain"].k) == ("mean", 5)

@@ -38,6 +38,13 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--outcome-temperature", type=float, default=None,
                    help="score actions by their exp(outcome/T)-weighted mean outcome, between mean and max "
                         "(default: the mean)")
+    p.add_argument("--estimator", choices=("mean", "local_linear"), default=None,
+                   help="an action's score near a state: the intercept of a local linear fit of outcome on state "
+                        "(corrects for where each action's engrams lie; the default for kernel-weighted scoring) "
+                        "or the weighted mean (the default, and the only choice, with --k, a Milvus store or "
+                        "--outcome-temperature)")
+    p.add_argument("--ridge", type=float, default=0.01,
+                   help="local_linear: ridge on the slope, relative to bandwidth² times the evidence")
     p.add_argument("--epsilon-decay", type=float, default=0.99, help="epsilon factor per remembered episode")
     p.add_argument("--epsilon-end", type=float, default=0.0,
                    help="floor of the exploration rate (0: fully greedy once epsilon has decayed)")
@@ -76,11 +83,14 @@ def run(args) -> int:
         store = MilvusEngramStore(state_dim, num_actions, uri, collection=f"engrams_{args.env}_seed{args.seed}",
                                   index_type=args.index, capacity=args.capacity, eviction=args.eviction,
                                   drop_existing=True, seed=args.seed)
+    if args.estimator is None:
+        args.estimator = "local_linear" if args.k is None and args.outcome_temperature is None else "mean"
     torch.manual_seed(args.seed)
     brain = EngramBrain(state_dim, num_actions, store, k=args.k, bandwidth=args.bandwidth, gamma=args.gamma,
                         epsilon_decay=args.epsilon_decay, epsilon_end=args.epsilon_end, seed=args.seed,
                         n_step=args.n_step,
-                        recency_halflife=args.recency_halflife, outcome_temperature=args.outcome_temperature)
+                        recency_halflife=args.recency_halflife, outcome_temperature=args.outcome_temperature,
+                        estimator=args.estimator, ridge=args.ridge)
     trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed,
                       action_repeat=args.action_repeat)
     try:

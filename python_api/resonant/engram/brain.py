@@ -9,6 +9,12 @@ when bandwidth is None). An action whose share of the evidence is below `min_evi
 by the explicit `prior`: a float, or "neighbourhood" (the mean outcome of all evidence at that
 state, falling back to `empty_prior` where there is none).
 
+`estimator="local_linear"` (kernel-weighted scoring only) scores each action by the intercept of
+a local linear fit of outcome on state around the query instead of the plain weighted mean:
+the engrams behind different actions sit at different places in the neighbourhood (the policy
+chose them by state), and the fit corrects for where they sit (engram/local_linear.py). It is
+the default of `resonant train` (BENCHMARKS.md).
+
 Two optional reweightings (both off by default; store.recency_weights, store.outcome_tilt):
 `recency_halflife` (in engrams) halves an engram's evidence for every recency_halflife engrams
 stored after it, so the scores follow the current policy's outcomes rather than the average over
@@ -27,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .store import EngramStore, as_states, check_positive_or_none, validate_engrams
+from .store import EngramStore, as_states, check_estimator, check_positive_or_none, validate_engrams
 
 
 def discounted_returns(rewards: Sequence[float], gamma: float, tail_value: float = 0.0) -> np.ndarray:
@@ -58,7 +64,7 @@ class EngramBrain:
                  min_evidence: float = 1e-3, epsilon_start: float = 1.0, epsilon_end: float = 0.02,
                  epsilon_decay: float = 0.995, seed: Optional[int] = None,
                  n_step: Optional[int] = None, recency_halflife: Optional[float] = None,
-                 outcome_temperature: Optional[float] = None,
+                 outcome_temperature: Optional[float] = None, estimator: str = "mean", ridge: float = 0.01,
                  normalise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if store.state_dim != state_dim or store.num_actions != num_actions:
             raise ValueError(f"store holds {store.state_dim}-dim states and {store.num_actions} actions; the brain "
@@ -82,6 +88,10 @@ class EngramBrain:
         self.n_step = n_step
         self.recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
         self.outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
+        check_estimator(estimator, ridge, self.outcome_temperature)
+        if estimator != "mean" and k is not None:
+            raise ValueError(f"estimator={estimator!r} needs kernel-weighted scoring (k=None); got k={k}")
+        self.estimator, self.ridge = estimator, float(ridge)
         self.normalise = normalise
         self._rng = np.random.default_rng(seed)
 
@@ -97,6 +107,8 @@ class EngramBrain:
         for name in ("recency_halflife", "outcome_temperature"):
             if getattr(self, name) is not None:  # stores without the option keep working when it is off
                 kwargs[name] = getattr(self, name)
+        if self.estimator != "mean":
+            kwargs.update(estimator=self.estimator, ridge=self.ridge)
         sums, evidence = self.store.action_values(s, k=self.k, bandwidth=self.bandwidth, **kwargs)
         total_evidence = evidence.sum(1, keepdim=True)
         share = evidence / total_evidence.clamp_min(1e-30)

@@ -22,6 +22,9 @@ import torch
 from resonant_kernels import _validate
 
 EVICTION_POLICIES = ("oldest", "random", "smallest")
+# how an action's outcomes near a state become its score: the kernel-weighted mean, or the
+# intercept of a local linear fit (engram/local_linear.py)
+ESTIMATORS = ("mean", "local_linear")
 
 
 @dataclass
@@ -120,6 +123,16 @@ def recency_weights(index: torch.Tensor, newest_index: int, recency_halflife: Op
     return torch.exp2(-age / recency_halflife).float()
 
 
+def check_estimator(estimator: str, ridge, outcome_temperature: Optional[float]) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    if estimator == "local_linear" and outcome_temperature is not None:
+        raise ValueError("outcome_temperature cannot be combined with estimator='local_linear': the tilted mean "
+                         "is not a weighted sum the local linear fit can use")
+
+
 # Outcomes more than this many temperatures below the best are all tilted by exp(-TILT_FLOOR): far
 # below float32's limits even after the kernel weight multiplies it, so a state whose evidence is
 # all poor still reads that evidence instead of underflowing to "no evidence".
@@ -212,14 +225,21 @@ class EngramStore(abc.ABC):
         return n
 
     def action_values(self, states: torch.Tensor, *, k: Optional[int], bandwidth: Optional[float],
-                      recency_halflife: Optional[float] = None, outcome_temperature: Optional[float] = None):
+                      recency_halflife: Optional[float] = None, outcome_temperature: Optional[float] = None,
+                      estimator: str = "mean", ridge: float = 0.01):
         """(sums, evidence), both (Q, A): per action, the total weight of the engrams consulted for
         each query state and the weighted sum of their outcomes (sums / evidence is the score;
         see weighted_action_values for recency_halflife and outcome_temperature). The base
-        version uses the k nearest engrams (search); stores with a faster exact route override it."""
+        version uses the k nearest engrams (search); stores with a faster exact route override it.
+        estimator="local_linear" (ridge: its slope's regularisation) needs kernel-weighted scoring,
+        which only TorchEngramStore has."""
+        check_estimator(estimator, ridge, outcome_temperature)
         if k is None:
             raise ValueError(f"{type(self).__name__} needs k (k-nearest scoring); kernel-weighted scoring over "
                              "the whole memory is available with TorchEngramStore")
+        if estimator != "mean":
+            raise ValueError(f"estimator={estimator!r} needs kernel-weighted scoring (k=None, TorchEngramStore); "
+                             "k-nearest scoring uses estimator='mean'")
         recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
         outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
         return weighted_action_values(self.search(states, k), self.num_actions, bandwidth,

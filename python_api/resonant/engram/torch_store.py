@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import resonant_kernels
-from .store import (EngramStore, Neighbours, as_states, check_positive_or_none, outcome_tilt, recency_weights,
-                    tilted_sums)
+from . import local_linear
+from .store import (EngramStore, Neighbours, as_states, check_estimator, check_positive_or_none,
+                    outcome_tilt, recency_weights, tilted_sums)
 
 _QUERY_CHUNK_ELEMENTS = 1 << 24  # distances materialised per search chunk
 
@@ -38,6 +39,9 @@ class TorchEngramStore(EngramStore):
         self.device = torch.device(device)
         self._n = 0
         self._next_index = 0
+        # value columns kept per engram: [one-hot·outcome, one-hot], widened to the local linear
+        # columns the first time that estimator is asked for (then maintained on insert)
+        self._value_width = 2 * num_actions
         self._alloc(max(1, min(initial_size, capacity or initial_size)))
 
     # ---- storage ---------------------------------------------------------------------------
@@ -50,7 +54,7 @@ class TorchEngramStore(EngramStore):
             "_outcomes": torch.zeros(size, device=dev),
             "_returns": torch.zeros(size, device=dev),
             "_index": torch.zeros(size, dtype=torch.int64, device=dev),
-            "_values": torch.zeros(size, 2 * A, device=dev),  # [one-hot·outcome, one-hot]
+            "_values": torch.zeros(size, self._value_width, device=dev),
         }
         for name, buf in new.items():
             if old is not None:
@@ -69,15 +73,30 @@ class TorchEngramStore(EngramStore):
         dev = self.device
         actions = actions.to(dev)
         outcomes = outcomes.to(dev)
-        onehot = F.one_hot(actions, self.num_actions).float()
-        self._states[rows] = states.to(dev)
+        states = states.to(dev)
+        self._states[rows] = states
         self._actions[rows] = actions
         self._outcomes[rows] = outcomes
         self._returns[rows] = episode_returns.to(dev)
         self._index[rows] = torch.arange(self._next_index, self._next_index + n, device=dev)
-        self._values[rows] = torch.cat([onehot * outcomes[:, None], onehot], dim=1)
+        self._values[rows] = self._value_rows(states, actions, outcomes)
         self._n += n
         self._next_index += n
+
+    def _value_rows(self, states, actions, outcomes) -> torch.Tensor:
+        if self._value_width == 2 * self.num_actions:
+            onehot = F.one_hot(actions, self.num_actions).float()
+            return torch.cat([onehot * outcomes[:, None], onehot], dim=1)
+        return local_linear.value_columns(states, actions, outcomes, self.num_actions)  # same first 2A columns
+
+    def _widen_for_local_linear(self) -> None:
+        width = local_linear.column_count(self.state_dim, self.num_actions)
+        if self._value_width == width:
+            return
+        self._value_width = width
+        n = self._n
+        self._values = torch.zeros(self._states.shape[0], width, device=self.device)
+        self._values[:n] = self._value_rows(self._states[:n], self._actions[:n], self._outcomes[:n])
 
     def _eviction_view(self):
         return self._index[: self._n].cpu().numpy(), self._outcomes[: self._n].cpu().numpy()
@@ -124,18 +143,24 @@ class TorchEngramStore(EngramStore):
             distance=dist.cpu(),
         )
 
-    def _weighted_values(self, recency_halflife: Optional[float], outcome_temperature: Optional[float]):
+    def _weighted_values(self, recency_halflife: Optional[float], outcome_temperature: Optional[float],
+                         estimator: str):
         """The read's values with each row scaled by its engram's weight: [one-hot·outcome·w·t,
         one-hot·w·t, one-hot·w] (w: recency weight, t: outcome tilt against the memory's best
-        outcome; the last block only when tilting). Cached until the memory changes: engrams are
-        added once per episode but read at every decision."""
+        outcome; the last block only when tilting), or the local linear columns times w. Cached
+        until the memory changes: engrams are added once per episode but read at every decision."""
+        n, A = self._n, self.num_actions
+        if estimator == "local_linear":
+            self._widen_for_local_linear()
+            base = self._values[:n]
+        else:
+            base = self._values[:n, : 2 * A]
         if recency_halflife is None and outcome_temperature is None:
-            return self._values[: self._n]
-        key = (self._n, self._next_index, recency_halflife, outcome_temperature)
+            return base
+        key = (self._n, self._next_index, recency_halflife, outcome_temperature, estimator)
         if getattr(self, "_weighted_key", None) != key:
-            n, A = self._n, self.num_actions
             w = recency_weights(self._index[:n].cpu(), self._next_index - 1, recency_halflife).to(self.device)
-            values = self._values[:n] * w[:, None]
+            values = base * w[:, None]
             if outcome_temperature is not None:
                 outcomes = self._outcomes[:n]
                 t = outcome_tilt(outcomes.cpu(), outcomes.max().item(), outcome_temperature).to(self.device)
@@ -145,12 +170,13 @@ class TorchEngramStore(EngramStore):
 
     def action_values(self, states, *, k: Optional[int], bandwidth: Optional[float],
                       match_threshold: Optional[float] = None, recency_halflife: Optional[float] = None,
-                      outcome_temperature: Optional[float] = None):
+                      outcome_temperature: Optional[float] = None, estimator: str = "mean", ridge: float = 0.01):
         if k is not None:
             return super().action_values(states, k=k, bandwidth=bandwidth, recency_halflife=recency_halflife,
-                                         outcome_temperature=outcome_temperature)
+                                         outcome_temperature=outcome_temperature, estimator=estimator, ridge=ridge)
         recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
         outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
+        check_estimator(estimator, ridge, outcome_temperature)
         if bandwidth is None or not bandwidth > 0:
             raise ValueError(f"kernel-weighted scoring (k=None) needs a positive bandwidth, got {bandwidth!r}")
         q = as_states(states, self.state_dim).to(self.device)
@@ -160,11 +186,13 @@ class TorchEngramStore(EngramStore):
         threshold = 3.0 * bandwidth if match_threshold is None else match_threshold
         # query and memory share the bandwidth: v = σ_q² + σ_m² = bandwidth²
         sd = bandwidth / math.sqrt(2.0)
-        values = self._weighted_values(recency_halflife, outcome_temperature)
+        values = self._weighted_values(recency_halflife, outcome_temperature, estimator)
         read = resonant_kernels.gaussian_read(
             q, sd, self._states[: self._n], sd, values, match_threshold=threshold
         ).cpu()
         A = self.num_actions
+        if estimator == "local_linear":
+            return local_linear.scores_from_read(read, q.cpu(), A, ridge, bandwidth)
         if outcome_temperature is None:
             return read[:, :A], read[:, A:]
         evidence = read[:, 2 * A:]
