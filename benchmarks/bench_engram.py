@@ -2,6 +2,9 @@
 
 Stores compared (all exact unless --milvus-index says otherwise):
   torch-kernel  TorchEngramStore, kernel-weighted scoring: one fused gaussian_read for all actions
+  torch-kernel-local-linear  the same, estimator="local_linear" (the `resonant train` default): one
+                read with A(2+d) + d(d+3)/2 value columns (84 for d=8, A=4) instead of 2A, then a
+                d×d solve per state (resonant/engram/local_linear.py)
   torch-knn     TorchEngramStore, exact k-NN (chunked cdist + topk) then per-action weighting
   milvus-lite   MilvusEngramStore on an embedded Milvus Lite file, k-NN (FLAT index by default)
   faiss-flat    faiss IndexFlatL2 k-NN (if faiss-cpu is installed), same per-action weighting
@@ -77,7 +80,7 @@ def main(argv=None):
     def record(name, decide):
         seconds = _measure.median_time(lambda: decide(queries), repeats=args.repeats)
         rows.append({"store": name, "seconds_per_batch": seconds, "decisions_per_second": args.batch / seconds})
-        print(f"{name:14s} {args.batch / seconds:12.0f} decisions/s  ({seconds * 1e3:.2f} ms per batch)", flush=True)
+        print(f"{name:26s} {args.batch / seconds:12.0f} decisions/s  ({seconds * 1e3:.2f} ms per batch)", flush=True)
 
     steps = tqdm(total=4, desc="building stores", unit="store")
     torch_store = TorchEngramStore(args.dim, args.actions, initial_size=args.engrams)
@@ -86,6 +89,9 @@ def main(argv=None):
     brains = {
         "torch-kernel": EngramBrain(args.dim, args.actions, torch_store, k=None, bandwidth=args.bandwidth,
                                     epsilon_start=0.0),
+        "torch-kernel-local-linear": EngramBrain(args.dim, args.actions, torch_store, k=None,
+                                                 bandwidth=args.bandwidth, epsilon_start=0.0,
+                                                 estimator="local_linear"),
         "torch-knn": EngramBrain(args.dim, args.actions, torch_store, k=args.k, bandwidth=args.bandwidth,
                                  epsilon_start=0.0),
     }
@@ -118,7 +124,7 @@ def main(argv=None):
             milvus.close()
     by = {r["store"]: r["decisions_per_second"] for r in rows}
     milvus_key = f"milvus-lite-{args.milvus_index.lower()}"
-    ratios = {f"{name}_over_{milvus_key}": by[name] / by[milvus_key] for name in ("torch-kernel", "torch-knn")
+    ratios = {f"{name}_over_{milvus_key}": by[name] / by[milvus_key] for name in ("torch-kernel", "torch-kernel-local-linear", "torch-knn")
               if milvus_key in by}
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.1f}x")

@@ -20,7 +20,7 @@ import numpy as np
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Runs recorded before a flag existed ran with what is now spelled by these values.
 FLAGS_BEFORE_THEY_EXISTED = {"action_repeat": 1, "epsilon_end": 0.02, "recency_halflife": None,
-                             "outcome_temperature": None}
+                             "outcome_temperature": None, "estimator": "mean"}
 TARGET = 100.0
 
 
@@ -34,7 +34,9 @@ def command(name: str, config: dict) -> str:
              f"--action-repeat {c['action_repeat']} --gamma {spelled(c['gamma'])}",
              f"--bandwidth {spelled(c['bandwidth'])}",
              f"--capacity {c['capacity']} --epsilon-decay {spelled(c['epsilon_decay'])}",
-             f"--epsilon-end {spelled(c['epsilon_end'])}"]
+             f"--epsilon-end {spelled(c['epsilon_end'])} --estimator {c['estimator']}"]
+    if c["estimator"] == "local_linear":
+        parts.append(f"--ridge {spelled(c['ridge'])}")
     for key in ("k", "n_step", "recency_halflife", "outcome_temperature"):
         if c.get(key) is not None:
             parts.append(f"--{key.replace('_', '-')} {spelled(c[key])}")

@@ -407,7 +407,7 @@ def test_cli_defaults_are_the_chosen_lunarlander_configuration():
     from resonant.cli import build_parser
 
     args = build_parser().parse_args(["train", "lunarlander"])
-    chosen = {"bandwidth": 0.2, "gamma": 0.96, "action_repeat": 4, "capacity": 200_000, "epsilon_decay": 0.99,
+    chosen = {"bandwidth": 0.3, "gamma": 0.96, "action_repeat": 4, "capacity": 200_000, "epsilon_decay": 0.99,
               "epsilon_end": 0.0, "recency_halflife": None, "outcome_temperature": None, "k": None, "n_step": None,
               "estimator": None, "ridge": 0.01}  # estimator None: local_linear for kernel-weighted scoring
     assert {key: getattr(args, key) for key in chosen} == chosen

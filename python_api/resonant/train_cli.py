@@ -29,7 +29,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=None,
                    help="score from the k nearest engrams (default: kernel-weighted over all; needs --store torch)")
-    p.add_argument("--bandwidth", type=float, default=0.2, help="kernel width in normalised-state units")
+    p.add_argument("--bandwidth", type=float, default=0.3, help="kernel width in normalised-state units")
     p.add_argument("--gamma", type=float, default=0.96, help="discount per decision (0.96 ≈ 0.99 per step with --action-repeat 4)")
     p.add_argument("--n-step", type=int, default=None,
                    help="bootstrap outcomes n steps ahead from the memory (default: Monte-Carlo returns)")
