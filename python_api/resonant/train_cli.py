@@ -19,7 +19,7 @@ def parse_store(spec: str):
 
 
 def add_subcommand(subparsers) -> None:
-    # Defaults: the chosen LunarLander configuration in BENCHMARKS.md (tuned on seed 0, checked on seeds 1-3).
+    # Defaults: the chosen LunarLander configuration in BENCHMARKS.md (tuned on seeds 0-3, checked on seeds 4-7).
     p = subparsers.add_parser("train", help="train an EngramBrain on a discrete-action Gymnasium env",
                               description="Train an EngramBrain; writes NAME.json and NAME.png to --out.")
     p.add_argument("env", help=f"one of {sorted(ENVS)} or any Gymnasium id with Discrete actions")
