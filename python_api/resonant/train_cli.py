@@ -23,14 +23,16 @@ def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser("train", help="train an EngramBrain on a discrete-action Gymnasium env",
                               description="Train an EngramBrain; writes NAME.json and NAME.png to --out.")
     p.add_argument("env", help=f"one of {sorted(ENVS)} or any Gymnasium id with Discrete actions")
-    p.add_argument("--episodes", type=int, default=1500)
+    p.add_argument("--episodes", type=int, default=1500, help="episodes to train (default: %(default)s)")
     p.add_argument("--store", type=parse_store, default=("torch", None),
                    help="torch (default), milvus-lite:PATH (embedded) or milvus:URI (server)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds resets, exploration and eviction (default: %(default)s)")
     p.add_argument("--k", type=int, default=None,
                    help="score from the k nearest engrams (default: kernel-weighted over all; needs --store torch)")
-    p.add_argument("--bandwidth", type=float, default=0.3, help="kernel width in normalised-state units")
-    p.add_argument("--gamma", type=float, default=0.96, help="discount per decision (0.96 ≈ 0.99 per step with --action-repeat 4)")
+    p.add_argument("--bandwidth", type=float, default=0.3,
+                   help="kernel width in normalised-state units (default: %(default)s)")
+    p.add_argument("--gamma", type=float, default=0.96,
+                   help="discount per decision (default: %(default)s ≈ 0.99 per step with --action-repeat 4)")
     p.add_argument("--n-step", type=int, default=None,
                    help="bootstrap outcomes n steps ahead from the memory (default: Monte-Carlo returns)")
     p.add_argument("--recency-halflife", type=float, default=None,
@@ -44,16 +46,22 @@ def add_subcommand(subparsers) -> None:
                         "or the weighted mean (the default, and the only choice, with --k, a Milvus store or "
                         "--outcome-temperature)")
     p.add_argument("--ridge", type=float, default=0.01,
-                   help="local_linear: ridge on the slope, relative to bandwidth² times the evidence")
-    p.add_argument("--epsilon-decay", type=float, default=0.99, help="epsilon factor per remembered episode")
+                   help="local_linear: ridge on the slope, relative to bandwidth² times the evidence "
+                        "(default: %(default)s)")
+    p.add_argument("--epsilon-decay", type=float, default=0.99,
+                   help="epsilon factor per remembered episode (default: %(default)s)")
     p.add_argument("--epsilon-end", type=float, default=0.0,
                    help="floor of the exploration rate (0: fully greedy once epsilon has decayed)")
-    p.add_argument("--capacity", type=int, default=200_000)
-    p.add_argument("--eviction", choices=("oldest", "random", "smallest"), default="oldest")
+    p.add_argument("--capacity", type=int, default=200_000, help="engrams kept (default: %(default)s)")
+    p.add_argument("--eviction", choices=("oldest", "random", "smallest"), default="oldest",
+                   help="which engrams go when the memory is full (default: %(default)s)")
     p.add_argument("--index", choices=("FLAT", "IVF_FLAT", "HNSW"), default="FLAT", help="Milvus index type")
-    p.add_argument("--num-envs", type=int, default=8)
-    p.add_argument("--action-repeat", type=int, default=4, help="environment steps each decision is held for")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--num-envs", type=int, default=8,
+                   help="environments stepped side by side, one batched decision for all (default: %(default)s)")
+    p.add_argument("--action-repeat", type=int, default=4,
+                   help="environment steps each decision is held for (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder for NAME.json and NAME.png (default: %(default)s)")
     p.add_argument("--name", default=None, help="output file stem (default engram_ENV_seedS)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
