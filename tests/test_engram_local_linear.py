@@ -3,6 +3,13 @@ import numpy as np
 import pytest
 import torch
 
+try:
+    import milvus_lite  # noqa: F401
+    import pymilvus  # noqa: F401
+    MILVUS = None
+except ImportError as exc:  # the `milvus` extra is optional
+    MILVUS = f"pymilvus / milvus-lite not installed: {exc}"
+
 from resonant.engram import EngramBrain, TorchEngramStore
 from resonant.engram import local_linear
 
@@ -139,9 +146,66 @@ def test_local_linear_bad_configurations_raise():
             store.action_values(q, k=None, bandwidth=1.0, estimator="local_linear", ridge=bad)
     with pytest.raises(ValueError, match="outcome_temperature"):
         store.action_values(q, k=None, bandwidth=1.0, estimator="local_linear", outcome_temperature=5.0)
-    with pytest.raises(ValueError, match="k=None"):
-        store.action_values(q, k=4, bandwidth=1.0, estimator="local_linear")
-    with pytest.raises(ValueError, match="k=None"):
-        EngramBrain(2, 2, store, k=4, estimator="local_linear")
+    with pytest.raises(ValueError, match="bandwidth"):
+        store.action_values(q, k=4, bandwidth=None, estimator="local_linear")
+    with pytest.raises(ValueError, match="bandwidth"):
+        EngramBrain(2, 2, store, k=4, bandwidth=None, estimator="local_linear")
     with pytest.raises(ValueError, match="outcome_temperature"):
         EngramBrain(2, 2, store, estimator="local_linear", outcome_temperature=5.0)
+
+
+def knn_reference_scores(store, queries, k, bandwidth, ridge):
+    """The fit over each query's k nearest engrams, Gaussian-weighted relative to the nearest."""
+    e = store.engrams()
+    states, actions, outcomes = (e["states"].double().numpy(), e["actions"].numpy(), e["outcomes"].double().numpy())
+    scores = []
+    for q in queries.astype(np.float64):
+        d2 = ((states - q) ** 2).sum(1)
+        near = np.argsort(d2, kind="stable")[:k]
+        w = np.exp(-(d2[near] - d2[near].min()) / (2 * bandwidth**2))
+        c, used = weighted_least_squares(q, states[near], actions[near], outcomes[near], w, store.num_actions, ridge,
+                                         bandwidth)
+        scores.append(np.where(used, c, np.nan))
+    return np.array(scores)
+
+
+@pytest.mark.parametrize("d,num_actions,k", [(2, 3, 25), (5, 4, 60)])
+def test_local_linear_over_k_nearest_is_the_weighted_least_squares_fit(d, num_actions, k):
+    store = random_store(150, d, num_actions, seed=5)
+    queries = np.random.default_rng(6).normal(size=(5, d)).astype(np.float32)
+    sums, evidence = store.action_values(torch.as_tensor(queries), k=k, bandwidth=0.8, estimator="local_linear",
+                                         ridge=0.2)
+    ref = knn_reference_scores(store, queries, k, 0.8, 0.2)
+    share = (evidence / evidence.sum(1, keepdim=True)).numpy()
+    has = share > 1e-3
+    assert has.sum() >= 10
+    np.testing.assert_allclose((sums / evidence.clamp_min(1e-30)).numpy()[has], ref[has], rtol=2e-3, atol=2e-3)
+
+
+def test_local_linear_over_every_engram_matches_the_kernel_read():
+    # k = all engrams and a threshold wide enough to keep them all: the same weights up to a constant
+    store = random_store(60, 3, 2, seed=8)
+    q = torch.as_tensor(np.random.default_rng(9).normal(scale=0.3, size=(4, 3)).astype(np.float32))
+    kernel = store.action_values(q, k=None, bandwidth=1.5, match_threshold=1e3, estimator="local_linear")
+    knn = store.action_values(q, k=60, bandwidth=1.5, estimator="local_linear")
+    torch.testing.assert_close(kernel[0] / kernel[1], knn[0] / knn[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(MILVUS is not None, reason=str(MILVUS))
+def test_milvus_local_linear_matches_the_torch_store(tmp_path):
+    from resonant.engram.milvus_store import MilvusEngramStore
+
+    g = np.random.default_rng(10)
+    states = g.normal(size=(120, 3)).astype(np.float32)
+    actions, outcomes = g.integers(0, 3, 120), g.normal(size=120).astype(np.float32)
+    torch_store = TorchEngramStore(3, 3)
+    torch_store.add(states, actions, outcomes, 0.0)
+    with MilvusEngramStore(3, 3, str(tmp_path / "ll.db")) as milvus:
+        milvus.add(states, actions, outcomes, 0.0)
+        q = torch.as_tensor(g.normal(size=(4, 3)).astype(np.float32))
+        a = torch_store.action_values(q, k=30, bandwidth=0.7, estimator="local_linear")
+        b = milvus.action_values(q, k=30, bandwidth=0.7, estimator="local_linear")
+        nb = milvus.search(q, 30, with_states=True)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(nb.state[0, 0].numpy(), states[nb.index[0, 0].item()], rtol=1e-6)

@@ -42,9 +42,9 @@ def add_subcommand(subparsers) -> None:
                         "(default: the mean)")
     p.add_argument("--estimator", choices=("mean", "local_linear"), default=None,
                    help="an action's score near a state: the intercept of a local linear fit of outcome on state "
-                        "(corrects for where each action's engrams lie; the default for kernel-weighted scoring) "
-                        "or the weighted mean (the default, and the only choice, with --k, a Milvus store or "
-                        "--outcome-temperature)")
+                        "(corrects for where each action's engrams lie; the default for kernel-weighted scoring, "
+                        "with --k over the k nearest) or the weighted mean (the default with --k or a Milvus store, "
+                        "the only choice with --outcome-temperature)")
     p.add_argument("--ridge", type=float, default=0.01,
                    help="local_linear: ridge on the slope, relative to bandwidth² times the evidence "
                         "(default: %(default)s)")

@@ -9,8 +9,9 @@ when bandwidth is None). An action whose share of the evidence is below `min_evi
 by the explicit `prior`: a float, or "neighbourhood" (the mean outcome of all evidence at that
 state, falling back to `empty_prior` where there is none).
 
-`estimator="local_linear"` (kernel-weighted scoring only) scores each action by the intercept of
-a local linear fit of outcome on state around the query instead of the plain weighted mean:
+`estimator="local_linear"` scores each action by the intercept of a local linear fit of outcome
+on state around the query (over the whole memory, or over the k nearest) instead of the plain
+weighted mean:
 the engrams behind different actions sit at different places in the neighbourhood (the policy
 chose them by state), and the fit corrects for where they sit (engram/local_linear.py). It is
 the default of `resonant train` (BENCHMARKS.md).
@@ -89,8 +90,8 @@ class EngramBrain:
         self.recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
         self.outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
         check_estimator(estimator, ridge, self.outcome_temperature)
-        if estimator != "mean" and k is not None:
-            raise ValueError(f"estimator={estimator!r} needs kernel-weighted scoring (k=None); got k={k}")
+        if estimator == "local_linear" and bandwidth is None:
+            raise ValueError("estimator='local_linear' needs a bandwidth (it weighs the fit and scales its ridge)")
         self.estimator, self.ridge = estimator, float(ridge)
         self.normalise = normalise
         self._rng = np.random.default_rng(seed)

@@ -16,7 +16,8 @@ o: outcome, e: one-hot(action)):
 
     [e·o (A), e (A), e⊗s (A·d), upper triangle of s sᵀ (d(d+1)/2), s·o (d)]
 
-followed by a d×d solve per query. Nothing of size Q×M is formed. Recency weights scale whole
+followed by a d×d solve per query. Nothing of size Q×M is formed. Stores that answer k-nearest
+queries (Milvus) fit the same model over each query's k neighbours (scores_from_neighbours). Recency weights scale whole
 rows, so they combine with it; the outcome tilt does not (it is not a weighted sum of these).
 """
 from __future__ import annotations
@@ -38,6 +39,18 @@ def value_columns(states: torch.Tensor, actions: torch.Tensor, outcomes: torch.T
     outer = states[:, iu[0]] * states[:, iu[1]]
     return torch.cat([e * outcomes[:, None], e, (e[:, :, None] * states[:, None, :]).reshape(n, -1), outer,
                       states * outcomes[:, None]], dim=1)
+
+
+def scores_from_neighbours(query: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, outcomes: torch.Tensor,
+                           weights: torch.Tensor, num_actions: int, ridge: float,
+                           bandwidth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same fit over k neighbours per query (states (Q, k, d), actions/outcomes/weights (Q, k);
+    padded neighbours weigh 0): the weighted sums of value_columns a read would return."""
+    Q, k, d = states.shape
+    cols = value_columns(states.reshape(Q * k, d).double(), actions.reshape(-1), outcomes.reshape(-1).double(),
+                         num_actions).reshape(Q, k, -1)
+    read = (weights.double()[:, :, None] * cols).sum(1)
+    return scores_from_read(read, query, num_actions, ridge, bandwidth)
 
 
 def scores_from_read(read: torch.Tensor, query: torch.Tensor, num_actions: int, ridge: float,

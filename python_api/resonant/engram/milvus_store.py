@@ -120,7 +120,7 @@ class MilvusEngramStore(EngramStore):
         keep[positions] = False
         self._ids, self._outcomes = self._ids[keep], self._outcomes[keep]
 
-    def search(self, states, k: int) -> Neighbours:
+    def search(self, states, k: int, *, with_states: bool = False) -> Neighbours:
         k = self.check_k(k)
         if k > MAX_TOPK:
             raise ValueError(f"k must be <= {MAX_TOPK} for Milvus, got {k}")
@@ -130,9 +130,11 @@ class MilvusEngramStore(EngramStore):
         action = torch.full((Q, k), -1, dtype=torch.int64)
         outcome = torch.zeros(Q, k)
         distance = torch.full((Q, k), math.inf)
+        state = torch.zeros(Q, k, self.state_dim) if with_states else None
         if Q and len(self):
+            fields = ["action", "outcome"] + (["vector"] if with_states else [])
             hits = self.client.search(self.collection, data=q.numpy().tolist(), limit=min(k, len(self)),
-                                      anns_field="vector", output_fields=["action", "outcome"],
+                                      anns_field="vector", output_fields=fields,
                                       search_params=self._search_params)
             for row, row_hits in enumerate(hits):
                 for j, h in enumerate(row_hits):
@@ -140,7 +142,9 @@ class MilvusEngramStore(EngramStore):
                     action[row, j] = h["entity"]["action"]
                     outcome[row, j] = h["entity"]["outcome"]
                     distance[row, j] = math.sqrt(max(h["distance"], 0.0))  # Milvus L2 is squared
-        return Neighbours(index=index, action=action, outcome=outcome, distance=distance)
+                    if with_states:
+                        state[row, j] = torch.as_tensor(h["entity"]["vector"], dtype=torch.float32)
+        return Neighbours(index=index, action=action, outcome=outcome, distance=distance, state=state)
 
     def flush(self) -> None:
         self.client.flush(self.collection)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from resonant_kernels import _validate
+from . import local_linear
 
 EVICTION_POLICIES = ("oldest", "random", "smallest")
 # how an action's outcomes near a state become its score: the kernel-weighted mean, or the
@@ -36,6 +37,7 @@ class Neighbours:
     action: torch.Tensor  # (Q, k) int64
     outcome: torch.Tensor  # (Q, k) float32
     distance: torch.Tensor  # (Q, k) float32, Euclidean
+    state: Optional[torch.Tensor] = None  # (Q, k, d) float32 (zeros where padded); only search(..., with_states=True)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -158,12 +160,15 @@ def tilted_sums(tilted_sums_: torch.Tensor, tilted_evidence: torch.Tensor, evide
 
 def weighted_action_values(nb: Neighbours, num_actions: int, bandwidth: Optional[float], *,
                            recency_halflife: Optional[float] = None, newest_index: int = 0,
-                           outcome_temperature: Optional[float] = None):
+                           outcome_temperature: Optional[float] = None, estimator: str = "mean",
+                           ridge: float = 0.01, query: Optional[torch.Tensor] = None):
     """Per-action weighted outcome sums and evidence weights from neighbours: (Q, A), (Q, A).
     Evidence weights are Gaussian in the distance (bandwidth) or uniform (bandwidth None), times
     the recency weight of each engram (recency_weights; newest_index: the newest engram's index).
     sums / evidence is each action's score: the weighted mean outcome, tilted towards the better
-    outcomes with outcome_temperature (outcome_tilt, relative to the query's best neighbour)."""
+    outcomes with outcome_temperature (outcome_tilt, relative to the query's best neighbour), or
+    with estimator="local_linear" the intercept of the local linear fit over the neighbours
+    (needs nb.state, the query states and a bandwidth, which scales the ridge)."""
     valid = nb.valid
     if bandwidth is None:
         w = valid.float()
@@ -176,6 +181,11 @@ def weighted_action_values(nb: Neighbours, num_actions: int, bandwidth: Optional
         w = w * recency_weights(nb.index, newest_index, recency_halflife)
     act = nb.action.clamp_min(0)
     Q = nb.action.shape[0]
+    if estimator == "local_linear":
+        if nb.state is None or query is None or bandwidth is None:
+            raise ValueError("estimator='local_linear' over neighbours needs their states, the query states and a "
+                             "bandwidth")
+        return local_linear.scores_from_neighbours(query, nb.state, act, nb.outcome, w, num_actions, ridge, bandwidth)
     evidence = torch.zeros(Q, num_actions).scatter_add_(1, act, w)
     if outcome_temperature is None:
         return torch.zeros(Q, num_actions).scatter_add_(1, act, w * nb.outcome), evidence
@@ -231,24 +241,27 @@ class EngramStore(abc.ABC):
         each query state and the weighted sum of their outcomes (sums / evidence is the score;
         see weighted_action_values for recency_halflife and outcome_temperature). The base
         version uses the k nearest engrams (search); stores with a faster exact route override it.
-        estimator="local_linear" (ridge: its slope's regularisation) needs kernel-weighted scoring,
-        which only TorchEngramStore has."""
+        estimator="local_linear" (ridge: its slope's regularisation) fits over the k neighbours,
+        Gaussian-weighted, so it needs a bandwidth."""
         check_estimator(estimator, ridge, outcome_temperature)
         if k is None:
             raise ValueError(f"{type(self).__name__} needs k (k-nearest scoring); kernel-weighted scoring over "
                              "the whole memory is available with TorchEngramStore")
-        if estimator != "mean":
-            raise ValueError(f"estimator={estimator!r} needs kernel-weighted scoring (k=None, TorchEngramStore); "
-                             "k-nearest scoring uses estimator='mean'")
+        if estimator == "local_linear" and bandwidth is None:
+            raise ValueError("estimator='local_linear' needs a bandwidth (Gaussian weights over the k neighbours)")
         recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
         outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
-        return weighted_action_values(self.search(states, k), self.num_actions, bandwidth,
+        local = estimator == "local_linear"
+        q = as_states(states, self.state_dim)
+        return weighted_action_values(self.search(q, k, with_states=local), self.num_actions, bandwidth,
                                       recency_halflife=recency_halflife, newest_index=self._next_index - 1,
-                                      outcome_temperature=outcome_temperature)
+                                      outcome_temperature=outcome_temperature, estimator=estimator, ridge=ridge,
+                                      query=q)
 
     @abc.abstractmethod
-    def search(self, states, k: int) -> Neighbours:
-        """The k nearest engrams (Euclidean) of each state, nearest first."""
+    def search(self, states, k: int, *, with_states: bool = False) -> Neighbours:
+        """The k nearest engrams (Euclidean) of each state, nearest first (with their states when
+        with_states)."""
 
     @abc.abstractmethod
     def __len__(self) -> int: ...

@@ -117,7 +117,7 @@ class TorchEngramStore(EngramStore):
                 "episode_returns": self._returns[:n], "index": self._index[:n]}
 
     # ---- queries ---------------------------------------------------------------------------
-    def search(self, states, k: int) -> Neighbours:
+    def search(self, states, k: int, *, with_states: bool = False) -> Neighbours:
         k = self.check_k(k)
         q = as_states(states, self.state_dim).to(self.device)
         Q, n = q.shape[0], self._n
@@ -141,6 +141,7 @@ class TorchEngramStore(EngramStore):
             action=torch.where(valid, self._actions[p], -1).cpu(),
             outcome=torch.where(valid, self._outcomes[p], 0.0).cpu(),
             distance=dist.cpu(),
+            state=torch.where(valid[:, :, None], self._states[p], 0.0).cpu() if with_states else None,
         )
 
     def _weighted_values(self, recency_halflife: Optional[float], outcome_temperature: Optional[float],
