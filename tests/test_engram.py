@@ -409,7 +409,7 @@ def test_cli_defaults_are_the_chosen_lunarlander_configuration():
     args = build_parser().parse_args(["train", "lunarlander"])
     chosen = {"bandwidth": 0.3, "gamma": 0.96, "action_repeat": 4, "capacity": 200_000, "epsilon_decay": 0.99,
               "epsilon_end": 0.0, "recency_halflife": None, "outcome_temperature": None, "k": None, "n_step": None,
-              "estimator": None, "ridge": 0.01}  # estimator None: local_linear for kernel-weighted scoring
+              "estimator": None, "ridge": 0.01}  # estimator None: local_linear unless --outcome-temperature
     assert {key: getattr(args, key) for key in chosen} == chosen
     args = build_parser().parse_args(["train", "lunarlander", "--recency-halflife", "5000", "--outcome-temperature",
                                       "30", "--epsilon-end", "0.05"])
@@ -440,4 +440,4 @@ def test_cli_train_passes_the_options_to_the_brain(tmp_path, monkeypatch):
     assert (built["brain"].estimator, built["brain"].ridge) == ("local_linear", 0.5)
     assert main(["train", "cartpole", "--episodes", "2", "--k", "5", "--out", str(tmp_path), "--name", "knn",
                  "--no-progress"]) == 0
-    assert (built["brain"].estimator, built["brain"].k) == ("mean", 5)
+    assert (built["brain"].estimator, built["brain"].k) == ("local_linear", 5)

@@ -42,9 +42,9 @@ def add_subcommand(subparsers) -> None:
                         "(default: the mean)")
     p.add_argument("--estimator", choices=("mean", "local_linear"), default=None,
                    help="an action's score near a state: the intercept of a local linear fit of outcome on state "
-                        "(corrects for where each action's engrams lie; the default for kernel-weighted scoring, "
-                        "with --k over the k nearest) or the weighted mean (the default with --k or a Milvus store, "
-                        "the only choice with --outcome-temperature)")
+                        "(corrects for where each action's engrams lie; over the whole memory, or over the k "
+                        "nearest with --k; the default) or the weighted mean (the default with --outcome-temperature, "
+                        "which the fit cannot use)")
     p.add_argument("--ridge", type=float, default=0.01,
                    help="local_linear: ridge on the slope, relative to bandwidth² times the evidence "
                         "(default: %(default)s)")
@@ -92,7 +92,7 @@ def run(args) -> int:
                                   index_type=args.index, capacity=args.capacity, eviction=args.eviction,
                                   drop_existing=True, seed=args.seed)
     if args.estimator is None:
-        args.estimator = "local_linear" if args.k is None and args.outcome_temperature is None else "mean"
+        args.estimator = "local_linear" if args.outcome_temperature is None else "mean"
     torch.manual_seed(args.seed)
     brain = EngramBrain(state_dim, num_actions, store, k=args.k, bandwidth=args.bandwidth, gamma=args.gamma,
                         epsilon_decay=args.epsilon_decay, epsilon_end=args.epsilon_end, seed=args.seed,
