@@ -2,8 +2,8 @@
 
 The plain score of action a at query state q is the kernel-weighted mean outcome of the engrams
 that took a (Nadaraya–Watson). Its bias is the problem on control tasks: the engrams behind
-each action sit at *different* places around q, because the policy chose actions by state (the
-main engine was fired where the lander was falling fastest), and the outcome changes across the
+each action sit at *different* places around q, because the policy chose actions by state (e.g. the
+main engine fired where the lander falls fastest), and the outcome changes across the
 neighbourhood by more than actions differ. Local linear regression removes that: within the
 kernel around q fit
 
@@ -17,8 +17,9 @@ o: outcome, e: one-hot(action)):
     [e·o (A), e (A), e⊗s (A·d), upper triangle of s sᵀ (d(d+1)/2), s·o (d)]
 
 followed by a d×d solve per query. Nothing of size Q×M is formed. Stores that answer k-nearest
-queries (Milvus) fit the same model over each query's k neighbours (scores_from_neighbours). Recency weights scale whole
-rows, so they combine with it; the outcome tilt does not (it is not a weighted sum of these).
+queries (Milvus) fit the same model over each query's k neighbours (scores_from_neighbours).
+Recency weights scale whole rows, so they combine with it; the outcome tilt does not (it is not
+a weighted sum of these).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def column_count(state_dim: int, num_actions: int) -> int:
 
 
 def value_columns(states: torch.Tensor, actions: torch.Tensor, outcomes: torch.Tensor, num_actions: int) -> torch.Tensor:
-    """(N, column_count) float32 value rows for engrams (states (N, d), actions (N,), outcomes (N,))."""
+    """(N, column_count) value rows, in the states' dtype, for engrams (states (N, d), actions (N,), outcomes (N,))."""
     n, d = states.shape
     e = F.one_hot(actions, num_actions).to(states.dtype)
     iu = torch.triu_indices(d, d, device=states.device)
