@@ -32,7 +32,8 @@ def column_count(state_dim: int, num_actions: int) -> int:
     return A * (2 + d) + d * (d + 1) // 2 + d
 
 
-def value_columns(states: torch.Tensor, actions: torch.Tensor, outcomes: torch.Tensor, num_actions: int) -> torch.Tensor:
+def value_columns(states: torch.Tensor, actions: torch.Tensor, outcomes: torch.Tensor,
+                  num_actions: int) -> torch.Tensor:
     """(N, column_count) value rows, in the states' dtype, for engrams (states (N, d), actions (N,), outcomes (N,))."""
     n, d = states.shape
     e = F.one_hot(actions, num_actions).to(states.dtype)
