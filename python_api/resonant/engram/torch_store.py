@@ -21,7 +21,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import resonant_kernels
 from . import local_linear
@@ -84,10 +83,8 @@ class TorchEngramStore(EngramStore):
         self._next_index += n
 
     def _value_rows(self, states, actions, outcomes) -> torch.Tensor:
-        if self._value_width == 2 * self.num_actions:
-            onehot = F.one_hot(actions, self.num_actions).float()
-            return torch.cat([onehot * outcomes[:, None], onehot], dim=1)
-        return local_linear.value_columns(states, actions, outcomes, self.num_actions)  # same first 2A columns
+        # the local linear columns begin with the plain read's [one-hot·outcome, one-hot]
+        return local_linear.value_columns(states, actions, outcomes, self.num_actions)[:, : self._value_width]
 
     def _widen_for_local_linear(self) -> None:
         width = local_linear.column_count(self.state_dim, self.num_actions)
