@@ -52,6 +52,28 @@ struct OnlineSoftmax {
 };
 
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+constexpr double kLn2 = 0.69314718055994530941723212145818;
+
+// log Π v_i over the d variances of a pair with one log instead of d, without the product ever
+// over- or underflowing: each factor's binary exponent is split off (frexp) into an integer, so
+// the running product holds only mantissas in [0.5, 1), renormalised before it could underflow.
+// (A plain product of d float32 variances overflows from d = 3 at σ = 1e7, and a double product
+// of 16 variances of 1e20 or of 32 of 1e-12 leaves double's range.) Takes positive finite v.
+struct LogProduct {
+  double mantissa = 1.0;
+  int64_t exponent = 0;
+
+  RK_HD inline void multiply(double v) {
+    int e;
+    mantissa *= ::frexp(v, &e);
+    exponent += e;
+    if (mantissa < 0x1p-512) {  // after ≥ 512 factors: back to [0.5, 1)
+      mantissa = ::frexp(mantissa, &e);
+      exponent += e;
+    }
+  }
+  RK_HD inline double log() const { return ::log(mantissa) + double(exponent) * kLn2; }
+};
 
 // The kernel's geometry for one call: location dim d (D > 0 fixes it at compile time), the
 // threshold (squared; negative means none) and whether every variance in the call is one shared
@@ -89,14 +111,14 @@ struct Geometry {
     }
     if (thr2 >= 0 && dist2 > thr2) return neg_inf<T>();
     T quad = 0;
-    double prod = 1.0;  // product of variances in double: one log per pair instead of d
+    LogProduct log_det;
     for (int64_t i = 0; i < n; ++i) {
       const T v = qv(i) + mv(i);
       inv[i] = T(1) / v;
       quad += diff[i] * diff[i] * inv[i];
-      prod *= double(v);
+      log_det.multiply(double(v));
     }
-    return T(-0.5) * quad - T(0.5 * std::log(prod)) + norm_const;
+    return T(-0.5) * quad - T(0.5 * log_det.log()) + norm_const;
   }
 };
 

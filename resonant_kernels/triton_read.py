@@ -92,7 +92,6 @@ def _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
     dist2 = tl.zeros((q_offs.shape[0], m_offs.shape[0]), dtype=ql_ptr.dtype.element_ty)
     quad = tl.zeros_like(dist2)
     log_det = tl.zeros_like(dist2)
-    var_prod = tl.zeros_like(dist2) + 1.0
     for i in tl.static_range(D):
         diff, inv = _dim_terms(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
                                ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c, i,
@@ -101,17 +100,12 @@ def _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
         dist2 += sq
         if not UNIFORM:
             quad += sq * inv
-            # One log per pair from the product of variances keeps the special-function units
-            # free; past a few dims the product could overflow float32, so sum logs instead.
-            if D <= 4:
-                var_prod = var_prod / inv
-            else:
-                log_det += tl.log(inv)
+            # A sum of logs, not the log of a product: a product of even two float32 variances
+            # can overflow (σ = 1e10) or underflow (σ = 1e-10) where each variance is fine.
+            log_det += tl.log(inv)
     if UNIFORM:
         score = -0.5 * dist2 * uniform_inv + uniform_norm
     else:
-        if D <= 4:
-            log_det = -tl.log(var_prod)
         score = -0.5 * quad + 0.5 * log_det + norm_const
     keep = q_mask[:, None] & m_mask[None, :]
     if HAS_THR:
