@@ -149,12 +149,16 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
   }
 }
 
-// dp[i][j] = z_i · g_j for a block of entries × a tile of queries, the z chunks of the block
-// reused across each g row (E contiguous in both).
+// dp[i][j] = z_i · g_j for a block of nm ≤ kQueryBlock entries × a tile of queries, the z chunks
+// of the block reused across each g row (E contiguous in both). Rows past nm (a short last block)
+// repeat the last entry's row, so the unrolled loop never reads past the values (their dp is unused).
 template <class T>
-void dots_dense(const T* z0, int64_t z_row_stride, const T* g0, int64_t nt, int64_t E, T (*dp)[kTile]) {
+void dots_dense(const T* z0, int64_t z_row_stride, int64_t nm, const T* g0, int64_t nt, int64_t E,
+                T (*dp)[kTile]) {
   typedef T V __attribute__((vector_size(32)));
   constexpr int64_t C = sizeof(V) / sizeof(T);
+  const T* z[kQueryBlock];
+  for (int64_t i = 0; i < kQueryBlock; ++i) z[i] = z0 + std::min(i, nm - 1) * z_row_stride;
   for (int64_t j = 0; j < nt; ++j) {
     const T* g = g0 + j * E;
     V acc[kQueryBlock] = {};
@@ -164,14 +168,14 @@ void dots_dense(const T* z0, int64_t z_row_stride, const T* g0, int64_t nt, int6
       __builtin_memcpy(&gv, g + e0, sizeof(V));
       for (int64_t i = 0; i < kQueryBlock; ++i) {
         V zv;
-        __builtin_memcpy(&zv, z0 + i * z_row_stride + e0, sizeof(V));
+        __builtin_memcpy(&zv, z[i] + e0, sizeof(V));
         acc[i] += zv * gv;
       }
     }
     for (int64_t i = 0; i < kQueryBlock; ++i) {
       T sum = 0;
       for (int64_t k = 0; k < C; ++k) sum += acc[i][k];
-      for (int64_t e = e0; e < E; ++e) sum += z0[i * z_row_stride + e] * g[e];
+      for (int64_t e = e0; e < E; ++e) sum += z[i][e] * g[e];
       dp[i][j] = sum;
     }
   }
@@ -236,7 +240,7 @@ void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
         const T* g0 = grad_out + (b * Q + q0) * E;
         const bool dense = values.s2 == 1 && nonzero * 4 > kQueryBlock * nt;
         if (dense) {
-          dots_dense<T>(values.row(b, t0), values.s1, g0, nt, E, dp);
+          dots_dense<T>(values.row(b, t0), values.s1, nm, g0, nt, E, dp);
           accumulate_dense<T>(w, nt, g0, E, dz.data(), E);
         }
         for (int64_t i = 0; i < nm; ++i) {
