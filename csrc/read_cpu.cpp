@@ -185,6 +185,11 @@ void dots_dense(const T* z0, int64_t z_row_stride, int64_t nm, const T* g0, int6
 // tiles of kTile queries: entry gradients are owned by their block; query gradients go to a
 // per-thread buffer (threads × Q × d, never Q × M) summed at the end. Weights are recomputed
 // from the saved log-sum-exp.
+//
+// Deterministic: the blocks are dealt to the threads round-robin (a static schedule, not a
+// dynamic one), each thread adds its blocks in order, and the per-thread sums are added in
+// thread order, so the gradients are bitwise the same run to run for a given thread count
+// (gradcheck's reentrancy test needs that; a dynamic schedule summed in scheduling order).
 template <class T, int D>
 void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                    View3<const T> mvar, View3<const T> values, const T* grad_out, const T* out,
@@ -211,7 +216,7 @@ void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
     T* my_query_grads = query_grads.data() + size_t(tid) * BQ * 2 * d;
     std::vector<T> dz(kQueryBlock * E), diff(d), inv(d);
     T w[kQueryBlock][kTile] = {}, dp[kQueryBlock][kTile] = {};
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static, 1)
     for (int64_t blk = 0; blk < s.B * blocks_per_batch; ++blk) {
       const int64_t b = blk / blocks_per_batch, t0 = (blk % blocks_per_batch) * kQueryBlock;
       const int64_t nm = std::min(kQueryBlock, M - t0);
