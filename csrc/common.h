@@ -95,6 +95,16 @@ struct Geometry {
     return thr2 >= 0 && dist2 > thr2 ? neg_inf<T>() : T(-0.5) * dist2 * uniform_inv_var + uniform_norm;
   }
 
+  // Whether the pair survives the threshold (always, without one): the geometry alone, so an
+  // overflow of the score to -inf never counts as masked.
+  template <class QL, class ML>
+  RK_HD inline bool within_threshold(const QL& ql, const ML& ml) const {
+    if (thr2 < 0) return true;
+    T dist2 = 0;
+    for (int64_t i = 0; i < dim(); ++i) dist2 += (ql(i) - ml(i)) * (ql(i) - ml(i));
+    return !(dist2 > thr2);
+  }
+
   // log k for the pair, or -inf when masked by the threshold. `dv` (optional, size d) receives
   // the per-dimension (q - m) and `inv` the per-dimension 1 / v, which the backward reuses.
   template <class QL, class QV, class ML, class MV>

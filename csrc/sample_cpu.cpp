@@ -141,7 +141,8 @@ struct Scratch {
 };
 
 // row[t] = log k(query q, entry t) · location_scale (-inf where masked) for every entry t; zeros
-// (the drive term alone) when there is no location term or every entry is masked.
+// (the drive term alone) when there is no location term or the threshold masks every entry. (A
+// score that overflows to -inf is not masked: a row of only such logits is unusable.)
 template <class T, int D>
 void location_row(const Call<T, D>& c, int64_t b, int64_t q, T* row, Scratch<T>& w) {
   const SampleShape& s = c.s;
@@ -156,19 +157,19 @@ void location_row(const Call<T, D>& c, int64_t b, int64_t q, T* row, Scratch<T>&
     T ql[D > 0 ? D : 1];
     for (int64_t i = 0; i < D; ++i) ql[i] = c.qloc(b, q, i);
     const T* ml = c.mloc.row(b, 0);
+    const T thr2 = c.geo.thr2 < 0 ? -ninf : c.geo.thr2;
     for (int64_t t = 0; t < s.M; ++t) {
       T dist2 = 0;
       for (int64_t i = 0; i < D; ++i) dist2 += (ql[i] - ml[t * D + i]) * (ql[i] - ml[t * D + i]);
-      const T sc = c.geo.uniform_score(dist2);
-      matched += sc != ninf;
-      row[t] = sc * scale;
+      matched += !(dist2 > thr2);
+      row[t] = c.geo.uniform_score(dist2) * scale;
     }
   } else {
     const auto ql = row_ref(c.qloc, b, q), qv = row_ref(c.qvar, b, q);
     for (int64_t t = 0; t < s.M; ++t) {
-      const T sc = c.geo.score(ql, qv, row_ref(c.mloc, b, t), row_ref(c.mvar, b, t), w.diff.data(), w.inv.data());
-      matched += sc != ninf;
-      row[t] = sc * scale;
+      const auto ml = row_ref(c.mloc, b, t);
+      row[t] = c.geo.score(ql, qv, ml, row_ref(c.mvar, b, t), w.diff.data(), w.inv.data()) * scale;
+      matched += c.geo.within_threshold(ql, ml);
     }
   }
   if (matched == 0) std::fill(row, row + s.M, T(0));
@@ -350,18 +351,26 @@ void for_each_query(const Call<T, D>& c, T* out, bool draws, Finish&& finish) {
   }
 }
 
+// The row's largest logit, or NaN when the row is unusable (sample_cpu.h): a logit is NaN or
+// +inf, or every logit is -inf. Only an overflow of the logits in T causes that.
 template <class T>
-T row_max(const T* row, int64_t M) {
+T usable_row_max(const T* row, int64_t M) {
   T mx = neg_inf<T>();
-#pragma omp simd reduction(max : mx)  // vectorised (std::max's NaN order would keep it scalar)
-  for (int64_t t = 0; t < M; ++t) mx = row[t] > mx ? row[t] : mx;
-  return mx;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)  // vectorised (std::max's NaN order would keep it scalar)
+  for (int64_t t = 0; t < M; ++t) {
+    mx = row[t] > mx ? row[t] : mx;
+    nan |= row[t] != row[t];
+  }
+  return nan || !std::isfinite(mx) ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
 
-// row[t] = exp(row[t] - max) (masked: 0), returning their sum (≥ 1: the max contributes 1).
+// row[t] = exp(row[t] - max) (masked: 0), returning their sum (≥ 1: the max contributes 1), or
+// NaN for an unusable row (left as it was).
 template <class T>
 double exp_shifted_row(T* row, int64_t M) {
-  const T mx = row_max(row, M);
+  const T mx = usable_row_max(row, M);
+  if (mx != mx) return std::numeric_limits<double>::quiet_NaN();
   for (int64_t t = 0; t < M; ++t) row[t] = exp_nonpositive(row[t] - mx);  // vectorised
   double total = 0;
 #pragma omp simd reduction(+ : total)
@@ -378,7 +387,12 @@ Call<T, D> make_call(const SampleShape& s, View3<const T> key, View3<const T> va
 template <class T, int D>
 void probs_impl(const Call<T, D>& c, T* probs) {
   for_each_query(c, probs, false, [&](int64_t, int64_t, T* row, Scratch<T>&) {
-    const T inv_total = T(1.0 / exp_shifted_row(row, c.s.M));
+    const double total = exp_shifted_row(row, c.s.M);
+    if (total != total) {  // unusable: NaN across the row
+      std::fill(row, row + c.s.M, std::numeric_limits<T>::quiet_NaN());
+      return;
+    }
+    const T inv_total = T(1.0 / total);
     for (int64_t t = 0; t < c.s.M; ++t) row[t] *= inv_total;
   });
 }
@@ -403,7 +417,12 @@ void indices_impl(const Call<T, D>& c, const double* uniforms, int64_t* idx) {
   const SampleShape& s = c.s;
   const int64_t blocks = cdf_blocks(s.M);
   for_each_query<T>(c, nullptr, true, [&](int64_t b, int64_t q, T* row, Scratch<T>& w) {
-    const T mx = row_max(row, s.M);
+    const int64_t bq = b * s.Q + q;
+    const T mx = usable_row_max(row, s.M);
+    if (mx != mx) {  // unusable: -1 for each draw
+      std::fill(idx + bq * s.S, idx + (bq + 1) * s.S, int64_t(-1));
+      return;
+    }
     for (int64_t t = 0; t < s.M; ++t) row[t] = exp_nonpositive(row[t] - mx);  // vectorised; masked -> 0
     // The CDF in blocks of kCdfBlock entries: part[t] is the sum of t's block's weights up to t,
     // added in order from zero, and cdf[blk] = cdf[blk - 1] + part[the block's last entry]. The
@@ -422,7 +441,6 @@ void indices_impl(const Call<T, D>& c, const double* uniforms, int64_t* idx) {
     // u < 1, but u * total may round up to total; the largest double below it still lands on
     // an entry of positive probability.
     const double top = std::nextafter(total, 0.0);
-    const int64_t bq = b * s.Q + q;
     for (int64_t i0 = 0; i0 < s.S; i0 += kSearchBatch) {
       const int64_t n = std::min(kSearchBatch, s.S - i0);
       double target[kSearchBatch];

@@ -20,6 +20,10 @@ Geometry<T, D> sample_geometry(const SampleShape& s) {
   return make_geometry<T, D>(s.d, s.threshold, uniform, uniform ? s.uniform_var_value : 0.0);
 }
 
+// A query row is unusable when a logit is NaN or +inf or every logit is -inf (only an overflow of
+// the logits in T causes that): probs are then NaN across the row and its draws -1, for the
+// caller to raise.
+
 // probs (B,Q,M) contiguous: softmax over entries of the logits.
 template <class T>
 void conditional_probs_cpu(const SampleShape& s, View3<const T> key, View3<const T> values, View3<const T> qloc,

@@ -6,6 +6,7 @@ whichever backend would have served it.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -28,12 +29,49 @@ def check_tensor(x, name: str, *, min_rank: int = 1, dtypes=LOCATION_DTYPES) -> 
     return x
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---- the numeric ranges every backend computes correctly (docs/validation.md) ----------------
+# F is the largest finite number of the computation's dtype (the locations'), N its smallest
+# normal number. Every bound below keeps an intermediate of the kernels finite and normal, so
+# inside them every backend agrees with the maths (and outside them every backend raises).
+
+def sd_range(dtype: torch.dtype) -> tuple[float, float]:
+    """σ in [√N, √F/2]: σ² is a normal number (so 1/v is finite) and σ_q² + σ_m² ≤ F/2."""
+    fi = torch.finfo(dtype)
+    return math.sqrt(fi.tiny), math.sqrt(fi.max) / 2
+
+
+def location_bound(dtype: torch.dtype, d: int) -> float:
+    """|coordinate| ≤ √(F/d)/4, so that a squared distance Σ_i (q_i − m_i)² over d dims is ≤ F/4."""
+    return math.sqrt(torch.finfo(dtype).max / max(d, 1)) / 4
+
+
+def value_bound(dtype: torch.dtype, num_entries: int) -> float:
+    """|value| ≤ F/(2M): a softmax-weighted sum of M values, accumulated under a running max whose
+    weights are each ≤ 1 before normalising, stays finite."""
+    return torch.finfo(dtype).max / (2 * max(num_entries, 1))
+
+
+def check_range(x: torch.Tensor, name: str, bound: float = math.inf, why: str = "") -> None:
+    """x is finite and every |x| ≤ bound; one reduction (aminmax: no copy of x, NaN propagates)."""
+    if not x.numel():
+        return
+    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"{name} contains NaN values")
+    if math.isinf(low) or math.isinf(high):
+        raise ValueError(f"{name} contains Inf values")
+    peak = max(-low, high)
+    if peak > bound:
+        raise ValueError(f"{name} has a value of magnitude {peak:.4g}, above the usable bound {bound:.4g} "
+                         f"for {_dtype_name(x.dtype)}{why}")
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
-    # One reduction without a bool copy of x: NaN and ±Inf always reach the sum; only a sum that
-    # overflows from finite values needs the elementwise check.
-    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
-        raise ValueError(f"{name} contains {bad} values")
+    check_range(x, name)
 
 
 def check_device(named: Sequence[tuple[str, torch.Tensor]], *, same_dtype: bool = False) -> None:
@@ -58,9 +96,14 @@ def standard_deviation(sd: Sd, name: str, like: torch.Tensor, like_name: str) ->
     """
     if isinstance(sd, bool) or not isinstance(sd, (torch.Tensor, float, int)):
         raise TypeError(f"{name} must be a positive float or a tensor, got {type(sd).__name__}")
+    low, high = sd_range(like.dtype)
+    usable = (f"; with {_dtype_name(like.dtype)} locations σ must lie in [{low:.4g}, {high:.4g}] "
+              f"(σ² must be a normal {_dtype_name(like.dtype)} number)")
     if not isinstance(sd, torch.Tensor):
         if not math.isfinite(sd) or sd <= 0:
             raise ValueError(f"{name} must be positive and finite, got {sd}")
+        if not low <= sd <= high:
+            raise ValueError(f"{name} is {sd:.4g}{usable}")
         return torch.tensor(float(sd), dtype=like.dtype, device=like.device)
     check_tensor(sd, name, min_rank=0)
     check_same_device_dtype([(like_name, like), (name, sd)])
@@ -73,14 +116,24 @@ def standard_deviation(sd: Sd, name: str, like: torch.Tensor, like_name: str) ->
             f"{name} of shape {tuple(sd.shape)} does not broadcast to {like_name}'s shape {tuple(like.shape)}"
         ) from None
     if sd.numel():
-        if not bool(torch.isfinite(sd).all()):
+        smallest, largest = (float(v) for v in torch.aminmax(sd.detach()))
+        if math.isnan(smallest) or math.isnan(largest) or math.isinf(largest):
             raise ValueError(f"{name} contains non-finite values")
-        if not bool((sd > 0).all()):
+        if smallest <= 0:
             raise ValueError(f"{name} must be positive everywhere (found a value <= 0)")
+        if smallest < low or largest > high:
+            bad = smallest if smallest < low else largest
+            raise ValueError(f"{name} contains {bad:.4g}{usable}")
     return sd
 
 
+# A threshold whose square overflows a double masks no finite squared distance: it means "none".
+NO_THRESHOLD_ABOVE = math.sqrt(sys.float_info.max)
+
+
 def match_threshold(threshold: Optional[float]) -> Optional[float]:
+    """None, or a float θ >= 0. θ = inf, or any θ >= √(largest double) ≈ 1.34e154 (θ² overflows, so
+    no squared distance exceeds it), is the same as no threshold and returns None."""
     if threshold is None:
         return None
     if isinstance(threshold, torch.Tensor):
@@ -89,6 +142,8 @@ def match_threshold(threshold: Optional[float]) -> Optional[float]:
         raise TypeError(f"match_threshold must be a float or None, got {type(threshold).__name__}")
     if math.isnan(threshold) or threshold < 0:
         raise ValueError(f"match_threshold must be >= 0, got {threshold}")
+    if threshold >= NO_THRESHOLD_ABOVE:
+        return None
     return float(threshold)
 
 
@@ -124,10 +179,17 @@ def memory(mem_loc, mem_sd: Sd, mem_values, *, value_dtypes=LOCATION_DTYPES) -> 
         )
     if mem_loc.shape[-1] < 1:
         raise ValueError("mem_loc must have a location dimension d >= 1")
-    check_finite(mem_loc, "mem_loc")
-    check_finite(mem_values, "mem_values")
+    check_locations(mem_loc, "mem_loc")
+    M = mem_loc.shape[-2]
+    check_range(mem_values, "mem_values", value_bound(torch.promote_types(mem_values.dtype, mem_loc.dtype), M),
+                f" with M = {M} entries (a weighted sum of M values must stay finite)")
     sd = standard_deviation(mem_sd, "mem_sd", mem_loc, "mem_loc")
     return MemoryArgs(mem_loc, sd * sd, mem_values)
+
+
+def check_locations(loc: torch.Tensor, name: str) -> None:
+    d = loc.shape[-1]
+    check_range(loc, name, location_bound(loc.dtype, d), f" with d = {d} (squared distances must stay finite)")
 
 
 def is_single_row(x: torch.Tensor, name: str, like: torch.Tensor, like_name: str, rows: str, one: str) -> bool:
@@ -148,7 +210,7 @@ def queries(query_loc, query_sd: Sd, mem: MemoryArgs, *, loc_name="query_loc", s
         raise ValueError(
             f"{loc_name} has location dimension {query_loc.shape[-1]} but mem_loc has {mem.dim}"
         )
-    check_finite(query_loc, loc_name)
+    check_locations(query_loc, loc_name)
     sd = standard_deviation(query_sd, sd_name, query_loc, loc_name)
     var = sd * sd
     if single:

@@ -101,8 +101,17 @@ def conditional_logits(search_key, mem_values, drive_scale, query_loc=None, quer
     if query_loc is None:
         return logits
     location = log_kernel(query_loc, query_var, mem_loc, mem_var, match_threshold) * location_scale
-    any_match = (location > -math.inf).any(-1, keepdim=True)
+    # the threshold alone decides the fallback: a location term that overflows to -inf is not masked
+    any_match = within_threshold(query_loc, mem_loc, match_threshold).any(-1, keepdim=True)
     return torch.where(any_match, logits + location, logits)
+
+
+def within_threshold(query_loc, mem_loc, match_threshold=None):
+    """(..., Q, M) bool: the pair's Euclidean distance is at most match_threshold (all True without one)."""
+    diff = query_loc.unsqueeze(-2) - mem_loc.unsqueeze(-3)
+    if match_threshold is None:
+        return torch.ones(diff.shape[:-1], dtype=torch.bool, device=diff.device)
+    return (diff * diff).sum(-1) <= match_threshold**2
 
 
 def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,18 @@ a batch B, contiguous or strided, on the backend's device:
           drive_scale, location_scale, threshold, uniform_var) -> probs (B,Q,M)
     indices(..., uniforms (B,Q,S) float64 in [0,1), same scalars) -> int64 (B,Q,S)
 
-drive_scale = E^-½/temperature; location_scale = 1/location_temperature, or 0.0 for no location
-term (qloc/qvar are then zero-stride dummies); threshold < 0 means none; uniform_var is qv + mv
-when every variance is one number (fast path), else -1. `indices` returns, per uniform u, the
-first entry whose cumulative probability exceeds u · total (an inverse-CDF draw), so every
-backend turns the same uniforms into the same entries up to rounding at bin edges. The random
+drive_scale = E^-½/temperature (0.0 when E = 0: an empty key matches every entry equally);
+location_scale = 1/location_temperature, or 0.0 for no location term (qloc/qvar are then
+zero-stride dummies); threshold < 0 means none; uniform_var is qv + mv when every variance is one
+number (fast path), else -1. `indices` returns, per uniform u, the first entry whose cumulative
+probability exceeds u · total (an inverse-CDF draw), so every backend turns the same uniforms into
+the same entries up to rounding at bin edges.
+
+A query row whose logits are not usable — a logit is NaN or +inf, or every logit is -inf, which
+only an overflow in the dtype can cause (the all-masked fallback never leaves a row empty) — is
+reported, not computed: `probs` writes NaN across the row and `indices` writes -1 for each of its
+draws. The public functions turn that into a ValueError (`_raise_on_unusable_rows`), the same on
+every backend. The random
 numbers come from the caller's torch generator here, not from the kernels: a seed reproduces
 the draws on every backend. The final gather and jitter (Q·S·d numbers) are done once, below,
 in PyTorch, so they are differentiable in mem_loc and mem_sd (pathwise) for every backend.
@@ -121,12 +128,33 @@ class _Call:
         )
 
 
+def compute_dtype(mem: _validate.MemoryArgs) -> torch.dtype:
+    """The dtype the logits are computed in on every backend: the locations' (at least float32)."""
+    return torch.promote_types(torch.promote_types(mem.values.dtype, torch.float32), mem.loc.dtype)
+
+
+def _logit_scales(mem: _validate.MemoryArgs, temperature, location_temperature) -> tuple[float, float]:
+    """(drive_scale, location_scale), each finite in the compute dtype (else a ValueError naming the
+    temperature and its smallest usable value)."""
+    temperature = _validate.positive_number(temperature, "temperature")
+    location_temperature = _validate.positive_number(location_temperature, "location_temperature")
+    dtype = compute_dtype(mem)
+    largest = torch.finfo(dtype).max
+    E = mem.values.shape[-1]
+    root = E ** -0.5 if E else 0.0
+    for name, numerator, value in (("temperature", root, temperature), ("location_temperature", 1.0, location_temperature)):
+        if numerator / value > largest:
+            raise ValueError(f"{name} is {value:.4g}; it must be at least {numerator / largest:.4g} for "
+                             f"{str(dtype).replace('torch.', '')} logits (their scale {numerator:.4g} / {name} "
+                             f"must be a finite number)")
+    return root / temperature, 1.0 / location_temperature
+
+
 def _prepare(op, mem_loc, mem_sd, mem_values, search_key, search_loc, search_sd, temperature,
              location_temperature, match_threshold, backend) -> _Call:
     mem = _validate.memory(mem_loc, mem_sd, mem_values, value_dtypes=_validate.VALUE_DTYPES)
     key, single = _validate.search_key(search_key, mem)
-    temperature = _validate.positive_number(temperature, "temperature")
-    location_temperature = _validate.positive_number(location_temperature, "location_temperature")
+    drive_scale, location_scale = _logit_scales(mem, temperature, location_temperature)
     threshold = _validate.match_threshold(match_threshold)
     if (search_loc is None) != (search_sd is None):
         raise ValueError("search_loc and search_sd must be given together (or neither)")
@@ -153,14 +181,42 @@ def _prepare(op, mem_loc, mem_sd, mem_values, search_key, search_loc, search_sd,
     return _Call(
         impl.name, batch, single, flat(key, batch, (Q, E)), flat(mem.values, batch, (M, E)),
         flat(mem.loc, batch, (M, d)), flat(mem.var, batch, (M, d)), qloc, qvar,
-        E ** -0.5 / temperature, 0.0 if qloc is None else 1.0 / location_temperature, threshold, uniform,
+        drive_scale, 0.0 if qloc is None else location_scale, threshold, uniform,
+    )
+
+
+def _reference_probs(call: _Call) -> Tensor:
+    """Softmax of the reference logits, NaN across unusable rows (see the module docstring)."""
+    logits = call.reference_logits()
+    usable = torch.isfinite(logits.amax(-1, keepdim=True))  # amax propagates NaN
+    return torch.where(usable, torch.softmax(logits, dim=-1), torch.nan)
+
+
+def _raise_on_unusable_rows(op: str, call: _Call, unusable: Tensor, temperature, location_temperature) -> None:
+    """unusable (B, Q) bool: rows whose logits overflowed the compute dtype."""
+    if not bool(unusable.any()):
+        return
+    B, Q = unusable.shape
+    first = int(unusable.reshape(-1).nonzero()[0])
+    where = f"query {first % Q}" + (f" of batch row {first // Q}" if B > 1 else "")
+    terms = "(search_key · mem_values) · E^-½ / temperature"
+    if call.qloc is not None:
+        terms += " + log k(search_loc, mem_loc) / location_temperature"
+    raise ValueError(
+        f"{op}: the logits of {int(unusable.sum())} of {B * Q} queries (first: {where}) are not finite in "
+        f"{str(call.mem_loc.dtype).replace('torch.', '')}: {terms} overflows (temperature={temperature}, "
+        f"location_temperature={location_temperature}). Raise the temperatures, scale search_key down, "
+        f"or use float64."
     )
 
 
 def _probs(call: _Call) -> Tensor:
     if call.backend == "reference":
-        return torch.softmax(call.reference_logits(), dim=-1)
-    return probs_fused(*call.fused_args(), *call.scalars(), call.backend)
+        return _reference_probs(call)
+    # The fused kernels compute no gradient (the reference does): the result says so by not
+    # requiring one, instead of failing at backward time.
+    with torch.no_grad():
+        return probs_fused(*call.fused_args(), *call.scalars(), call.backend)
 
 
 def conditional_probs(
@@ -181,7 +237,9 @@ def conditional_probs(
     call = _prepare(PROBS_OP, mem_loc, mem_sd, mem_values, search_key, search_loc, search_sd, temperature,
                     location_temperature, match_threshold, backend)
     B, Q, M, _, _ = call.shape
-    out = _probs(call).reshape(*call.batch, Q, M)
+    probs = _probs(call)
+    _raise_on_unusable_rows(PROBS_OP, call, torch.isnan(probs[..., 0]), temperature, location_temperature)
+    out = probs.reshape(*call.batch, Q, M)
     return out.squeeze(-2) if call.single else out
 
 
@@ -213,9 +271,12 @@ def conditional_sample(
     noise = torch.randn((B, Q, S, d), generator=generator, dtype=call.mem_loc.dtype, device=device)
     if call.backend == "reference":
         with torch.no_grad():
-            idx = reference.inverse_cdf(torch.softmax(call.reference_logits(), dim=-1), uniforms)
+            probs = _reference_probs(call)
+            _raise_on_unusable_rows(SAMPLE_OP, call, torch.isnan(probs[..., 0]), temperature, location_temperature)
+            idx = reference.inverse_cdf(probs, uniforms)
     else:
         idx = indices_fused(*call.fused_args(), uniforms, *call.scalars(), call.backend)
+        _raise_on_unusable_rows(SAMPLE_OP, call, (idx[..., :1] < 0).any(-1), temperature, location_temperature)
     gather_idx = idx.reshape(B, Q * S, 1).expand(B, Q * S, d)
     centres = torch.gather(call.mem_loc, 1, gather_idx)
     spreads = torch.gather(call.mem_var.expand(B, M, d), 1, gather_idx).sqrt()

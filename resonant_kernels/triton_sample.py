@@ -107,6 +107,9 @@ def _conditional_kernel(key, values, qloc, qvar, mloc, mvar, uniforms, probs_out
         run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(tl.exp(logit - safe_max), axis=0)
         run_max = new_max
 
+    # an overflow in the dtype (a NaN or +inf logit, or all -inf) makes the row unusable: NaN
+    # probabilities, -1 draws (sample.py raises)
+    usable = (run_max > float("-inf")) & (run_max < float("inf")) & (run_sum == run_sum)
     # pass 2: probabilities, or an inverse-CDF draw for a block of uniforms
     if SAMPLE:
         offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -131,10 +134,11 @@ def _conditional_kernel(key, values, qloc, qvar, mloc, mvar, uniforms, probs_out
             running += tl.sum(p, axis=0)
             last_drawable = tl.maximum(last_drawable, tl.max(tl.where(p > 0, offs_m, 0), axis=0))
         else:
-            tl.store(probs_out + row * M + offs_m, p / run_sum, mask=mask_m)
+            tl.store(probs_out + row * M + offs_m, tl.where(usable, p / run_sum, float("nan")), mask=mask_m)
     if SAMPLE:
         # rounding may put u·total at or past the last cumulative sum: take the last drawable entry
-        tl.store(idx_out + row * S + offs_s, tl.minimum(count, last_drawable).to(tl.int64), mask=mask_s)
+        draw = tl.where(usable, tl.minimum(count, last_drawable), -1)
+        tl.store(idx_out + row * S + offs_s, draw.to(tl.int64), mask=mask_s)
 
 
 def _launch(key, values, qloc, qvar, mloc, mvar, uniforms, drive_scale, location_scale, threshold, uniform_var):
@@ -158,7 +162,7 @@ def _launch(key, values, qloc, qvar, mloc, mvar, uniforms, drive_scale, location
         -0.5 * d * math.log(2 * math.pi),
         HAS_LOC=location_scale > 0, HAS_THR=threshold >= 0, UNIFORM=uniform, SAMPLE=sampling,
         COMPUTE=tl.float64 if mloc.dtype == torch.float64 else tl.float32,
-        BLOCK_M=32 if sampling and block_s > 256 else 64, BLOCK_E=min(BLOCK_E, triton.next_power_of_2(E)),
+        BLOCK_M=32 if sampling and block_s > 256 else 64, BLOCK_E=min(BLOCK_E, triton.next_power_of_2(max(E, 1))),
         BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
     )
     return out

@@ -6,3 +6,12 @@ import torch
 # set before any @triton.jit function is created.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis profiles for tests/test_fuzz.py: `ci` (the default, part of `make test`: derandomized,
+# so CI runs the same examples every time, in bounded time) and `long` (HYPOTHESIS_PROFILE=long:
+# ten times the examples, freshly random, before a release or after touching a kernel).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("long", max_examples=400, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -441,3 +441,30 @@ def test_cli_train_passes_the_options_to_the_brain(tmp_path, monkeypatch):
     assert main(["train", "cartpole", "--episodes", "2", "--k", "5", "--out", str(tmp_path), "--name", "knn",
                  "--no-progress"]) == 0
     assert (built["brain"].estimator, built["brain"].k) == ("local_linear", 5)
+
+
+# ---- hardening (issue #13 point 9): remember() checks the episode before anything changes ----
+
+@pytest.mark.parametrize("n_step", [None, 3])
+@pytest.mark.parametrize("states, actions, rewards, message", [
+    (np.zeros((0, 2)), [], [], r"empty episode \(states has 0 rows\)"),
+    (np.zeros((4, 2)), [0, 1, 2, 0], [1.0, 2.0, 3.0], "rewards has 3 entries but states has 4"),
+    (np.zeros((3, 2)), [0, 1], [1.0, 1.0, 1.0], "actions has 2 entries but states has 3"),
+    (np.zeros((3, 2)), [0, 1, 2], [1e38, 1e38, 1e38], r"rewards: .* reach 3e\+38, beyond ±1e\+30"),
+    (np.zeros((2, 2)), [0, 1], [float("nan"), 0.0], "rewards contains NaN"),
+    (np.zeros((2, 3)), [0, 1], [1.0, 1.0], r"states must have shape \(N, 2\)"),
+])
+def test_remember_rejects_bad_episodes_naming_the_argument(n_step, states, actions, rewards, message):
+    store = TorchEngramStore(2, 3)
+    brain = EngramBrain(2, 3, store, n_step=n_step)
+    with pytest.raises(ValueError, match=message):
+        brain.remember(states, actions, rewards)
+    assert len(store) == 0 and brain.epsilon == 1.0
+
+
+def test_remember_accepts_large_finite_rewards_within_the_limit():
+    store = TorchEngramStore(2, 3)
+    brain = EngramBrain(2, 3, store, n_step=2)
+    assert brain.remember(np.zeros((3, 2)), [0, 1, 2], [1e29, 1e29, 1e29]) == 3
+    scores, _ = brain.action_scores(np.zeros((1, 2)))
+    assert torch.isfinite(scores).all()

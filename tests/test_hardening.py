@@ -77,3 +77,125 @@ def test_default_gradcheck_passes_reentrancy(backend):
     ms = (torch.rand(M, 1, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
     z = torch.randn(M, E, generator=gen, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda *a: rk.gaussian_read(*a, backend=backend), (q, qs, m, ms, z))
+
+
+# ---- point 3: σ and locations outside the dtype's usable range are rejected, naming the argument ----
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("sd", [1e-23, 1e20])
+def test_float32_sd_whose_square_leaves_float32_is_rejected(backend, sd):
+    m, z, q = torch.randn(6, 2), torch.randn(6, 3), torch.randn(2, 2)
+    with pytest.raises(ValueError, match=r"query_sd .*\[1\.084e-19, 9\.223e\+18\]"):
+        rk.gaussian_read(q, sd, m, 1.0, z, backend=backend)
+    with pytest.raises(ValueError, match=r"mem_sd contains"):
+        rk.gaussian_read(q, 1.0, m, torch.full((6, 1), sd), z, backend=backend)
+    with pytest.raises(ValueError, match=r"mem_sd .*float32"):
+        rk.leave_one_out(m, sd, z, backend=backend)
+    with pytest.raises(ValueError, match=r"search_sd .*float32"):
+        rk.conditional_probs(m, 1.0, z, torch.randn(3), search_loc=q[0], search_sd=sd, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_same_sd_in_float64_is_fine_and_matches_scaled_units(backend):
+    gen = torch.Generator().manual_seed(3)
+    m, z, q = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((6, 2), (6, 3), (2, 2)))
+    for sd in (1e-23, 1e20):
+        out = rk.gaussian_read(q * sd, sd, m * sd, sd, z, backend=backend)
+        torch.testing.assert_close(out, rk.gaussian_read(q, 1.0, m, 1.0, z, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_locations_whose_squared_distances_overflow_are_rejected(backend):
+    m, z = torch.randn(6, 2), torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"query_loc has a value of magnitude 1e\+20.*d = 2"):
+        rk.gaussian_read(torch.tensor([[1e20, 0.0]]), 1.0, m, 1.0, z, backend=backend)
+    with pytest.raises(ValueError, match=r"mem_loc .*float32"):
+        rk.leave_one_out(m * 1e19, 1.0, z, backend=backend)
+    with pytest.raises(ValueError, match=r"mem_values has a value of magnitude .* M = 6"):
+        rk.gaussian_read(m, 1.0, m, 1.0, z * 1e38, backend=backend)
+
+
+def test_far_beyond_every_entry_reads_zero_like_a_masked_query():
+    """The documented edge inside the ranges: a squared standardised distance above the dtype's
+    largest number weighs zero on every backend, exactly as if the threshold masked it."""
+    m, z = torch.zeros(3, 2), torch.ones(3, 2)
+    q = torch.tensor([[1e18, 0.0]])
+    for backend in CPU_BACKENDS:
+        out = rk.gaussian_read(q, 1e-18, m, 1e-18, z, backend=backend)
+        assert torch.equal(out, torch.zeros(1, 2)), backend
+
+
+# ---- points 4 and 5: logits that overflow, E = 0, huge thresholds ----
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["probs", "sample"])
+def test_sampling_logits_that_overflow_raise_the_same_error_everywhere(backend, op):
+    gen = torch.Generator().manual_seed(4)
+    m, z = torch.randn(16, 2, generator=gen), torch.randn(16, 8, generator=gen)
+    key = torch.randn(2, 8, generator=gen)
+    fn = rk.conditional_probs if op == "probs" else rk.conditional_sample
+    kw = {} if op == "probs" else dict(num_samples=4)
+    name = "conditional_probs" if op == "probs" else "conditional_sample"
+    with pytest.raises(ValueError, match=rf"{name}: the logits of 2 of 2 queries .* not finite in float32"):
+        fn(m, 1.0, z * 1e5, key * 1e5, temperature=1e-30, backend=backend, **kw)
+    with pytest.raises(ValueError, match=r"location_temperature is 1e-40; it must be at least 2\.9"):
+        fn(m, 1.0, z, key, search_loc=m[:2], search_sd=1.0, location_temperature=1e-40, backend=backend, **kw)
+    with pytest.raises(ValueError, match=r"not finite in float32: .*log k\(search_loc, mem_loc\)"):
+        # finite scale, but log k (≈ -1e6 for an entry 1e3 σ away) / 1e-37 overflows for every entry
+        fn(m, 1.0, z, key, search_loc=m[:2] + 2e3, search_sd=1.0, location_temperature=1e-37, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sampling_with_tiny_but_finite_temperature_is_the_argmax(backend):
+    gen = torch.Generator().manual_seed(5)
+    m, z = torch.randn(16, 2, generator=gen), torch.randn(16, 8, generator=gen)
+    key = torch.randn(8, generator=gen)
+    best = int((z @ key).argmax())
+    probs = rk.conditional_probs(m, 1.0, z, key, temperature=1e-30, backend=backend)
+    assert torch.equal(probs, torch.nn.functional.one_hot(torch.tensor(best), 16).float())
+    draws = rk.conditional_sample(m, 1.0, z, key, temperature=1e-30, num_samples=5, sigma_scale=0.0, backend=backend)
+    assert torch.equal(draws, m[best].expand(5, 2))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sampling_with_empty_values_uses_the_location_term_alone(backend):
+    gen = torch.Generator().manual_seed(6)
+    m = torch.randn(9, 2, generator=gen, dtype=torch.float64)
+    z, key = torch.zeros(9, 0, dtype=torch.float64), torch.zeros(3, 0, dtype=torch.float64)
+    here = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    probs = rk.conditional_probs(m, 0.5, z, key, search_loc=here, search_sd=0.5, backend=backend)
+    expect = torch.softmax(rk.reference.log_kernel(here, torch.tensor(0.25, dtype=torch.float64), m,
+                                                   torch.tensor(0.25, dtype=torch.float64)), -1)
+    torch.testing.assert_close(probs, expect)
+    flat = rk.conditional_probs(m, 0.5, z, key, backend=backend)  # no location: every entry alike
+    torch.testing.assert_close(flat, torch.full((3, 9), 1 / 9, dtype=torch.float64))
+    draws = rk.conditional_sample(m, 0.5, z, key, num_samples=4, generator=torch.Generator().manual_seed(0),
+                                  backend=backend)
+    assert draws.shape == (3, 4, 2) and torch.isfinite(draws).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("threshold", [1.3e154, 1e155, 1e300, float("inf")])
+def test_thresholds_beyond_any_distance_mean_none(backend, threshold):
+    gen = torch.Generator().manual_seed(7)
+    m, z, q = torch.randn(6, 2, generator=gen), torch.randn(6, 3, generator=gen), torch.randn(2, 2, generator=gen)
+    none = rk.gaussian_read(q, 1.0, m, 1.0, z, backend="reference")
+    torch.testing.assert_close(rk.gaussian_read(q, 1.0, m, 1.0, z, match_threshold=threshold, backend=backend), none)
+    half = z.to(torch.float16)  # `auto` on CPU sends half values to the reference
+    rk.gaussian_read(q, 1.0, m, 1.0, half, match_threshold=threshold)
+    rk.leave_one_out(m, 1.0, z, match_threshold=threshold, backend=backend)
+    rk.conditional_probs(m, 1.0, z, z[0], search_loc=q, search_sd=1.0, match_threshold=threshold, backend=backend)
+
+
+# ---- point 7: fused conditional_probs says it has no gradient ----
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+def test_fused_conditional_probs_does_not_require_grad(backend):
+    m = torch.randn(5, 2, requires_grad=True)
+    z = torch.randn(5, 3, requires_grad=True)
+    key = torch.randn(3, requires_grad=True)
+    probs = rk.conditional_probs(m, 1.0, z, key, search_loc=torch.zeros(2), search_sd=1.0, backend=backend)
+    assert not probs.requires_grad
+    ref = rk.conditional_probs(m, 1.0, z, key, search_loc=torch.zeros(2), search_sd=1.0, backend="reference")
+    assert ref.requires_grad  # the reference is differentiable
+    torch.testing.assert_close(probs, ref.detach())

@@ -304,3 +304,136 @@ def test_empty_memory_reads_zeros_and_reset_empties():
     assert len(memory) == 2
     memory.reset()
     assert len(memory) == 0 and memory.values.shape == (0, 3)
+
+
+# ---- hardening (issue #13 points 8 and 10) ----------------------------------------------------
+
+_SAVE_LOOP = r"""
+import sys, torch
+from resonant import SpatialMemory
+path = sys.argv[1]
+memory = SpatialMemory(2, 256, dtype=torch.float64)
+memory.write(torch.zeros(1, 2, dtype=torch.float64), 1.0, torch.zeros(1, 256, dtype=torch.float64))
+memory.save(path)
+print("ready", flush=True)
+i = 1
+while True:  # ever larger saves, until killed
+    memory.write(torch.full((2000, 2), float(i), dtype=torch.float64), 1.0,
+                 torch.full((2000, 256), float(i), dtype=torch.float64))
+    memory.save(path)
+    i += 1
+"""
+
+
+def test_save_is_atomic_under_kill_9(tmp_path):
+    """Point 8: whenever the saving process dies, the file holds a complete earlier save."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "memory.pt"
+    for delay in (0.05, 0.3, 0.7, 1.2):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        memory = SpatialMemory.load(path)
+        # every save holds 1 + 2000 k entries whose values are 0 then 1..k
+        assert (len(memory) - 1) % 2000 == 0
+        k = (len(memory) - 1) // 2000
+        assert memory.values[1:].reshape(k, 2000, 256)[:, 0, 0].tolist() == [float(i) for i in range(1, k + 1)]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["memory.pt"]
+
+
+def test_save_replaces_a_previous_file_and_leaves_no_temporary(tmp_path):
+    memory, *_ = random_memory(M=5)
+    path = tmp_path / "m.pt"
+    memory.save(path)
+    memory.write(torch.zeros(1, 2, dtype=F64), 0.5, torch.zeros(1, 5, dtype=F64))
+    memory.save(str(path))
+    assert len(SpatialMemory.load(path)) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def _tampered(tmp_path, edit_config=None, edit_state=None):
+    import json
+
+    memory, *_ = random_memory(M=6, max_size=10)
+    blob = dict(config=json.dumps(memory.config()), state=memory.state_dict())
+    if edit_config:
+        config = json.loads(blob["config"])
+        edit_config(config)
+        blob["config"] = json.dumps(config)
+    if edit_state:
+        edit_state(blob["state"])
+    path = tmp_path / "bad.pt"
+    torch.save(blob, path)
+    return path
+
+
+@pytest.mark.parametrize("edit_config, edit_state, message", [
+    (lambda c: c.update(max_size=3), None, "holds 6 entries but the memory's max_size is 3"),
+    (lambda c: c.update(max_size=0), None, "max_size must be an int >= 1"),
+    (lambda c: c.update(backend="nonsense"), None, "unknown backend 'nonsense'"),
+    (lambda c: c.update(location_dim=3), None, "location dimension 2 but the memory has location_dim 3"),
+    (lambda c: c.pop("value_dim"), None, r"config is missing \['value_dim'\]"),
+    (None, lambda s: s.update(next_id=torch.tensor(-4)), "next_id must be an int >= 6"),
+    (None, lambda s: s.update(next_id=torch.tensor(2)), "next_id must be an int >= 6"),
+    (None, lambda s: s.update(next_id=torch.tensor(7.5)), "next_id must be an int >= 6"),
+    (None, lambda s: s.update(ids=torch.arange(6) - 3), "ids must be >= 0"),
+    (None, lambda s: s.update(ids=torch.arange(6).flip(0)), "strictly increasing"),
+    (None, lambda s: s.update(values=s["values"] * float("nan")), "mem_values contains NaN"),
+])
+def test_load_rejects_inconsistent_files(tmp_path, edit_config, edit_state, message):
+    path = _tampered(tmp_path, edit_config, edit_state)
+    with pytest.raises((ValueError, KeyError), match=message):
+        SpatialMemory.load(path)
+
+
+def test_load_rejects_files_that_are_not_memories(tmp_path):
+    for blob in ({"x": 1}, [1, 2], {"config": "{not json", "state": {}}, {"config": "{}", "state": {}}):
+        path = tmp_path / "other.pt"
+        torch.save(blob, path)
+        with pytest.raises(ValueError, match="not a saved SpatialMemory|unreadable config"):
+            SpatialMemory.load(path)
+
+
+def test_constructor_rejects_an_unknown_or_unusable_backend():
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        SpatialMemory(2, 3, backend="nonsense")
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run gaussian_read on cpu"):
+        SpatialMemory(2, 3, backend="cuda")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        SpatialMemory(2, 3, backend=None)
+    assert SpatialMemory(2, 3, backend="reference").backend == "reference"
+
+
+def smooth_memory(M=300, seed=3):
+    """Values that vary smoothly with location, so leave-one-out errors are small and prunes bite."""
+    gen = torch.Generator().manual_seed(seed)
+    loc = torch.randn(M, 2, generator=gen, dtype=F64) * 3
+    values = torch.stack([loc[:, 0].sin(), loc[:, 1].cos(), (loc[:, 0] * 0.3).tanh()], -1)
+    memory = SpatialMemory(2, 3, dtype=F64)
+    memory.write(loc, 0.3, values)
+    return memory
+
+
+def test_two_background_prunes_remove_what_sequential_prunes_remove():
+    """Point 10: prunes are serialised, the second deciding on what the first left (one step
+    each, so the second finds new candidates: two prunes of one snapshot would remove only the
+    first step's)."""
+    kw = dict(match_threshold=1.5, max_steps=1)
+    sequential = smooth_memory()
+    first, second = sequential.prune(0.05, **kw), sequential.prune(0.05, **kw)
+    assert first > 0 and second > 0
+    concurrent = smooth_memory()
+    handles = [concurrent.prune(0.05, background=True, **kw) for _ in range(2)]
+    assert sorted(h.wait(120) for h in handles) == sorted([first, second])
+    assert concurrent.ids.tolist() == sequential.ids.tolist()
+    # a foreground prune started while a background one runs waits for it
+    third = smooth_memory()
+    handle = third.prune(0.05, background=True, **kw)
+    assert third.prune(0.05, **kw) + handle.wait(120) == first + second
+    assert third.ids.tolist() == sequential.ids.tolist()

@@ -126,8 +126,9 @@ __global__ void __launch_bounds__(kThreads)
   // Pass 0: with every entry masked, the row keeps the drive term alone.
   RowLogits<T, D> logits{a, b, q, false};
   bool matched = false;
-  if (has_location)
-    for (int64_t t = tid; t < s.M && !matched; t += kThreads) matched = logits.location_term(t) != neg_inf<T>();
+  if (has_location)  // the threshold alone decides (a score overflowing to -inf is not masked)
+    for (int64_t t = tid; t < s.M && !matched; t += kThreads)
+      matched = a.geo.within_threshold(row_ref(a.qloc, b, q), row_ref(a.mloc, b, t));
   logits.location = __syncthreads_or(matched) != 0;
 
   // Pass 1: online max and sum per warp (the sum in float64), then merged by every thread.
@@ -153,6 +154,16 @@ __global__ void __launch_bounds__(kThreads)
   double total = 0;
   for (int w = 0; w < kWarps; ++w)
     if (warp_max[w] != neg_inf<T>()) total += warp_sum[w] * exp(double(warp_max[w]) - double(row_max));
+  // A NaN or +inf logit, or all -inf, means the logits overflowed T: the row is unusable (NaN
+  // probabilities, -1 draws; the caller raises). The same in every thread, so all return here.
+  if (!(row_max > neg_inf<T>() && row_max < -neg_inf<T>() && total == total)) {
+    if constexpr (kSample) {
+      for (int64_t i = tid; i < s.S; i += kThreads) idx[row * s.S + i] = -1;
+    } else {
+      for (int64_t t = tid; t < s.M; t += kThreads) probs[row * s.M + t] = T(NAN);
+    }
+    return;
+  }
 
   // Pass 2, tile by tile in entry order.
   double running = 0;  // warp 0: the cumulative sum before the tile

@@ -11,7 +11,10 @@ evicted meanwhile are neither lost nor resurrected.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,6 +24,24 @@ import resonant_kernels as kernels
 from resonant_kernels import _validate
 
 FORMAT = "resonant.SpatialMemory/1"
+
+
+def check_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
+    """The memory's backend name, checked now (not at the first read): "auto" or a backend that can
+    read this memory's device and dtype."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    kernels._backends.select(kernels.read.OP, backend, device, dtype)  # raises ValueError with the reason
+    return backend
+
+
+def _check_count(value, name: str, minimum: int, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
 
 
 class PruneHandle:
@@ -59,21 +80,25 @@ class SpatialMemory:
     `read` regresses values at query locations; `sample` draws locations whose values match a
     drive key; `leave_one_out` and `prune` manage the size; `regress` refits the entries to
     reads taken before a prune.
+
+    Prunes are serialised: a prune (background or not) starts when any earlier one has swapped its
+    result in, and decides on the entries held at that moment, so two prunes remove exactly what
+    running them one after the other removes.
     """
 
     def __init__(self, location_dim: int, value_dim: int, *, max_size: Optional[int] = None, device=None,
                  dtype=None, backend: str = "auto"):
-        for name, v in (("location_dim", location_dim), ("value_dim", value_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1):
-            raise ValueError(f"max_size must be a positive int or None, got {max_size!r}")
+        location_dim = _check_count(location_dim, "location_dim", 1)
+        value_dim = _check_count(value_dim, "value_dim", 1)
+        max_size = _check_count(max_size, "max_size", 1, allow_none=True)
         dtype = dtype or torch.get_default_dtype()
         if dtype not in _validate.LOCATION_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        backend = check_backend(backend, device, dtype)
         self.location_dim, self.value_dim, self.max_size, self.backend = location_dim, value_dim, max_size, backend
         self._lock = threading.RLock()
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._prune_lock = threading.Lock()  # held by the running prune, from its snapshot to its swap
         self._set(torch.empty(0, location_dim, dtype=dtype, device=device),
                   torch.empty(0, location_dim, dtype=dtype, device=device),
                   torch.empty(0, value_dim, dtype=dtype, device=device),
@@ -212,14 +237,16 @@ class SpatialMemory:
         """Removes entries the others predict within max_error (design.md §3).
 
         Returns the number removed; with background=True returns a PruneHandle at once, and reads
-        and writes go on against the current entries until the pruned set is swapped in.
+        and writes go on against the current entries until the pruned set is swapped in. Prunes
+        run one at a time (the class docstring): a prune started while another runs waits for it
+        and then prunes what the memory holds.
         """
-        loc, sd, values, ids = self.snapshot()
-
         def run() -> int:
-            keep = kernels.prune_mask(loc, sd, values, max_error=max_error, match_threshold=match_threshold,
-                                      max_steps=max_steps, backend=self.backend)
-            return self._drop(ids[~keep])
+            with self._prune_lock:
+                loc, sd, values, ids = self.snapshot()
+                keep = kernels.prune_mask(loc, sd, values, max_error=max_error, match_threshold=match_threshold,
+                                          max_steps=max_steps, backend=self.backend)
+                return self._drop(ids[~keep])
 
         return PruneHandle(self, run) if background else run()
 
@@ -288,22 +315,61 @@ class SpatialMemory:
             raise ValueError(f"ids must be an int64 tensor of shape ({loc.shape[0]},)")
         if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
             raise ValueError("ids must be strictly increasing (write order)")
+        if ids.numel() and int(ids[0]) < 0:
+            raise ValueError(f"ids must be >= 0, got {int(ids[0])}")
+        next_id = state["next_id"]
+        if isinstance(next_id, Tensor) and next_id.numel() == 1 and not next_id.is_floating_point():
+            next_id = int(next_id)
+        least = int(ids[-1]) + 1 if ids.numel() else 0
+        if isinstance(next_id, bool) or not isinstance(next_id, int) or next_id < least:
+            raise ValueError(f"next_id must be an int >= {least} (one past the largest id), got {state['next_id']!r}")
+        if self.max_size is not None and loc.shape[0] > self.max_size:
+            raise ValueError(f"the state holds {loc.shape[0]} entries but the memory's max_size is {self.max_size}")
         with self._lock:
             self._set(loc, sd, values, ids.to(self.device))
-            self._next_id = max(int(state["next_id"]), int(ids.max()) + 1 if ids.numel() else 0)
+            self._next_id = next_id
 
     def save(self, path) -> None:
-        """Writes tensors and a JSON config with torch.save; `load` reads it with weights_only=True."""
-        torch.save(dict(config=json.dumps(self.config()), state=self.state_dict()), path)
+        """Writes tensors and a JSON config with torch.save; `load` reads it with weights_only=True.
+
+        Atomic: the file is written beside `path` under a temporary name, flushed to disk and
+        renamed over `path`, so a crash (even kill -9) mid-save leaves the previous file intact."""
+        path = Path(path)
+        blob = dict(config=json.dumps(self.config()), state=self.state_dict())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(blob, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_directory(path.parent)
 
     @classmethod
     def load(cls, path, *, device=None, backend: Optional[str] = None) -> "SpatialMemory":
+        """Reads a file written by `save` (weights_only: no code runs) and checks it before use:
+        its format, dimensions, max_size against the stored count, ids, next_id and backend."""
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        config = json.loads(blob["config"])
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a saved SpatialMemory (format {config.get('format')!r})")
+        if not isinstance(blob, dict) or not isinstance(blob.get("config"), str) or \
+                not isinstance(blob.get("state"), dict):
+            raise ValueError(f"{path} is not a saved SpatialMemory (expected a config and a state)")
+        try:
+            config = json.loads(blob["config"])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} has an unreadable config: {exc}") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a saved SpatialMemory (format {config.get('format') if isinstance(config, dict) else None!r})")
+        missing = {"location_dim", "value_dim", "max_size", "backend"} - set(config)
+        if missing:
+            raise ValueError(f"{path}: the config is missing {sorted(missing)}")
+        loc = blob["state"].get("loc")
+        if not isinstance(loc, Tensor):
+            raise ValueError(f"{path}: the state has no loc tensor")
         memory = cls(config["location_dim"], config["value_dim"], max_size=config["max_size"], device=device,
-                     dtype=blob["state"]["loc"].dtype, backend=backend or config["backend"])
+                     dtype=loc.dtype, backend=backend or config["backend"])
         memory.load_state_dict(blob["state"])
         return memory
 
@@ -315,6 +381,20 @@ class SpatialMemory:
             move = dict(device=device, dtype=dtype)
             self._set(self.loc.to(**move), self.sd.to(**move), self.values.to(**move), self.ids.to(device=device))
         return self
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Makes a rename in `directory` durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def fuse(loc_a: Tensor, sd_a: Tensor, values_a: Tensor, loc_b: Tensor, sd_b: Tensor, values_b: Tensor):

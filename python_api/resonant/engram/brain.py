@@ -37,6 +37,12 @@ import torch
 from .store import EngramStore, as_states, check_estimator, check_positive_or_none, validate_engrams
 
 
+# The largest |return| an engram may carry. The stores keep outcomes in float32 (max 3.4e38) and a
+# decision reads weighted sums of them over the whole memory; with returns up to 1e30 those sums
+# stay finite for memories of up to ~1e8 engrams (the read's bound is float32 max / 2M).
+RETURN_LIMIT = 1e30
+
+
 def discounted_returns(rewards: Sequence[float], gamma: float, tail_value: float = 0.0) -> np.ndarray:
     """G_t = Σ_i γ^i r_{t+i} + γ^(T−t) tail_value for every step t of an episode of length T."""
     out = np.zeros(len(rewards), dtype=np.float64)
@@ -140,8 +146,17 @@ class EngramBrain:
         Outcomes are discounted returns: Monte-Carlo (n_step None), or n-step targets that
         bootstrap from the memory's greedy value of the state n steps later. A truncated episode
         (terminated False) bootstraps from `final_state`, the observation after the last step.
-        The episode's total reward is kept beside every engram."""
+        The episode's total reward is kept beside every engram.
+
+        Checked before anything is stored or epsilon moves (errors name the argument): a nonempty
+        episode, one reward and one action per state, finite rewards whose returns fit the float32
+        outcomes the stores keep."""
+        states = as_states(states, self.state_dim)
         rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if states.shape[0] == 0:
+            raise ValueError("remember() got an empty episode (states has 0 rows); nothing was stored")
+        if len(rewards) != states.shape[0]:
+            raise ValueError(f"rewards has {len(rewards)} entries but states has {states.shape[0]}")
         if not np.isfinite(rewards).all():
             raise ValueError("rewards contains NaN or Inf values")
         tail = 0.0
@@ -152,12 +167,16 @@ class EngramBrain:
         if self.n_step is None:
             outcomes = discounted_returns(rewards, self.gamma, tail)
         else:
-            later = as_states(states, self.state_dim)[1:]
+            later = states[1:]
             values = np.zeros(len(rewards) + 1)
             if len(later):
                 values[1:len(rewards)] = self.action_scores(later)[0].max(1).values.double().numpy()
             values[len(rewards)] = tail
             outcomes = n_step_targets(rewards, values, self.gamma, self.n_step)
+        peak = max(float(np.abs(outcomes).max()), abs(float(rewards.sum())))
+        if not peak <= RETURN_LIMIT:
+            raise ValueError(f"rewards: the episode's discounted returns or total reach {peak:.4g}, beyond "
+                             f"±{RETURN_LIMIT:.0e}; scale the rewards down (see RETURN_LIMIT)")
         # validate raw input first so a bad episode stores nothing and names the argument
         raw, acts, outs, _ = validate_engrams(states, actions, outcomes, float(rewards.sum()),
                                               state_dim=self.state_dim, num_actions=self.num_actions)
