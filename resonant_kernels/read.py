@@ -38,7 +38,7 @@ def register_impl(backend: str, impl: ReadImpl) -> None:
 def uniform_variance(query_var: Tensor, mem_var: Tensor) -> float:
     """qv + mv when every variance in the call is the same scalar (fast path), else -1."""
     if query_var.numel() == 1 and mem_var.numel() == 1:
-        return float(query_var.reshape(()) + mem_var.reshape(()))
+        return float(query_var.detach().reshape(()) + mem_var.detach().reshape(()))
     return -1.0
 
 

@@ -164,6 +164,9 @@ def conditioning(query_loc, query_sd, mem_loc, mem_sd, threshold, single=False) 
 
 
 EPS = {torch.float32: 2.0**-23, torch.float64: 2.0**-52}
+# A gradient sums pair terms over the other side (and E-wide dots): its rounding grows with the
+# sum of the terms' magnitudes, which cancellation can make larger than the result's.
+GRAD_SLACK = 4
 
 
 def assert_close_scaled(actual, expected, eps, cond, what):
@@ -206,12 +209,12 @@ def test_read_matches_reference_and_float64(backend):
         oracle_out, oracle_grads = _read_with_grads("reference", [to64(t) for t in (q, qs, m, ms, z)], threshold, c.seed)
         assert_close_scaled(out, oracle_out, eps, cond, "read vs float64 oracle")
         for i, (g, og) in enumerate(zip(grads, oracle_grads)):
-            assert_close_scaled(g, og, eps, cond, f"gradient {i} vs float64 oracle")
+            assert_close_scaled(g, og, eps, GRAD_SLACK * cond, f"gradient {i} vs float64 oracle")
         if backend != "reference":
             ref_out, ref_grads = _read_with_grads("reference", (q, qs, m, ms, z), threshold, c.seed)
             assert_close_scaled(out, ref_out, eps, cond, "read vs reference")
             for i, (g, rg) in enumerate(zip(grads, ref_grads)):
-                assert_close_scaled(g, rg, eps, cond, f"gradient {i} vs reference")
+                assert_close_scaled(g, rg, eps, GRAD_SLACK * cond, f"gradient {i} vs reference")
 
     check()
 
