@@ -19,7 +19,7 @@ namespace py = pybind11;
 
 namespace {
 
-using Arr = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;  // (data_ptr, stride0, stride1, stride2)
+using Arr = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;  // (data_ptr, batch stride, row stride, column stride)
 
 template <class T>
 rk::View3<const T> view(const Arr& a) {

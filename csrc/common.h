@@ -21,9 +21,9 @@ namespace rk {
 template <class T>
 struct View3 {
   T* p;
-  int64_t s0, s1, s2;
-  RK_HD inline T& operator()(int64_t b, int64_t r, int64_t c) const { return p[b * s0 + r * s1 + c * s2]; }
-  RK_HD inline T* row(int64_t b, int64_t r) const { return p + b * s0 + r * s1; }
+  int64_t sb, sr, sc;  // batch, row and column strides (resonant_kernels/backends/triton/_common.py: one scheme)
+  RK_HD inline T& operator()(int64_t b, int64_t r, int64_t c) const { return p[b * sb + r * sr + c * sc]; }
+  RK_HD inline T* row(int64_t b, int64_t r) const { return p + b * sb + r * sr; }
 };
 
 template <class T>
@@ -177,7 +177,7 @@ struct RowRef {
 
 template <class T>
 RK_HD inline RowRef<T> row_ref(const View3<const T>& v, int64_t b, int64_t r) {
-  return RowRef<T>{v.row(b, r), v.s2};
+  return RowRef<T>{v.row(b, r), v.sc};
 }
 
 }  // namespace rk

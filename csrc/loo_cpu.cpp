@@ -38,7 +38,7 @@ void errors_impl(const LooShape& s, View3<const T> mloc, View3<const T> mvar, Vi
           if (rescale != T(1)) for (auto& a : acc) a *= rescale;
           if (p != T(0)) {
             const T* zj = values.row(b, j);
-            for (int64_t k = 0; k < E; ++k) acc[k] += p * zj[k * values.s2];
+            for (int64_t k = 0; k < E; ++k) acc[k] += p * zj[k * values.sc];
           }
         }
       }
@@ -46,7 +46,7 @@ void errors_impl(const LooShape& s, View3<const T> mloc, View3<const T> mvar, Vi
       T err2 = 0;
       for (int64_t k = 0; k < E; ++k) {
         est[k] = acc[k] * inv_sum;
-        const T r = est[k] - z[k * values.s2];
+        const T r = est[k] - z[k * values.sc];
         err2 += r * r;
       }
       error[bi] = is_active(active, bi) ? std::sqrt(err2) : T(0);

@@ -120,15 +120,15 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
           run_sum[i] += sum;
         }
         if (!any) continue;
-        if (values.s2 == 1 && nonzero * 4 > nq * nt) {
-          accumulate_dense<T>(prob, nt, values.row(b, t0), values.s1, acc.data(), E);
+        if (values.sc == 1 && nonzero * 4 > nq * nt) {
+          accumulate_dense<T>(prob, nt, values.row(b, t0), values.sr, acc.data(), E);
           continue;
         }
         for (int64_t j = 0; j < nt; ++j) {
           const T* z = values.row(b, t0 + j);
           for (int64_t i = 0; i < nq; ++i) {
             // An underflowed weight contributes exactly nothing: skip the E-wide update.
-            if (prob[i][j] != T(0)) axpy(prob[i][j], z, values.s2, acc.data() + i * E, E);
+            if (prob[i][j] != T(0)) axpy(prob[i][j], z, values.sc, acc.data() + i * E, E);
           }
         }
       }
@@ -243,9 +243,9 @@ void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
         }
         if (nonzero == 0) continue;
         const T* g0 = grad_out + (b * Q + q0) * E;
-        const bool dense = values.s2 == 1 && nonzero * 4 > kQueryBlock * nt;
+        const bool dense = values.sc == 1 && nonzero * 4 > kQueryBlock * nt;
         if (dense) {
-          dots_dense<T>(values.row(b, t0), values.s1, nm, g0, nt, E, dp);
+          dots_dense<T>(values.row(b, t0), values.sr, nm, g0, nt, E, dp);
           accumulate_dense<T>(w, nt, g0, E, dz.data(), E);
         }
         for (int64_t i = 0; i < nm; ++i) {
@@ -257,7 +257,7 @@ void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
             if (wij == T(0)) continue;
             const int64_t bq = b * Q + q0 + j;
             const T* g = g0 + j * E;
-            const T dpij = dense ? dp[i][j] : dot(g, z, values.s2, E);
+            const T dpij = dense ? dp[i][j] : dot(g, z, values.sc, E);
             if (!dense) axpy(wij, g, 1, dz.data() + i * E, E);
             const T ds = wij * (dpij - delta[bq]);
             geo.score(row_ref(qloc, b, q0 + j), row_ref(qvar, b, q0 + j), row_ref(mloc, b, t0 + i),

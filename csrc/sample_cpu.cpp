@@ -152,7 +152,7 @@ void location_row(const Call<T, D>& c, int64_t b, int64_t q, T* row, Scratch<T>&
   }
   const T ninf = neg_inf<T>(), scale = T(s.location_scale);  // scale > 0: -inf stays -inf
   int64_t matched = 0;
-  if (D > 0 && c.geo.uniform_var && c.mloc.s2 == 1 && c.mloc.s1 == D) {
+  if (D > 0 && c.geo.uniform_var && c.mloc.sc == 1 && c.mloc.sr == D) {
     // One shared variance and contiguous locations: a loop the compiler vectorises.
     T ql[D > 0 ? D : 1];
     for (int64_t i = 0; i < D; ++i) ql[i] = c.qloc(b, q, i);
@@ -241,11 +241,11 @@ void drive_pass(const Call<T, D>& c, int64_t b, int64_t G, const T* keys, int64_
         if (logits[g * M + t] == ninf) continue;
         const T* y = keys + g * E;
         T acc = 0;
-        if (values.s2 == 1) {
+        if (values.sc == 1) {
 #pragma omp simd reduction(+ : acc)
           for (int64_t k = 0; k < E; ++k) acc += y[k] * z[k];
         } else {
-          for (int64_t k = 0; k < E; ++k) acc += y[k] * z[k * values.s2];
+          for (int64_t k = 0; k < E; ++k) acc += y[k] * z[k * values.sc];
         }
         logits[g * M + t] += acc * scale;
       }
@@ -265,7 +265,7 @@ void drive_pass(const Call<T, D>& c, int64_t b, int64_t G, const T* keys, int64_
   }
   if (!any_live) return;
   std::fill(w.acc.begin(), w.acc.begin() + blocks * panels * kNE * QB, T(0));
-  const bool contiguous = values.s2 == 1;
+  const bool contiguous = values.sc == 1;
   for (int64_t k0 = 0; k0 < E; k0 += kKC) {
     const int64_t K = std::min(kKC, E - k0);
     if (!contiguous)
@@ -326,7 +326,7 @@ void for_each_query(const Call<T, D>& c, T* out, bool draws, Finish&& finish) {
   std::unique_ptr<T[]> own(out ? nullptr : new T[slots * G * M]);  // uninitialised: every logit is written
 #pragma omp parallel num_threads(plan.threads)
   {
-    Scratch<T> w(s, G, c.values.s2 != 1, draws);
+    Scratch<T> w(s, G, c.values.sc != 1, draws);
     auto run = [&](int64_t task, int slot) {
       const int64_t b = task / plan.groups_per_row, q0 = (task % plan.groups_per_row) * G;
       const int64_t n = std::min(G, s.Q - q0);

@@ -28,6 +28,21 @@ def log_kernel(query_loc, query_var, mem_loc, mem_var, match_threshold: Optional
     return logk
 
 
+def log_kernel_vjp(grad_logk, query_loc, query_var, mem_loc, mem_var):
+    """The gradients of Σ grad_logk · log k w.r.t. (query_loc, query_var, mem_loc, mem_var), each
+    shaped like its (expanded) argument; grad_logk (..., Q, M) must be 0 where log k is -inf.
+
+    ∂log k/∂q_i = −(q_i − m_i)/v_i = −∂log k/∂m_i;  ∂log k/∂qv_i = ∂log k/∂mv_i = ½ ((q_i − m_i)²/v_i² − 1/v_i).
+    Materialises (..., Q, M, d), like log_kernel."""
+    diff = query_loc.unsqueeze(-2) - mem_loc.unsqueeze(-3)  # (..., Q, M, d)
+    inv = 1.0 / (query_var.expand_as(query_loc).unsqueeze(-2) + mem_var.expand_as(mem_loc).unsqueeze(-3))
+    g = grad_logk.unsqueeze(-1)
+    scaled = diff * inv
+    d_loc = g * scaled
+    d_var = g * (0.5 * (scaled * scaled - inv))
+    return -d_loc.sum(-2), d_var.sum(-2), d_loc.sum(-3), d_var.sum(-3)
+
+
 def masked_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim where a row of only -inf gives zeros (and zero gradients)."""
     any_valid = (logits > -math.inf).any(-1, keepdim=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import resonant_kernels as rk
-from resonant_kernels import _backends, cuda_read, sample
+from resonant_kernels import _registry as _backends, sample
 from cases import (TOL, Case, awkward_cases, batch_broadcast_inputs, check_read_against_reference, clone_inputs,
                    grads_of, make_inputs, sample_inputs)
 
@@ -57,23 +57,27 @@ def test_requesting_unusable_cuda_for_sampling_names_the_reason(op):
 
 def test_sampling_dtype_rule():
     """Both sampling ops share one implementation: float32 or float64, values in that dtype."""
-    impls = _backends.BACKENDS["cuda"].impls
-    impl = impls["conditional_sample"]
-    assert impls["conditional_probs"] is impl and isinstance(impl, sample.SampleImpl)
-    for dtype in (torch.float32, torch.float64):
-        assert impl.supports_dtypes(dtype, dtype) is None
-    assert "mem_values" in impl.supports_dtypes(torch.float32, torch.float16)
-    assert "mem_values" in impl.supports_dtypes(torch.float64, torch.float32)
-    assert "locations" in impl.supports_dtypes(torch.float16, torch.float16)
+    for op in ("conditional_probs", "conditional_sample"):
+        def why(loc, value):
+            return _backends.BACKENDS["cuda"].dtype_check(op, loc, value)
+
+        for dtype in (torch.float32, torch.float64):
+            assert why(dtype, dtype) is None
+        assert "mem_values" in why(torch.float32, torch.float16)
+        assert "mem_values" in why(torch.float64, torch.float32)
+        assert "locations" in why(torch.float16, torch.float16)
 
 
 def test_dtype_rule():
     f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+    def why(loc, value):
+        return _backends.BACKENDS["cuda"].dtype_check("gaussian_read", loc, value)
+
     for loc, val in [(f32, f32), (f32, f16), (f32, bf16), (f64, f64)]:
-        assert cuda_read.supports_dtypes(loc, val) is None
-    assert "mem_values" in cuda_read.supports_dtypes(f64, f32)
-    assert "mem_values" in cuda_read.supports_dtypes(f32, f64)
-    assert "locations" in cuda_read.supports_dtypes(f16, f16)
+        assert why(loc, val) is None
+    assert "mem_values" in why(f64, f32)
+    assert "mem_values" in why(f32, f64)
+    assert "locations" in why(f16, f16)
 
 
 def _build_module():
@@ -295,6 +299,6 @@ def test_cuda_sampling_custom_ops_pass_opcheck():
                torch.randn(B, M, d, generator=gen), torch.rand(B, M, d, generator=gen) + 0.5]
     tensors = [t.cuda() for t in tensors]
     scalars = (0.4, 1.0, 1.5, -1.0, "cuda")
-    torch.library.opcheck(sample.probs_fused, (*tensors, *scalars))
+    torch.library.opcheck(sample.sample_probs, (*tensors, *scalars))
     uniforms = torch.rand(B, Q, S, generator=gen, dtype=torch.float64).cuda()
-    torch.library.opcheck(sample.indices_fused, (*tensors, uniforms, *scalars))
+    torch.library.opcheck(sample.sample_indices, (*tensors, uniforms, *scalars))

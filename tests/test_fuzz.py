@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import resonant_kernels as rk
-from resonant_kernels import _backends, reference
+from resonant_kernels import _registry as _backends, reference
 
 FUSED = [b for b in ("cpu", "triton") if _backends.BACKENDS[b].unavailable_reason() is None]
 BACKENDS = ["reference", *FUSED]
@@ -70,7 +70,8 @@ class Call:
                 "huge": 1e30, "inf": math.inf}[k]
 
 
-def calls(*, tiny: bool, min_m: int = 0, loo: bool = False):
+def calls(*, tiny: bool, min_m: int = 0, min_e: int = 0, loo: bool = False,
+          dtypes=(torch.float32, torch.float64)):
     """A strategy of Calls; tiny: sizes for the Triton interpreter."""
     top = 6 if tiny else 24
     dims = st.integers(1, 4) if tiny else st.one_of(st.integers(1, 4), st.sampled_from([7, 16, 33, 64]))
@@ -80,12 +81,12 @@ def calls(*, tiny: bool, min_m: int = 0, loo: bool = False):
         nb = draw(st.integers(0, 2))
         batch = tuple(draw(st.integers(1, 3)) for _ in range(nb))
         return Call(
-            dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+            dtype=draw(st.sampled_from(dtypes)),
             batch=batch,
             Q=draw(st.integers(1, top)),
             M=draw(st.integers(min_m, top + (0 if tiny else 17))),
             d=draw(dims),
-            E=draw(st.integers(0, 8 if tiny else 40)),
+            E=draw(st.integers(min_e, 8 if tiny else 40)),
             single=draw(st.booleans()) and not loo,
             query_sd_kind=draw(st.sampled_from(SD_KINDS)),
             mem_sd_kind=draw(st.sampled_from(SD_KINDS)),
@@ -169,14 +170,16 @@ EPS = {torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 GRAD_SLACK = 4
 
 
-def assert_close_scaled(actual, expected, eps, cond, what):
-    """|actual − expected| ≤ 16·eps·cond·(max|expected| + 1), elementwise."""
+def assert_close_scaled(actual, expected, eps, cond, what, terms=0.0):
+    """|actual − expected| ≤ 16·eps·cond·(max|expected| + terms + 1), elementwise. `terms` is the
+    size of the summands behind the result where they can cancel (a gradient of exactly zero
+    computed from nonzero pair terms carries their rounding)."""
     actual, expected = to64(actual), to64(expected)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     if not actual.numel():
         return
-    scale = float(expected.abs().max()) + 1.0
+    scale = float(expected.abs().max()) + terms + 1.0
     bound = 16 * eps * cond * scale
     err = float((actual - expected).abs().max())
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (eps {eps:.3g}, conditioning {cond:.3g})"
@@ -184,12 +187,16 @@ def assert_close_scaled(actual, expected, eps, cond, what):
 
 # ---- gaussian_read ---------------------------------------------------------------------------
 
+def _cotangent(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def _read_with_grads(backend, tensors, threshold, cot_seed):
     query_loc, query_sd, mem_loc, mem_sd, mem_values = tensors
     leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t
               for t in (query_loc, query_sd, mem_loc, mem_sd, mem_values)]
     out = rk.gaussian_read(*leaves, match_threshold=threshold, backend=backend)
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(cot_seed), dtype=torch.float64)
+    cot = _cotangent(out.shape, cot_seed)
     diff = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(out, diff, cot.to(out.dtype), allow_unused=True) if out.numel() else [None] * len(diff)
     return out, [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, diff)]
@@ -208,13 +215,16 @@ def test_read_matches_reference_and_float64(backend):
         eps = EPS[c.dtype]
         oracle_out, oracle_grads = _read_with_grads("reference", [to64(t) for t in (q, qs, m, ms, z)], threshold, c.seed)
         assert_close_scaled(out, oracle_out, eps, cond, "read vs float64 oracle")
+        # the score gradient w (g·z − g·out) is a difference of dot products of this size
+        cot = _cotangent(out.shape, c.seed)
+        terms = float(cot.abs().max()) * float(to64(z).abs().max()) * max(c.E, 1) ** 0.5 if out.numel() and z.numel() else 0.0
         for i, (g, og) in enumerate(zip(grads, oracle_grads)):
-            assert_close_scaled(g, og, eps, GRAD_SLACK * cond, f"gradient {i} vs float64 oracle")
+            assert_close_scaled(g, og, eps, GRAD_SLACK * cond, f"gradient {i} vs float64 oracle", terms)
         if backend != "reference":
             ref_out, ref_grads = _read_with_grads("reference", (q, qs, m, ms, z), threshold, c.seed)
             assert_close_scaled(out, ref_out, eps, cond, "read vs reference")
             for i, (g, rg) in enumerate(zip(grads, ref_grads)):
-                assert_close_scaled(g, rg, eps, GRAD_SLACK * cond, f"gradient {i} vs reference")
+                assert_close_scaled(g, rg, eps, GRAD_SLACK * cond, f"gradient {i} vs reference", terms)
 
     check()
 
@@ -362,11 +372,10 @@ def test_conditional_sample_draws_match_reference(backend):
 def test_sampling_an_overflowing_call_raises_on_every_backend(backend):
     """Outside the usable range (the logits overflow the dtype) every backend raises the same error."""
     @examples(backend)
-    @given(calls(tiny=backend == "triton", min_m=1), st.sampled_from([1e-30, 1e-34]))
+    @given(calls(tiny=backend == "triton", min_m=1, min_e=1, dtypes=(torch.float32,)), st.sampled_from([1e-30, 1e-34]))
     def check(c: Call, temperature):
         note(str(c))
         m, ms, z, key, kw = _sample_args(c, False)
-        assume(c.E > 0 and c.dtype == torch.float32)
         big = key * 1e6
         logits = to64(big) @ to64(z).transpose(-1, -2) if not c.single else to64(big).unsqueeze(-2) @ to64(z).transpose(-1, -2)
         assume(bool((logits.abs() * c.E**-0.5 / temperature > 3.4e38).any()))

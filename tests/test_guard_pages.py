@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from resonant_kernels import _backends
+from resonant_kernels import _registry as _backends
 
 RUNNER = Path(__file__).with_name("guard_pages.py")
 

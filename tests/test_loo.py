@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import resonant_kernels as rk
-from resonant_kernels import _backends, reference
+from resonant_kernels import _registry as _backends, reference
 from cases import Case, awkward_cases, make_inputs, TOL
 
 FUSED = ["cpu", "triton"]

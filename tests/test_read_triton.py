@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 import resonant_kernels as rk  # noqa: E402
-from resonant_kernels import _backends, read  # noqa: E402
+from resonant_kernels import _registry as _backends, read  # noqa: E402
 from cases import (Case, GRAD_TOL, TOL, awkward_cases, batch_broadcast_inputs, check_read_against_reference,  # noqa: E402
                    clone_inputs, grads_of, make_inputs)
 
@@ -141,17 +141,18 @@ def test_opcheck_custom_op():
 
 @interpreted
 def test_allow_tf32_reaches_both_kernels(monkeypatch):
-    impl = read._IMPLS["triton"]
     seen = []
 
-    def spy(fn, tag):
-        def wrapped(*args, **kwargs):
-            seen.append((tag, kwargs.get("allow_tf32")))
-            return fn(*args, **kwargs)
-        return wrapped
+    def spy(kernel, tag):
+        fn = _backends.implementation(kernel, "triton")
 
-    monkeypatch.setattr(impl, "forward", spy(impl.forward, "forward"))
-    monkeypatch.setattr(impl, "backward", spy(impl.backward, "backward"))
+        def wrapped(*args):
+            seen.append((tag, args[-1]))  # allow_tf32, the kernels' last argument
+            return fn(*args)
+        monkeypatch.setitem(_backends._IMPLS, (kernel, "triton"), wrapped)
+
+    spy("read_forward", "forward")
+    spy("read_backward", "backward")
     inputs = make_inputs(Case((), 4, 6, 2, 3, "per_dim", None), dtype=torch.float32, requires_grad=True)
     grads_of(lambda *a: rk.gaussian_read(*a, backend="triton", allow_tf32=True), inputs)
     grads_of(lambda *a: rk.gaussian_read(*a, backend="triton"), clone_inputs(inputs))
@@ -159,7 +160,9 @@ def test_allow_tf32_reaches_both_kernels(monkeypatch):
 
 
 def test_dtype_rules_name_the_argument():
-    why = read._IMPLS["triton"].supports_dtypes
+    def why(loc, value):
+        return _backends.BACKENDS["triton"].dtype_check("gaussian_read", loc, value)
+
     assert why(torch.float32, torch.float32) is None and why(torch.float32, torch.float16) is None
     assert why(torch.float64, torch.float64) is None
     assert "mem_values" in why(torch.float64, torch.float32)
@@ -171,8 +174,8 @@ def test_auto_order_prefers_triton_for_cuda_and_cpu_for_cpu():
     if not (HAS_CUDA or _backends.triton_interpreting()):
         pytest.skip("triton backend unusable here (no CUDA, no interpreter)")
     # select() only inspects the device type, so this holds without a GPU too.
-    assert _backends.select("gaussian_read", "auto", torch.device("cuda"), torch.float32).name == "triton"
-    assert _backends.select("gaussian_read", "auto", torch.device("cpu"), torch.float32).name == "cpu"
+    assert _backends.select("gaussian_read", "auto", torch.device("cuda"), torch.float32) == "triton"
+    assert _backends.select("gaussian_read", "auto", torch.device("cpu"), torch.float32) == "cpu"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a CUDA device the triton backend is usable")
@@ -183,7 +186,7 @@ def test_unusable_on_cpu_without_interpreter_and_says_why(monkeypatch):
     q, qs, m, ms, z = make_inputs(Case((), 2, 3, 2, 2, "float", None), dtype=torch.float32)
     with pytest.raises(ValueError, match="no CUDA device"):
         rk.gaussian_read(q, qs, m, ms, z, backend="triton")
-    assert _backends.select("gaussian_read", "auto", torch.device("cpu"), torch.float32).name == "cpu"
+    assert _backends.select("gaussian_read", "auto", torch.device("cpu"), torch.float32) == "cpu"
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 import resonant_kernels as rk
-from resonant_kernels import _backends
+from resonant_kernels import _registry as _backends
 from cases import TOL, awkward_cases, make_sd, sample_inputs
 
 
@@ -250,9 +250,9 @@ def test_custom_ops_pass_opcheck():
     qloc, qvar = torch.randn(B, Q, d, generator=gen), torch.rand(B, Q, d, generator=gen) + 0.5
     mloc, mvar = torch.randn(B, M, d, generator=gen), torch.rand(B, M, d, generator=gen) + 0.5
     scalars = (0.4, 1.0, 1.5, -1.0, "cpu")
-    torch.library.opcheck(sample.probs_fused, (key, values, qloc, qvar, mloc, mvar, *scalars))
+    torch.library.opcheck(sample.sample_probs, (key, values, qloc, qvar, mloc, mvar, *scalars))
     uniforms = torch.rand(B, Q, S, generator=gen, dtype=torch.float64)
-    torch.library.opcheck(sample.indices_fused, (key, values, qloc, qvar, mloc, mvar, uniforms, *scalars))
+    torch.library.opcheck(sample.sample_indices, (key, values, qloc, qvar, mloc, mvar, uniforms, *scalars))
 
 
 def test_reference_probs_are_differentiable():
@@ -369,12 +369,12 @@ def check_cpu_plan(name, dtype):
     got = rk.conditional_probs(mem_loc, mem_sd, mem_values, key, backend="cpu", **kw)
     torch.testing.assert_close(got, want, **TOL[dtype])
     call = sample._prepare(sample.SAMPLE_OP, mem_loc, mem_sd, mem_values, key, search_loc, search_sd, 0.7, 1.0,
-                           plan["threshold"], "cpu")
+                           plan["threshold"], "cpu", None)
     B, Q, M, _, _ = call.shape
     # 61 draws per query: the last batch of the lockstep searches (8 draws) is partial
     uniforms = torch.rand((B, Q, 61), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    drawn = sample.indices_fused(*call.fused_args(), uniforms, *call.scalars(), "cpu")
-    probs = torch.softmax(call.reference_logits(), dim=-1)
+    drawn = sample.sample_indices(*call.kernel_args(), uniforms, *call.scalars(), "cpu")
+    probs = sample.sample_probs(*call.kernel_args(), *call.scalars(), "reference")
     expected = reference.inverse_cdf(probs, uniforms)
     assert drawn.shape == expected.shape and drawn.min() >= 0 and drawn.max() < M
     assert float((drawn == expected).double().mean()) > 0.999

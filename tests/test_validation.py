@@ -59,7 +59,7 @@ def test_batch_dims_must_broadcast():
 
 
 def test_cpu_rejects_mixed_value_dtype_with_reason():
-    with pytest.raises(ValueError, match="needs mem_values in the locations' dtype"):
+    with pytest.raises(ValueError, match="needs mem_values in float32, got bfloat16"):
         call(mem_values=torch.zeros(5, 3, dtype=torch.bfloat16))
     # the reference accepts low-precision values
     out = call(mem_values=torch.zeros(5, 3, dtype=torch.bfloat16), backend="reference")

@@ -16,7 +16,7 @@ using rk::cuda::Strided;
 
 namespace {
 
-using Arr = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;  // (data_ptr, stride0, stride1, stride2)
+using Arr = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;  // (data_ptr, batch stride, row stride, column stride)
 
 Strided strided(const Arr& a) { return {std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a)}; }
 

@@ -20,7 +20,7 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 
 template <class T>
 View3<const T> view(const Strided& a) {
-  return {reinterpret_cast<const T*>(a.p), a.s0, a.s1, a.s2};
+  return {reinterpret_cast<const T*>(a.p), a.sb, a.sr, a.sc};
 }
 
 inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }

@@ -12,7 +12,7 @@ enum class Dtype { float32, float64, float16, bfloat16 };
 // A rank-3 device tensor: data pointer and element strides (0 for broadcast dims).
 struct Strided {
   uintptr_t p;
-  int64_t s0, s1, s2;
+  int64_t sb, sr, sc;  // batch, row and column strides (resonant_kernels/backends/triton/_common.py: one scheme)
 };
 
 // The largest location dimension the kernels keep in registers / shared memory.

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 import resonant_kernels as kernels
-from resonant_kernels import _validate
+from resonant_kernels import validation
 
 FORMAT = "resonant.SpatialMemory/1"
 
@@ -29,9 +29,7 @@ FORMAT = "resonant.SpatialMemory/1"
 def check_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
     """The memory's backend name, checked now (not at the first read): "auto" or a backend that can
     read this memory's device and dtype."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    kernels._backends.select(kernels.read.OP, backend, device, dtype)  # raises ValueError with the reason
+    kernels.select_backend("gaussian_read", backend, device, dtype)  # raises naming the reason
     return backend
 
 
@@ -92,7 +90,7 @@ class SpatialMemory:
         value_dim = _check_count(value_dim, "value_dim", 1)
         max_size = _check_count(max_size, "max_size", 1, allow_none=True)
         dtype = dtype or torch.get_default_dtype()
-        if dtype not in _validate.LOCATION_DTYPES:
+        if dtype not in validation.LOCATION_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         backend = check_backend(backend, device, dtype)
@@ -144,7 +142,7 @@ class SpatialMemory:
             loc = loc.unsqueeze(0)
             values = values.unsqueeze(0) if isinstance(values, Tensor) and values.dim() == 1 else values
             sd = sd.unsqueeze(0) if isinstance(sd, Tensor) and sd.dim() == 1 else sd
-        args = _validate.memory(loc, sd, values)
+        args = validation.memory(loc, sd, values)
         if args.dim != self.location_dim:
             raise ValueError(f"loc has location dimension {args.dim} but the memory has location_dim {self.location_dim}")
         if args.values.shape[-1] != self.value_dim:
@@ -266,7 +264,7 @@ class SpatialMemory:
         the reads before a prune), by Adam on the mean squared read error through the read's
         backward kernels. σ is optimised as log σ so it stays positive. Returns the loss per step.
         """
-        _validate.check_tensor(target, "target", min_rank=1)
+        validation.check_tensor(target, "target", min_rank=1)
         with self._lock:
             loc, sd, values, ids = self.loc, self.sd, self.values, self.ids
             params = [loc.clone().requires_grad_(), sd.log().requires_grad_(), values.clone().requires_grad_()]
@@ -375,7 +373,7 @@ class SpatialMemory:
 
     def to(self, device=None, dtype=None) -> "SpatialMemory":
         """Moves the entries (in place) and returns the memory."""
-        if dtype is not None and dtype not in _validate.LOCATION_DTYPES:
+        if dtype is not None and dtype not in validation.LOCATION_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         with self._lock:
             move = dict(device=device, dtype=dtype)

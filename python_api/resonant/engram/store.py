@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from resonant_kernels import _validate
+from resonant_kernels import validation
 from . import local_linear
 
 EVICTION_POLICIES = ("oldest", "random", "smallest")
@@ -52,7 +52,7 @@ def as_states(states, state_dim: int, name: str = "states") -> torch.Tensor:
         t = t.unsqueeze(0)
     if t.dim() != 2 or t.shape[1] != state_dim:
         raise ValueError(f"{name} must have shape (N, {state_dim}) (state_dim={state_dim}); got {tuple(t.shape)}")
-    _validate.check_finite(t, name)
+    validation.check_finite(t, name)
     return t
 
 
@@ -75,8 +75,8 @@ def validate_engrams(states, actions, outcomes, episode_returns, *, state_dim: i
     if n and (actions_t.min() < 0 or actions_t.max() >= num_actions):
         bad = actions_t[(actions_t < 0) | (actions_t >= num_actions)][0].item()
         raise ValueError(f"actions must lie in [0, {num_actions}); got {bad}")
-    _validate.check_finite(outcomes_t, "outcomes")
-    _validate.check_finite(returns_t, "episode_returns")
+    validation.check_finite(outcomes_t, "outcomes")
+    validation.check_finite(returns_t, "episode_returns")
     return states, actions_t, outcomes_t, returns_t
 
 

@@ -15,26 +15,24 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _cpu, triton_read
-from .loo import LooImpl, register_impl
+from ... import _registry
+from ._common import load_constants, score_constants, scores
 
 BLOCK_I = 32
 BLOCK_J = 32
 
 
 @triton.jit
-def _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
-            D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr,
-            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def _scores(ml_ptr, mv_ptr, b, offs_i, offs_j, mask_i, mask_j, sml_b, sml_r, sml_c, smv_b, smv_r, smv_c, consts,
+            D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr):
     """log k_ij for a (BLOCK_I, BLOCK_J) tile of entries against entries: the read's score tile
-    (design.md §1) with the memory as its own queries. consts holds [threshold², 1/v, uniform
-    normaliser, −(d/2) log 2π, max_error] in the locations' dtype (Triton would pass Python floats
-    as float32)."""
-    thr2, uniform_inv, uniform_norm, norm_const = triton_read._load_consts(consts)
-    loc, var = loc + b * s_lb, var + b * s_vb
-    return triton_read._scores(loc, var, offs_i, mask_i, s_lm, s_ld, s_vm, s_vd,
-                               loc, var, offs_j, mask_j, s_lm, s_ld, s_vm, s_vd,
-                               thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
+    (design.md §1) with the memory as its own queries. consts: score_constants(..., max_error)."""
+    thr2, uniform_inv, uniform_norm, norm_const = load_constants(consts)
+    ml_ptr, mv_ptr = ml_ptr + b * sml_b, mv_ptr + b * smv_b
+    score, _ = scores(ml_ptr, mv_ptr, offs_i, mask_i, sml_r, sml_c, smv_r, smv_c,
+                      ml_ptr, mv_ptr, offs_j, mask_j, sml_r, sml_c, smv_r, smv_c,
+                      thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
+    return score
 
 
 @triton.jit
@@ -45,8 +43,8 @@ def _pair_mask(active, b, M, offs_i, offs_j, mask_i, mask_j):
 
 
 @triton.jit
-def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
-                   s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, s_zb, s_zm, s_ze, consts,
+def _errors_kernel(ml_ptr, mv_ptr, z_ptr, active, estimate, lse, M, E,
+                   sml_b, sml_r, sml_c, smv_b, smv_r, smv_c, sz_b, sz_r, sz_c, consts,
                    D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, USE_DOT: tl.constexpr):
     pid_i, b, pid_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -54,15 +52,15 @@ def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_i = offs_i < M
     mask_e = offs_e < E
-    dt = loc.dtype.element_ty
+    dt = ml_ptr.dtype.element_ty
     run_max = tl.full((BLOCK_I,), float("-inf"), dt)
     run_sum = tl.zeros((BLOCK_I,), dt)
     acc = tl.zeros((BLOCK_I, BLOCK_E), dt)
     for j0 in range(0, M, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < M
-        s = _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
-                    D, HAS_THR, UNIFORM, BLOCK_I, BLOCK_J)
+        s = _scores(ml_ptr, mv_ptr, b, offs_i, offs_j, mask_i, mask_j, sml_b, sml_r, sml_c, smv_b, smv_r, smv_c,
+                    consts, D, HAS_THR, UNIFORM)
         s = tl.where(_pair_mask(active, b, M, offs_i, offs_j, mask_i, mask_j), s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
         # A row with nothing matched so far keeps max -inf; shift by 0 there so no inf - inf.
@@ -70,7 +68,7 @@ def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
         scale = tl.exp(run_max - shift)
         p = tl.exp(s - shift[:, None])
         run_sum = run_sum * scale + tl.sum(p, 1)
-        z = tl.load(values + b * s_zb + offs_j[:, None] * s_zm + offs_e[None, :] * s_ze,
+        z = tl.load(z_ptr + b * sz_b + offs_j[:, None] * sz_r + offs_e[None, :] * sz_c,
                     mask=mask_j[:, None] & mask_e[None, :], other=0.0)
         if USE_DOT:
             contrib = tl.dot(p.to(z.dtype), z, input_precision="ieee").to(dt)
@@ -88,8 +86,8 @@ def _errors_kernel(loc, var, values, active, estimate, lse, M, E,
 
 
 @triton.jit
-def _dependencies_kernel(loc, var, active, error, lse, log_count, num_dependencies, candidate, M,
-                         s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
+def _dependencies_kernel(ml_ptr, mv_ptr, active, error, lse, log_count, num_dependencies, candidate, M,
+                         sml_b, sml_r, sml_c, smv_b, smv_r, smv_c, consts,
                          D: tl.constexpr, HAS_THR: tl.constexpr, UNIFORM: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     pid_i, b = tl.program_id(0), tl.program_id(1)
@@ -102,8 +100,8 @@ def _dependencies_kernel(loc, var, active, error, lse, log_count, num_dependenci
     for j0 in range(0, M, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < M
-        s = _scores(loc, var, b, offs_i, offs_j, mask_i, mask_j, s_lb, s_lm, s_ld, s_vb, s_vm, s_vd, consts,
-                    D, HAS_THR, UNIFORM, BLOCK_I, BLOCK_J)
+        s = _scores(ml_ptr, mv_ptr, b, offs_i, offs_j, mask_i, mask_j, sml_b, sml_r, sml_c, smv_b, smv_r, smv_c,
+                    consts, D, HAS_THR, UNIFORM)
         depends = _pair_mask(active, b, M, offs_i, offs_j, mask_i, mask_j) & (s > cut[:, None])
         err_j = tl.load(error + b * M + offs_j, mask=mask_j, other=0.0)
         lower = (err_j[None, :] < err_i[:, None]) | ((err_j[None, :] == err_i[:, None]) & (offs_j[None, :] < offs_i[:, None]))
@@ -115,16 +113,8 @@ def _dependencies_kernel(loc, var, active, error, lse, log_count, num_dependenci
 
 
 def _geometry(mem_loc, threshold, uniform_var, max_error=0.0):
-    d = mem_loc.shape[-1]
-    uniform = uniform_var >= 0
-    consts = mem_loc.new_tensor([
-        threshold * threshold if threshold >= 0 else 0.0,
-        1.0 / uniform_var if uniform else 0.0,
-        -0.5 * d * (math.log(uniform_var) + math.log(2 * math.pi)) if uniform else 0.0,
-        -0.5 * d * math.log(2 * math.pi),
-        max_error,
-    ])
-    return dict(consts=consts, D=d, HAS_THR=threshold >= 0, UNIFORM=uniform)
+    return dict(consts=score_constants(mem_loc, mem_loc.shape[-1], threshold, uniform_var, max_error),
+                D=mem_loc.shape[-1], HAS_THR=threshold >= 0, UNIFORM=uniform_var >= 0)
 
 
 def _errors(mem_loc, mem_var, mem_values, active, threshold, uniform_var):
@@ -160,4 +150,5 @@ def _dependencies(mem_loc, mem_var, active, error, lse, threshold, uniform_var, 
     return num_dependencies, candidate.bool()
 
 
-register_impl("triton", LooImpl(_errors, _dependencies, _cpu.same_float_dtypes))
+_registry.register("triton", "loo_errors", _errors)
+_registry.register("triton", "loo_dependencies", _dependencies)

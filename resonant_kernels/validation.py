@@ -1,7 +1,15 @@
-"""Argument checks and broadcasting shared by every op and every backend.
+"""Argument checks and broadcasting shared by every op and every backend (docs/validation.md).
 
 Every public op calls into here before any kernel runs, so a bad argument fails the same way
-whichever backend would have served it.
+whichever backend would have served it. Public for libraries that build on the ops (the `resonant`
+package validates its memories' inputs with it).
+
+Two kinds of checks: metadata (types, ranks, shapes, dtypes, devices, Python scalars), which always
+run and cost nothing, and values (NaN/Inf, the σ, location and value ranges), which read the data.
+`validate=None` (every op's default) runs the value checks where they are free: on CPU tensors,
+outside torch.compile. On CUDA tensors each would be a device-to-host sync, and inside a compiled
+graph a graph break, so there they run only with validate=True (validate=False skips them
+everywhere). See `value_checks`.
 """
 from __future__ import annotations
 
@@ -55,9 +63,20 @@ def value_bound(dtype: torch.dtype, num_entries: int) -> float:
     return torch.finfo(dtype).max / (2 * max(num_entries, 1))
 
 
-def check_range(x: torch.Tensor, name: str, bound: float = math.inf, why: str = "") -> None:
-    """x is finite and every |x| ≤ bound; one reduction (aminmax: no copy of x, NaN propagates)."""
-    if not x.numel():
+def value_checks(validate: Optional[bool], device: torch.device) -> bool:
+    """Whether a call runs the value checks: `validate` when given, else only where they are free
+    (CPU tensors, not while torch.compile traces the call)."""
+    if validate is not None:
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be True, False or None, got {validate!r}")
+        return validate
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_range(x: torch.Tensor, name: str, bound: float = math.inf, why: str = "", *, check: bool = True) -> None:
+    """x is finite and every |x| ≤ bound; one reduction (aminmax: no copy of x, NaN propagates).
+    A no-op when check is False (value checks off for this call)."""
+    if not check or not x.numel():
         return
     low, high = (float(v) for v in torch.aminmax(x.detach()))
     if math.isnan(low) or math.isnan(high):
@@ -70,8 +89,8 @@ def check_range(x: torch.Tensor, name: str, bound: float = math.inf, why: str = 
                          f"for {_dtype_name(x.dtype)}{why}")
 
 
-def check_finite(x: torch.Tensor, name: str) -> None:
-    check_range(x, name)
+def check_finite(x: torch.Tensor, name: str, *, check: bool = True) -> None:
+    check_range(x, name, check=check)
 
 
 def check_device(named: Sequence[tuple[str, torch.Tensor]], *, same_dtype: bool = False) -> None:
@@ -88,11 +107,21 @@ def check_same_device_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> None:
     check_device(named, same_dtype=True)
 
 
-def standard_deviation(sd: Sd, name: str, like: torch.Tensor, like_name: str) -> torch.Tensor:
-    """A float, a 0-d tensor or a tensor broadcastable to `like`, checked positive and finite.
+@dataclass
+class Variance:
+    """σ² of a validated standard deviation: a tensor broadcastable to its locations, and the same
+    number as a Python float when σ was given as one (known without reading a tensor)."""
 
-    Returns a tensor of like's dtype and device that broadcasts to like's shape (a float becomes a
-    0-d tensor, so no per-entry copy is made).
+    var: torch.Tensor
+    scalar: Optional[float] = None
+
+
+def standard_deviation(sd: Sd, name: str, like: torch.Tensor, like_name: str, *, check: bool = True) -> Variance:
+    """σ² of a float, a 0-d tensor or a tensor broadcastable to `like`, checked positive, finite
+    and inside the dtype's usable range (values only when `check`).
+
+    The variance is a tensor of like's dtype and device that broadcasts to like's shape (a float
+    becomes a 0-d tensor, so no per-entry copy is made).
     """
     if isinstance(sd, bool) or not isinstance(sd, (torch.Tensor, float, int)):
         raise TypeError(f"{name} must be a positive float or a tensor, got {type(sd).__name__}")
@@ -104,7 +133,8 @@ def standard_deviation(sd: Sd, name: str, like: torch.Tensor, like_name: str) ->
             raise ValueError(f"{name} must be positive and finite, got {sd}")
         if not low <= sd <= high:
             raise ValueError(f"{name} is {sd:.4g}{usable}")
-        return torch.tensor(float(sd), dtype=like.dtype, device=like.device)
+        var = float(sd) ** 2
+        return Variance(torch.tensor(var, dtype=like.dtype, device=like.device), var)
     check_tensor(sd, name, min_rank=0)
     check_same_device_dtype([(like_name, like), (name, sd)])
     try:
@@ -115,7 +145,7 @@ def standard_deviation(sd: Sd, name: str, like: torch.Tensor, like_name: str) ->
         raise ValueError(
             f"{name} of shape {tuple(sd.shape)} does not broadcast to {like_name}'s shape {tuple(like.shape)}"
         ) from None
-    if sd.numel():
+    if check and sd.numel():
         smallest, largest = (float(v) for v in torch.aminmax(sd.detach()))
         if math.isnan(smallest) or math.isnan(largest) or math.isinf(largest):
             raise ValueError(f"{name} contains non-finite values")
@@ -124,7 +154,20 @@ def standard_deviation(sd: Sd, name: str, like: torch.Tensor, like_name: str) ->
         if smallest < low or largest > high:
             bad = smallest if smallest < low else largest
             raise ValueError(f"{name} contains {bad:.4g}{usable}")
-    return sd
+    return Variance(sd * sd)
+
+
+def uniform_variance(query: Variance, mem: Variance, *, check: bool) -> float:
+    """qv + mv when every variance of the call is one number (the kernels' fast path), else -1.
+
+    Known for free when both σ were Python numbers; a one-element tensor σ is read only where
+    value checks run (reading a CUDA tensor would sync; inside torch.compile it would break the
+    graph), else the call takes the general path, which gives the same result more slowly."""
+    if query.scalar is not None and mem.scalar is not None:
+        return query.scalar + mem.scalar
+    if check and query.var.numel() == 1 and mem.var.numel() == 1:
+        return float(query.var.detach().reshape(()) + mem.var.detach().reshape(()))
+    return -1.0
 
 
 # A threshold whose square overflows a double masks no finite squared distance: it means "none".
@@ -152,8 +195,13 @@ class MemoryArgs:
     """A validated memory: locations, variances and values, batch dims broadcast."""
 
     loc: torch.Tensor  # (..., M, d)
-    var: torch.Tensor  # broadcastable to loc
+    variance: Variance  # broadcastable to loc
     values: torch.Tensor  # (..., M, E)
+    check: bool  # whether this call runs the value checks
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.variance.var
 
     @property
     def size(self) -> int:
@@ -164,32 +212,36 @@ class MemoryArgs:
         return self.loc.shape[-1]
 
 
-def memory(mem_loc, mem_sd: Sd, mem_values, *, value_dtypes=LOCATION_DTYPES) -> MemoryArgs:
-    check_tensor(mem_loc, "mem_loc", min_rank=2)
-    check_tensor(mem_values, "mem_values", min_rank=2, dtypes=value_dtypes)
-    check_device([("mem_loc", mem_loc), ("mem_values", mem_values)])
+def memory(mem_loc, mem_sd: Sd, mem_values, *, value_dtypes=LOCATION_DTYPES, validate: Optional[bool] = None,
+           names=("mem_loc", "mem_sd", "mem_values")) -> MemoryArgs:
+    loc_name, sd_name, values_name = names
+    check_tensor(mem_loc, loc_name, min_rank=2)
+    check_tensor(mem_values, values_name, min_rank=2, dtypes=value_dtypes)
+    check_device([(loc_name, mem_loc), (values_name, mem_values)])
     if mem_loc.shape[-2] != mem_values.shape[-2]:
         raise ValueError(
-            f"mem_loc has {mem_loc.shape[-2]} entries (shape {tuple(mem_loc.shape)}) but mem_values has "
+            f"{loc_name} has {mem_loc.shape[-2]} entries (shape {tuple(mem_loc.shape)}) but {values_name} has "
             f"{mem_values.shape[-2]} (shape {tuple(mem_values.shape)})"
         )
     if mem_loc.dim() != mem_values.dim():
         raise ValueError(
-            f"mem_loc {tuple(mem_loc.shape)} and mem_values {tuple(mem_values.shape)} must have the same rank"
+            f"{loc_name} {tuple(mem_loc.shape)} and {values_name} {tuple(mem_values.shape)} must have the same rank"
         )
     if mem_loc.shape[-1] < 1:
-        raise ValueError("mem_loc must have a location dimension d >= 1")
-    check_locations(mem_loc, "mem_loc")
+        raise ValueError(f"{loc_name} must have a location dimension d >= 1")
+    check = value_checks(validate, mem_loc.device)
+    check_locations(mem_loc, loc_name, check=check)
     M = mem_loc.shape[-2]
-    check_range(mem_values, "mem_values", value_bound(torch.promote_types(mem_values.dtype, mem_loc.dtype), M),
-                f" with M = {M} entries (a weighted sum of M values must stay finite)")
-    sd = standard_deviation(mem_sd, "mem_sd", mem_loc, "mem_loc")
-    return MemoryArgs(mem_loc, sd * sd, mem_values)
+    check_range(mem_values, values_name, value_bound(torch.promote_types(mem_values.dtype, mem_loc.dtype), M),
+                f" with M = {M} entries (a weighted sum of M values must stay finite)", check=check)
+    variance = standard_deviation(mem_sd, sd_name, mem_loc, loc_name, check=check)
+    return MemoryArgs(mem_loc, variance, mem_values, check)
 
 
-def check_locations(loc: torch.Tensor, name: str) -> None:
+def check_locations(loc: torch.Tensor, name: str, *, check: bool = True) -> None:
     d = loc.shape[-1]
-    check_range(loc, name, location_bound(loc.dtype, d), f" with d = {d} (squared distances must stay finite)")
+    check_range(loc, name, location_bound(loc.dtype, d), f" with d = {d} (squared distances must stay finite)",
+                check=check)
 
 
 def is_single_row(x: torch.Tensor, name: str, like: torch.Tensor, like_name: str, rows: str, one: str) -> bool:
@@ -201,8 +253,9 @@ def is_single_row(x: torch.Tensor, name: str, like: torch.Tensor, like_name: str
 
 
 def queries(query_loc, query_sd: Sd, mem: MemoryArgs, *, loc_name="query_loc", sd_name="query_sd"):
-    """Checks the queries against the memory. Returns (loc, var, single) where single says the
-    caller passed one query per batch row, shape (..., d); loc then gains a Q=1 axis."""
+    """Checks the queries against the memory. Returns (loc, variance, single) where single says
+    the caller passed one query per batch row, shape (..., d); loc (and a per-query variance) then
+    gain a Q=1 axis."""
     check_tensor(query_loc, loc_name, min_rank=1)
     check_same_device_dtype([("mem_loc", mem.loc), (loc_name, query_loc)])
     single = is_single_row(query_loc, loc_name, mem.loc, "mem_loc", "(..., Q, d)", "(..., d) for a single query")
@@ -210,13 +263,13 @@ def queries(query_loc, query_sd: Sd, mem: MemoryArgs, *, loc_name="query_loc", s
         raise ValueError(
             f"{loc_name} has location dimension {query_loc.shape[-1]} but mem_loc has {mem.dim}"
         )
-    check_locations(query_loc, loc_name)
-    sd = standard_deviation(query_sd, sd_name, query_loc, loc_name)
-    var = sd * sd
+    check_locations(query_loc, loc_name, check=mem.check)
+    variance = standard_deviation(query_sd, sd_name, query_loc, loc_name, check=mem.check)
     if single:
         query_loc = query_loc.unsqueeze(-2)
-        var = var.unsqueeze(-2) if var.dim() >= 1 else var
-    return query_loc, var, single
+        if variance.var.dim() >= 1:
+            variance = Variance(variance.var.unsqueeze(-2), variance.scalar)
+    return query_loc, variance, single
 
 
 def batch_shape(*shapes: torch.Size, names: Sequence[str]) -> torch.Size:
@@ -231,12 +284,6 @@ def flatten_batch(x: torch.Tensor, batch: torch.Size, tail: tuple[int, ...]) -> 
     """Expands x to batch + tail and views it as (B, *tail) without copying where strides allow."""
     x = x.expand(*batch, *tail)
     return x.reshape(math.prod(batch), *tail) if len(batch) != 1 else x
-
-
-def reduce_to(grad: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    if grad is None:
-        return None
-    return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
 
 
 def positive_number(x, name: str) -> float:
@@ -280,7 +327,7 @@ def search_key(key, mem: MemoryArgs, name: str = "search_key"):
     single = is_single_row(key, name, mem.values, "mem_values", "(..., Q, E)", "(..., E) for a single key")
     if key.shape[-1] != mem.values.shape[-1]:
         raise ValueError(f"{name} has value dimension {key.shape[-1]} but mem_values has {mem.values.shape[-1]}")
-    check_finite(key, name)
+    check_finite(key, name, check=mem.check)
     return (key.unsqueeze(-2) if single else key), single
 
 

@@ -15,38 +15,20 @@ The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (te
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from . import read
-from ._backends import triton_interpreting
-
-LOG_2PI = math.log(2 * math.pi)
-VALUE_DTYPES = {
-    torch.float32: (torch.float32, torch.bfloat16, torch.float16),
-    torch.float64: (torch.float64,),
-}
-
-
-def supports_dtypes(loc_dtype: torch.dtype, value_dtype: torch.dtype):
-    if loc_dtype not in VALUE_DTYPES:
-        return f"supports float32 and float64 locations, got {loc_dtype}"
-    if value_dtype not in VALUE_DTYPES[loc_dtype]:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in VALUE_DTYPES[loc_dtype])
-        return f"with {loc_dtype} locations needs mem_values in {allowed}, got {value_dtype}"
-    if value_dtype == torch.bfloat16 and triton_interpreting():
-        return "the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16 arithmetic; use a GPU or float16"
-    return None
+from ... import _registry
+from ._common import accumulator, dim_terms, load_constants, on_device, score_constants, scores
 
 
 def _autotuned(configs, key):
     """triton.autotune on a real GPU; fixed block sizes (given at launch) otherwise, because the
     autotuner may need a driver when it is created and the interpreter gains nothing from it."""
-    if torch.cuda.is_available() and not triton_interpreting():
+    if torch.cuda.is_available() and not _registry.triton_interpreting():
         return triton.autotune(configs=configs, key=key)
     return lambda fn: fn
 
@@ -64,54 +46,7 @@ _TUNE_KEY = ["Q", "M", "E", "D", "BLOCK_E", "UNIFORM", "HAS_THR"]
 _INTERPRETER_BLOCKS = {"BLOCK_Q": 32, "BLOCK_M": 32}
 
 
-# ---- shared device helpers --------------------------------------------------------------------
-
-@triton.jit
-def _dim_terms(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
-               ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c, i,
-               UNIFORM: tl.constexpr, uniform_inv):
-    """Per-dimension pair terms for dim i: (q − m) and 1 / (qv + mv), each (BLOCK_Q, BLOCK_M)."""
-    q = tl.load(ql_ptr + q_offs * sql_r + i * sql_c, mask=q_mask, other=0.0)
-    m = tl.load(ml_ptr + m_offs * sml_r + i * sml_c, mask=m_mask, other=0.0)
-    diff = q[:, None] - m[None, :]
-    if UNIFORM:
-        inv = tl.zeros_like(diff) + uniform_inv
-    else:
-        qv = tl.load(qv_ptr + q_offs * sqv_r + i * sqv_c, mask=q_mask, other=1.0)
-        mv = tl.load(mv_ptr + m_offs * smv_r + i * smv_c, mask=m_mask, other=1.0)
-        inv = 1.0 / (qv[:, None] + mv[None, :])
-    return diff, inv
-
-
-@triton.jit
-def _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
-            ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
-            thr2, uniform_inv, uniform_norm, norm_const,
-            D: tl.constexpr, UNIFORM: tl.constexpr, HAS_THR: tl.constexpr):
-    """log k for a (BLOCK_Q, BLOCK_M) tile; -inf for thresholded and out-of-range entries."""
-    dist2 = tl.zeros((q_offs.shape[0], m_offs.shape[0]), dtype=ql_ptr.dtype.element_ty)
-    quad = tl.zeros_like(dist2)
-    log_det = tl.zeros_like(dist2)
-    for i in tl.static_range(D):
-        diff, inv = _dim_terms(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
-                               ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c, i,
-                               UNIFORM, uniform_inv)
-        sq = diff * diff
-        dist2 += sq
-        if not UNIFORM:
-            quad += sq * inv
-            # A sum of logs, not the log of a product: a product of even two float32 variances
-            # can overflow (σ = 1e10) or underflow (σ = 1e-10) where each variance is fine.
-            log_det += tl.log(inv)
-    if UNIFORM:
-        score = -0.5 * dist2 * uniform_inv + uniform_norm
-    else:
-        score = -0.5 * quad + 0.5 * log_det + norm_const
-    keep = q_mask[:, None] & m_mask[None, :]
-    if HAS_THR:
-        keep = keep & (dist2 <= thr2)
-    return tl.where(keep, score, float("-inf"))
-
+# ---- device helpers ---------------------------------------------------------------------------
 
 @triton.jit
 def _program_tiles(N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -126,12 +61,6 @@ def _program_tiles(N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
 @triton.jit
 def _batch_row(ql_ptr, qv_ptr, ml_ptr, mv_ptr, b, sql_b, sqv_b, sml_b, smv_b):
     return ql_ptr + b * sql_b, qv_ptr + b * sqv_b, ml_ptr + b * sml_b, mv_ptr + b * smv_b
-
-
-@triton.jit
-def _load_consts(consts_ptr):
-    """Per-call scalars, kept in the locations' dtype (a plain float argument would be float32)."""
-    return tl.load(consts_ptr), tl.load(consts_ptr + 1), tl.load(consts_ptr + 2), tl.load(consts_ptr + 3)
 
 
 @triton.jit
@@ -157,9 +86,9 @@ def _loc_var_grads(ds, ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_
     ∂score/∂q = −(q − m)/v = −∂score/∂m; ∂score/∂qv = ∂score/∂mv = ½ ((q − m)²/v² − 1/v)."""
     cols = tl.arange(0, D_POW2)
     for i in tl.static_range(D):
-        diff, inv = _dim_terms(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
-                               ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c, i,
-                               UNIFORM, uniform_inv)
+        diff, inv = dim_terms(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
+                              ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c, i,
+                              UNIFORM, uniform_inv)
         scaled = diff * inv
         g_loc = tl.sum(ds * scaled, axis=AXIS)
         g_var = tl.sum(ds * (0.5 * scaled * scaled - 0.5 * inv), axis=AXIS)
@@ -182,7 +111,7 @@ def _read_fwd(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, out_ptr, lse_ptr,
               D: tl.constexpr, UNIFORM: tl.constexpr, HAS_THR: tl.constexpr, ALLOW_TF32: tl.constexpr,
               ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     b, pid_e, q_offs, q_mask, e_offs, e_mask = _program_tiles(Q, E, BLOCK_Q, BLOCK_E)
-    thr2, uniform_inv, uniform_norm, norm_const = _load_consts(consts_ptr)
+    thr2, uniform_inv, uniform_norm, norm_const = load_constants(consts_ptr)
     ql_ptr, qv_ptr, ml_ptr, mv_ptr = _batch_row(ql_ptr, qv_ptr, ml_ptr, mv_ptr, b, sql_b, sqv_b, sml_b, smv_b)
     z_ptr += b * sz_b
 
@@ -192,9 +121,9 @@ def _read_fwd(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, out_ptr, lse_ptr,
     for start in range(0, M, BLOCK_M):
         m_offs = start + tl.arange(0, BLOCK_M)
         m_mask = m_offs < M
-        score = _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
-                        ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
-                        thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
+        score, _ = scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
+                          ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
+                          thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
         new_max = tl.maximum(row_max, tl.max(score, axis=1))
         # While a row has matched nothing its max is -inf; shifting by 0 keeps exp() NaN-free.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -225,9 +154,9 @@ def _tile_weights_and_score_grads(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, 
                                   ALLOW_TF32: tl.constexpr, ACC: tl.constexpr):
     """Recomputed weights P and the score gradient ds = P * (dO·z − D) for one tile (this value
     block's share of dO·z; `delta` is zero except in the first value block)."""
-    score = _scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
-                    ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
-                    thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
+    score, _ = scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
+                      ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
+                      thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
     p = _weights(score, lse)
     dp = _dot(go, tl.trans(z), tl.zeros((q_offs.shape[0], m_offs.shape[0]), ACC), ALLOW_TF32)
     return p, p * (dp - delta[:, None])
@@ -255,7 +184,7 @@ def _read_bwd_mem(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, go_ptr, lse_ptr, delta_
                   BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Grads of mem_values (this value block) and this value block's share of mem_loc/mem_var."""
     b, pid_e, m_offs, m_mask, e_offs, e_mask = _program_tiles(M, E, BLOCK_M, BLOCK_E)
-    thr2, uniform_inv, uniform_norm, norm_const = _load_consts(consts_ptr)
+    thr2, uniform_inv, uniform_norm, norm_const = load_constants(consts_ptr)
     ql_ptr, qv_ptr, ml_ptr, mv_ptr = _batch_row(ql_ptr, qv_ptr, ml_ptr, mv_ptr, b, sql_b, sqv_b, sml_b, smv_b)
     go_ptr += b * sgo_b
     lse_ptr += b * slse_b
@@ -301,7 +230,7 @@ def _read_bwd_query(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, go_ptr, lse_ptr, delt
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """This value block's share of the grads of query_loc and query_var."""
     b, pid_e, q_offs, q_mask, e_offs, e_mask = _program_tiles(Q, E, BLOCK_Q, BLOCK_E)
-    thr2, uniform_inv, uniform_norm, norm_const = _load_consts(consts_ptr)
+    thr2, uniform_inv, uniform_norm, norm_const = load_constants(consts_ptr)
     ql_ptr, qv_ptr, ml_ptr, mv_ptr = _batch_row(ql_ptr, qv_ptr, ml_ptr, mv_ptr, b, sql_b, sqv_b, sml_b, smv_b)
     z_ptr += b * sz_b
     lse = tl.load(lse_ptr + b * slse_b + q_offs, mask=q_mask, other=float("inf"))
@@ -334,17 +263,9 @@ def _geometry(query_loc, mem_values, threshold, uniform_var):
     """Scalar kernel arguments and compile-time switches shared by the three launches."""
     B, Q, d = query_loc.shape
     M, E = mem_values.shape[1:]
-    uniform = uniform_var >= 0
-    consts = torch.tensor([
-        threshold * threshold if threshold >= 0 else 0.0,  # thr2
-        1.0 / uniform_var if uniform else 0.0,  # uniform_inv
-        -0.5 * d * (math.log(uniform_var) + LOG_2PI) if uniform else 0.0,  # uniform_norm
-        -0.5 * d * LOG_2PI,  # norm_const
-    ], dtype=query_loc.dtype, device=query_loc.device)
     scalars = dict(
-        Q=Q, M=M, E=E, consts_ptr=consts,
-        D=d, UNIFORM=uniform, HAS_THR=threshold >= 0,
-        ACC=tl.float64 if query_loc.dtype == torch.float64 else tl.float32,
+        Q=Q, M=M, E=E, consts_ptr=score_constants(query_loc, d, threshold, uniform_var),
+        D=d, UNIFORM=uniform_var >= 0, HAS_THR=threshold >= 0, ACC=accumulator(query_loc.dtype),
         BLOCK_E=_block_e(E),
     )
     return B, Q, M, d, E, scalars
@@ -352,7 +273,7 @@ def _geometry(query_loc, mem_values, threshold, uniform_var):
 
 def _block_e(E: int) -> int:
     # tl.dot needs every block dim >= 16; 128 keeps the accumulator in registers on a GPU.
-    return min(max(16, triton.next_power_of_2(E)), 64 if triton_interpreting() else 128)
+    return min(max(16, triton.next_power_of_2(E)), 64 if _registry.triton_interpreting() else 128)
 
 
 def _launch(kernel, grid_rows: int, B: int, E: int, args: tuple, scalars: dict, **extra):
@@ -380,7 +301,7 @@ def triton_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold
         return out, lse
     args = (query_loc, query_var, mem_loc, mem_var, mem_values, out, lse,
             *_strides(query_loc, query_var, mem_loc, mem_var, mem_values, out), lse.stride(0))
-    with _on_device(query_loc):
+    with on_device(query_loc):
         _launch(_read_fwd, Q, B, E, args, scalars, ALLOW_TF32=allow_tf32)
     return out, lse
 
@@ -400,7 +321,7 @@ def triton_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, 
     common = (query_loc, query_var, mem_loc, mem_var, mem_values, grad_out, lse, delta)
     strides = _strides(query_loc, query_var, mem_loc, mem_var, mem_values, grad_out) + (lse.stride(0),)
     extra = dict(D_POW2=triton.next_power_of_2(d), ALLOW_TF32=allow_tf32)
-    with _on_device(query_loc):
+    with on_device(query_loc):
         _launch(_read_bwd_mem, M, B, E,
                 (*common, grad_z, *mem_parts, *strides, *grad_z.stride(), *mem_parts[0].stride()[:2]), scalars, **extra)
         _launch(_read_bwd_query, Q, B, E,
@@ -410,9 +331,5 @@ def triton_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, 
     return g_ql, g_qv, g_ml, g_mv, grad_z
 
 
-def _on_device(t: torch.Tensor):
-    """Launches go to the tensors' GPU (and its current stream), whatever device is current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-read.register_impl("triton", read.ReadImpl(triton_forward, triton_backward, supports_dtypes))
+_registry.register("triton", "read_forward", triton_forward)
+_registry.register("triton", "read_backward", triton_backward)
