@@ -1,7 +1,7 @@
 """resonant-kernels: fused kernels for Gaussian-kernel memories.
 
 Ops (design.md): `gaussian_read`, `leave_one_out`, `prune_mask`, `conditional_probs`,
-`conditional_sample`. Backends: reference, cpu, triton, cuda; `backends()` prints which are usable
+`conditional_sample`. Backends: reference, cpu, triton, cuda; `backends()` shows which are usable
 here and why not.
 """
 import importlib as _importlib

@@ -1,13 +1,15 @@
 """Backend registry and dispatch.
 
 Each backend says which ops it implements, on which devices and dtypes, and gives a readable reason
-when it cannot serve a call; `backends()` prints that table. Op modules register their
+when it cannot serve a call; `backends()` returns that table. Op modules register their
 implementations here (`register`), so adding a backend never edits the ops.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import os
+from importlib import resources
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -64,7 +66,19 @@ def _cpu_available() -> Optional[str]:
     return _module_reason("resonant_kernels._C", "the compiled CPU extension resonant_kernels._C")
 
 
+def _cuda_build_note() -> Optional[str]:
+    """Why the install did not build the CUDA module (setup.py records it in _build_info.json)."""
+    try:
+        info = json.loads(resources.files(__package__).joinpath("_build_info.json").read_text())
+        return info["cuda"]["reason"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no record (a source checkout never built): the import below says what is missing
+
+
 def _cuda_available() -> Optional[str]:
+    note = _cuda_build_note()
+    if note:
+        return f"the CUDA module was not built when this package was installed: {note}"
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
     return _module_reason("resonant_kernels._C_cuda", "the compiled CUDA extension resonant_kernels._C_cuda")
@@ -138,22 +152,36 @@ class BackendInfo:
     summary: str
 
 
+class BackendTable(list):
+    """The rows of `backends()` (a list of BackendInfo); its repr is the table, so the REPL shows it once."""
+
+    def __repr__(self) -> str:
+        width = max((len(r.name) for r in self), default=len("backend"))
+        lines = [f"{'backend':<{width}}  usable  ops / reason"]
+        for r in self:
+            detail = ", ".join(r.ops) if r.usable else r.reason
+            lines.append(f"{r.name:<{width}}  {'yes' if r.usable else 'no':<6}  {detail}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
 def _load_op_modules() -> None:
     # Importing the package registers every op; this keeps backends() honest if called early.
     importlib.import_module("resonant_kernels")
 
 
-def backends(print_table: bool = True) -> list[BackendInfo]:
-    """Each backend: usable in this process or not (and why), and the ops it implements."""
+def backends(print_table: bool = False) -> BackendTable:
+    """Each backend: usable in this process or not (and why), and the ops it implements.
+
+    Returns a list of BackendInfo whose repr is the table, so the REPL (or `print(backends())`)
+    shows it once; print_table=True also prints it.
+    """
     _load_op_modules()
-    rows = []
+    rows = BackendTable()
     for b in BACKENDS.values():
         why = b.unavailable_reason()
         rows.append(BackendInfo(b.name, why is None, why or "", tuple(sorted(b.impls)), b.summary))
     if print_table:
-        width = max(len(r.name) for r in rows)
-        print(f"{'backend':<{width}}  usable  ops / reason")
-        for r in rows:
-            detail = ", ".join(r.ops) if r.usable else r.reason
-            print(f"{r.name:<{width}}  {'yes' if r.usable else 'no':<6}  {detail}")
+        print(rows)
     return rows
