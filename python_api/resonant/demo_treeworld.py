@@ -28,6 +28,7 @@ import torch
 import resonant_kernels as kernels
 
 from .drives import DriveClassifier
+from .extras import require
 from .memory import SpatialMemory
 
 # Published in the notebook (its world, bge-large embeddings, E = 1024).
@@ -134,9 +135,7 @@ def pca_colors(values: torch.Tensor, seed: int = 42) -> Callable:
 
 
 def _plot(ctx: Context, rgb: torch.Tensor, title: str, filename: str, points=None, marker_at=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "rl", "resonant demo treeworld").use("Agg")
     import matplotlib.pyplot as plt
 
     side = int(round(math.sqrt(rgb.shape[0])))
