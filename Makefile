@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cu cs
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test bench bench-full check-cuda clean
+.PHONY: install test test-slow bench bench-full check-cuda clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ $(STAMP): $(SOURCES) | $(PY)
 
 install: $(STAMP)
 
+# `make test` (CI) leaves out the tests marked slow (minutes each, e.g. a full `make bench`).
 test: install check-cuda
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_read.py --quick

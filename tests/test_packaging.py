@@ -22,26 +22,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def checkout_files() -> list[str]:
-    """The files a clone of this checkout would have (tracked and untracked, not ignored)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                         check=True).stdout.decode()
-    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+from checkout import checkout_files, copy_checkout, have_git_checkout
 
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
+    if not have_git_checkout():
         pytest.skip("needs a git checkout to know which files a clone has")
     pytest.importorskip("build", reason="the `test` extra installs `build`")
-    src = tmp_path_factory.mktemp("src")
-    for f in checkout_files():
-        if not f.startswith("benchmarks/results/"):
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, src / f)
+    src = copy_checkout(tmp_path_factory.mktemp("src"), skip=("benchmarks/results/",))
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "RESONANT_NO_CUDA": "1", "RESONANT_NATIVE": "0"}
     # sdist first, then the wheel built from the unpacked sdist: a file missing from the sdist fails here
