@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from resonant.extras import EXTRA_OF
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
-
-# top-level module of an optional dependency -> the extra that installs it
-EXTRAS = {"gymnasium": "rl", "Box2D": "rl", "matplotlib": "rl", "pymilvus": "milvus", "milvus_lite": "milvus",
-          "triton": "triton", "faiss": "faiss", "pykeops": "bench"}
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -46,7 +44,7 @@ def test_python_blocks_run_in_order(path, tmp_path, monkeypatch):
             # padded to its line in the file, so a traceback points at the README/docs line itself
             exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
         except ModuleNotFoundError as exc:
-            extra = EXTRAS.get((exc.name or "").split(".")[0])
+            extra = EXTRA_OF.get((exc.name or "").split(".")[0])
             if extra is None:
                 raise
             pytest.skip(f"{path.name} line {line} needs the `{extra}` extra ({exc.name} is not installed)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Optional
 
 # which extra installs each optional top-level module (pyproject.toml [project.optional-dependencies])
 EXTRA_OF = {"gymnasium": "rl", "Box2D": "rl", "matplotlib": "rl", "pymilvus": "milvus", "milvus_lite": "milvus",
@@ -21,8 +22,10 @@ class MissingExtra(ModuleNotFoundError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 
 
-def missing(extra: str, what: str, detail: str) -> MissingExtra:
-    return MissingExtra(f"{what} needs the `{extra}` extra: pip install 'resonant-kernels[{extra}]' ({detail})")
+def missing(extra: str, what: str, detail: str, module: Optional[str] = None) -> MissingExtra:
+    """The error for `what` needing `extra`; `module` is the missing module's name, if known."""
+    return MissingExtra(f"{what} needs the `{extra}` extra: pip install 'resonant-kernels[{extra}]' ({detail})",
+                        name=module)
 
 
 def require(module: str, extra: str, what: str) -> ModuleType:
@@ -32,4 +35,5 @@ def require(module: str, extra: str, what: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         if isinstance(exc, MissingExtra):
             raise
-        raise missing(extra, what, f"{exc.name or module} is not installed").with_traceback(None) from None
+        name = exc.name or module
+        raise missing(extra, what, f"{name} is not installed", name) from None
