@@ -95,13 +95,16 @@ def test_fuse_of_equal_observations_halves_the_variance():
     (dict(loc=torch.zeros(4, 3)), "location dimension 3"),
     (dict(values=torch.zeros(4, 6)), "value_dim 5"),
     (dict(values=torch.zeros(3, 5)), "entries"),
-    (dict(loc=torch.tensor([[0.0, float("nan")]] * 4)), "mem_loc contains NaN"),
-    (dict(values=torch.full((4, 5), float("inf"))), "mem_values contains Inf"),
-    (dict(sd=0.0), "mem_sd must be positive"),
-    (dict(sd=-1.0), "mem_sd must be positive"),
-    (dict(sd=torch.tensor([[1.0, -0.1]] * 4)), "mem_sd must be positive"),
-    (dict(sd=float("nan")), "mem_sd must be positive and finite"),
-    (dict(loc=[[0.0, 0.0]] * 4), "mem_loc must be a torch.Tensor"),
+    (dict(loc=torch.tensor([[0.0, float("nan")]] * 4)), "^loc contains NaN"),
+    (dict(values=torch.full((4, 5), float("inf"))), "^values contains Inf"),
+    (dict(sd=0.0), "^sd must be positive"),
+    (dict(sd=-1.0), "^sd must be positive"),
+    (dict(sd=torch.tensor([[1.0, -0.1]] * 4)), "^sd must be positive"),
+    (dict(sd=float("nan")), "^sd must be positive and finite"),
+    (dict(loc=[[0.0, 0.0]] * 4), "^loc must be a torch.Tensor"),
+    (dict(values=torch.zeros(4, 5, dtype=F64)), "^values has dtype torch.float64 but the memory holds torch.float32"),
+    (dict(loc=torch.zeros(4, 2, dtype=F64)), "^loc has dtype torch.float64 .* converting would round it"),
+    (dict(sd=torch.ones(4, 2, dtype=F64)), "^sd has dtype"),
 ])
 def test_bad_writes_name_the_argument_and_change_nothing(bad, match):
     memory = SpatialMemory(2, 5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -24,6 +25,8 @@ import resonant_kernels as kernels
 from resonant_kernels import _validate
 
 FORMAT = "resonant.SpatialMemory/1"
+# resonant_kernels' validation names the memory's tensors mem_loc / mem_sd / mem_values
+_KERNEL_ARG_NAMES = re.compile(r"\b(mem_(?:loc|sd|values))\b")
 
 
 def check_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
@@ -139,12 +142,23 @@ class SpatialMemory:
     # ---- write -------------------------------------------------------------------------------
 
     def _observations(self, loc, sd, values) -> tuple[Tensor, Tensor, Tensor]:
-        """Validated observations flattened to (N, d), (N, d), (N, E) in the memory's dtype/device."""
+        """Validated observations flattened to (N, d), (N, d), (N, E) in the memory's dtype/device.
+
+        Errors name write's own arguments (loc, sd, values). Tensors are converted to the memory's
+        dtype only where that loses nothing (float32 into a float64 memory); float64 into a
+        float32 memory raises rather than rounding silently."""
         if isinstance(loc, Tensor) and loc.dim() == 1:
             loc = loc.unsqueeze(0)
             values = values.unsqueeze(0) if isinstance(values, Tensor) and values.dim() == 1 else values
             sd = sd.unsqueeze(0) if isinstance(sd, Tensor) and sd.dim() == 1 else sd
-        args = _validate.memory(loc, sd, values)
+        try:
+            args = _validate.memory(loc, sd, values)
+        except (TypeError, ValueError) as exc:  # the kernels' names for these arguments -> write's
+            raise type(exc)(_KERNEL_ARG_NAMES.sub(lambda m: m.group(1)[4:], str(exc))) from None
+        for name, t in (("loc", loc), ("sd", sd), ("values", values)):
+            if isinstance(t, Tensor) and torch.promote_types(t.dtype, self.dtype) != self.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the memory holds {self.dtype}; converting would "
+                                f"round it: pass {name}.to({self.dtype}) or create the memory with dtype={t.dtype}")
         if args.dim != self.location_dim:
             raise ValueError(f"loc has location dimension {args.dim} but the memory has location_dim {self.location_dim}")
         if args.values.shape[-1] != self.value_dim:
