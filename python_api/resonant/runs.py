@@ -11,11 +11,11 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
+
+from .types import PathLike
 
 RUNS = Path("runs")
-
-PathLike = Union[str, os.PathLike]
 
 
 def run_dir(name: str, out: Optional[PathLike] = None) -> Path:

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .engram.brain import EngramBrain
 from .extras import missing, require
 from .runs import write_text_atomic
+from .types import PathLike
 
 
 @dataclass
@@ -180,7 +181,7 @@ class Trainer:
         for env in self.envs:
             env.close()
 
-    def write_report(self, out_dir, name: str, extra: Optional[dict] = None) -> dict:
+    def write_report(self, out_dir: PathLike, name: str, extra: Optional[dict] = None) -> dict:
         """Writes NAME.json (config, per-episode returns, summary; atomically) and NAME.png (learning
         curve) into out_dir, e.g. runs.run_dir(name)."""
         summary = self.result.summary()
@@ -192,7 +193,7 @@ class Trainer:
         return summary
 
 
-def plot_learning_curve(returns, path, *, title: str, window: int = 100) -> None:
+def plot_learning_curve(returns: Sequence[float], path: PathLike, *, title: str, window: int = 100) -> None:
     require("matplotlib", "rl", "the learning-curve figure").use("Agg")
     import matplotlib.pyplot as plt
 

@@ -29,12 +29,13 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from ..extras import require
+from ..types import ArrayLike, PathLike
 from .store import EngramStore, Neighbours, as_states
 
 INDEX_TYPES = {
@@ -52,7 +53,7 @@ BENIGN_LOG_MESSAGES = ("mvccTs",)
 PYMILVUS_ITERATOR_LOGGERS = ("pymilvus.client.iterator.query_iterator", "pymilvus.orm.iterator")
 
 
-def milvus_uri(uri: Union[str, os.PathLike]) -> str:
+def milvus_uri(uri: PathLike) -> str:
     """Checks `uri` (see the module docstring) and creates a Milvus Lite database's parent folder."""
     uri = os.fspath(uri)
     if uri.startswith(SERVER_SCHEMES):
@@ -86,7 +87,7 @@ def quiet_pymilvus() -> Iterator[None]:
 
 
 class MilvusEngramStore(EngramStore):
-    def __init__(self, state_dim: int, num_actions: int, uri: str = "engrams.db", *,
+    def __init__(self, state_dim: int, num_actions: int, uri: PathLike = "engrams.db", *,
                  collection: str = "engrams", index_type: str = "FLAT", index_params: Optional[dict] = None,
                  search_params: Optional[dict] = None, capacity: Optional[int] = None, eviction: str = "oldest",
                  insert_batch: int = 10_000, drop_existing: bool = False, seed: Optional[int] = None,
@@ -198,7 +199,7 @@ class MilvusEngramStore(EngramStore):
         keep[positions] = False
         self._ids, self._outcomes = self._ids[keep], self._outcomes[keep]
 
-    def search(self, states, k: int, *, with_states: bool = False) -> Neighbours:
+    def search(self, states: ArrayLike, k: int, *, with_states: bool = False) -> Neighbours:
         k = self.check_k(k)
         if k > MAX_TOPK:
             raise ValueError(f"k must be <= {MAX_TOPK} for Milvus, got {k}")
