@@ -387,7 +387,7 @@ def _tampered(tmp_path, edit_config=None, edit_state=None):
     (None, lambda s: s.update(next_id=torch.tensor(7.5)), "next_id must be an int >= 6"),
     (None, lambda s: s.update(ids=torch.arange(6) - 3), "ids must be >= 0"),
     (None, lambda s: s.update(ids=torch.arange(6).flip(0)), "strictly increasing"),
-    (None, lambda s: s.update(values=s["values"] * float("nan")), "mem_values contains NaN"),
+    (None, lambda s: s.update(values=s["values"] * float("nan")), "^values contains NaN"),  # the state key
 ])
 def test_load_rejects_inconsistent_files(tmp_path, edit_config, edit_state, message):
     path = _tampered(tmp_path, edit_config, edit_state)
