@@ -1,15 +1,30 @@
-"""Builds resonant_kernels._C (C++ CPU kernels, OpenMP, pybind11; no libtorch).
+"""Builds resonant_kernels._C (C++ CPU kernels, OpenMP, pybind11; no libtorch) and, wherever nvcc
+and a CUDA toolkit are found, resonant_kernels._C_cuda (CUDA kernels on raw device pointers: torch
+is not needed at build time, so build isolation does not matter).
 
-The CUDA module is built only where nvcc and a CUDA-enabled torch are both present; otherwise the
-build says why it skipped it and the package works without it.
+Build switches (environment variables, README "Install as a dependency"):
+  RESONANT_NATIVE=0        portable CPU code (no -march=native)
+  RESONANT_NO_CUDA=1       do not build the CUDA module
+  RESONANT_REQUIRE_CUDA=1  fail the install when the CUDA module cannot be built
+  RESONANT_CUDA_ARCHS      GPU architectures, e.g. "80;86;90" (default "80;90")
+  RESONANT_BUILD_JOBS      parallel compile jobs (default: one per CPU)
+A CUDA module that is not built is reported in a warning and by resonant_kernels.backends().
 """
 import os
-import shutil
 import sys
 from glob import glob
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+try:
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
+except ImportError:  # only without build isolation: pip installs the build requirements otherwise
+    raise SystemExit(
+        "resonant-kernels: building needs pybind11. With --no-build-isolation, install the build "
+        "requirements first: pip install 'setuptools>=68' wheel 'pybind11>=2.12'"
+    ) from None
 from setuptools import setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from csrc.cuda.build import BuildExt, build_jobs, cuda_build_reason, cuda_extension, cuda_required  # noqa: E402
 
 # -fno-trapping-math lets GCC if-convert and vectorise the exp loops (we never read FP flags).
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
@@ -26,32 +41,13 @@ cpu_ext = Pybind11Extension(
     cxx_std=20,
 )
 
-
-def cuda_build_reason():
-    """None when the CUDA module can be built here, else why not."""
-    if os.environ.get("RESONANT_NO_CUDA") == "1":
-        return "RESONANT_NO_CUDA=1"
-    if shutil.which("nvcc") is None:
-        return "nvcc not found on PATH"
-    try:
-        import torch
-    except ImportError:
-        return "torch is not importable at build time (install torch first, build with --no-build-isolation)"
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU-only build"
-    return None
-
-
-reason = cuda_build_reason()
 extensions = [cpu_ext]
+reason = cuda_build_reason()
 if reason is None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from csrc.cuda.build import cuda_extension, CudaBuildExt  # noqa: E402
-
     extensions.append(cuda_extension())
-    build_cls = CudaBuildExt
-else:
-    print(f"resonant-kernels: skipping the CUDA backend build: {reason}", file=sys.stderr)
-    build_cls = build_ext
+elif cuda_required():
+    raise SystemExit(f"resonant-kernels: RESONANT_REQUIRE_CUDA=1 but the CUDA module cannot be built: {reason}")
+BuildExt.cuda_skip_reason = reason
 
-setup(ext_modules=extensions, cmdclass={"build_ext": build_cls})
+ParallelCompile(default=build_jobs()).install()
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from resonant import runs
+
 MB = 1024 * 1024
 
 
@@ -99,10 +101,20 @@ def add_speedups(results: list, method_key: str, same_case: tuple, baseline: str
             entry[f"speedup_vs_{baseline}"] = ref["seconds"] / entry["seconds"]
 
 
+RUN_NAME = "benchmarks"  # outputs go to runs/benchmarks/ unless --out says otherwise
+
+
+def add_out_argument(parser) -> None:
+    runs.add_out_argument(parser, RUN_NAME, "the JSON results (and figures)")
+
+
+def out_path(out, filename: str) -> str:
+    """Where a result file goes: --out DIR, else runs/benchmarks/ (never the tracked benchmarks/results/)."""
+    return str(runs.run_dir(RUN_NAME, out) / filename)
+
+
 def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    runs.write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def machine_description() -> dict:

@@ -9,7 +9,8 @@ Stores compared (all exact unless --milvus-index says otherwise):
   milvus-lite   MilvusEngramStore on an embedded Milvus Lite file, k-NN (FLAT index by default)
   faiss-flat    faiss IndexFlatL2 k-NN (if faiss-cpu is installed), same per-action weighting
 Every row runs EngramBrain.decide (or, for faiss, the same scoring helper) on the same states,
-so the rows differ only in how neighbours are found. Writes benchmarks/results/engram_bench.json.
+so the rows differ only in how neighbours are found. Writes engram_bench.json to runs/benchmarks/
+(or --out DIR).
 
     python benchmarks/bench_engram.py            # 256 states vs 100 000 engrams
     python benchmarks/bench_engram.py --quick    # 64 states vs 5 000 engrams (a smoke run)
@@ -68,8 +69,7 @@ def main(argv=None):
     p.add_argument("--milvus-index", default="FLAT", choices=("FLAT", "IVF_FLAT", "HNSW"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="64 states vs 5 000 engrams")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "engram_bench.json"))
+    _measure.add_out_argument(p)
     args = p.parse_args(argv)
     if args.quick:
         args.engrams, args.batch, args.repeats = 5_000, 64, 3
@@ -128,9 +128,10 @@ def main(argv=None):
               if milvus_key in by}
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.1f}x")
-    _measure.write_json(args.out, {"config": {k: v for k, v in vars(args).items() if k != "out"},
-                                   "machine": _measure.machine_description(), "rows": rows, "ratios": ratios})
-    print(f"wrote {args.out}")
+    path = _measure.out_path(args.out, "engram_bench.json")
+    _measure.write_json(path, {"config": {k: v for k, v in vars(args).items() if k != "out"},
+                               "machine": _measure.machine_description(), "rows": rows, "ratios": ratios})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

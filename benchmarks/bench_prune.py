@@ -27,8 +27,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import resonant_kernels as rk  # noqa: E402
-from _measure import (MB, cuda_peak_extra_mb, machine_description, median_time, peak_extra_rss_mb,  # noqa: E402
-                      write_json)
+from _measure import (MB, add_out_argument, cuda_peak_extra_mb, machine_description, median_time,  # noqa: E402
+                      out_path, peak_extra_rss_mb, write_json)
 
 SD, THRESHOLD, MAX_ERROR, MAX_STEPS = 10.0, 25.0, 0.05, 10
 DTYPE = torch.float32
@@ -85,7 +85,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-limit-gb", type=float, default=CPU_REFERENCE_LIMIT_GB,
                         help="skip reference rows whose estimated peak exceeds this")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/prune_<device>.json)")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if args.quick:
@@ -127,7 +127,7 @@ def main(argv=None):
         speedup = f"{ref_time[r['M']] / r['seconds']:.1f}x" if r["M"] in ref_time and r["backend"] != "reference" else ""
         r["speedup_vs_reference"] = speedup
         print(f"{r['M']:>7}  {r['backend']:<10} {r['seconds']:>10.3f} {r['peak_extra_mb']:>16.1f} {r['kept']:>7}  {speedup}")
-    out = args.out or os.path.join(HERE, "results", f"prune_{args.device}.json")
+    out = out_path(args.out, f"prune_{args.device}.json")
     write_json(out, dict(benchmark="prune_mask", E=args.E, dtype=str(DTYPE), sd=SD, threshold=THRESHOLD,
                          max_error=MAX_ERROR, max_steps=MAX_STEPS, machine=machine_description(), rows=rows))
     print(f"wrote {out}")

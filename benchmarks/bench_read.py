@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resonant_kernels as rk  # noqa: E402
-from _measure import add_speedups, machine_description, median_time, peak_extra_rss_mb, write_json  # noqa: E402
+from _measure import (add_out_argument, add_speedups, machine_description, median_time, out_path,  # noqa: E402
+                      peak_extra_rss_mb, write_json)
 
 SIGMA, THRESHOLD, SPREAD = 10.0, 25.0, 100.0
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def make_inputs(Q, M, d, E, dtype=torch.float32, seed=0, requires_grad=False):
@@ -183,15 +183,16 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    add_out_argument(parser)
     args, rest = parser.parse_known_args(argv)
     if args.device == "cuda":
         import bench_read_gpu
 
-        return bench_read_gpu.main(rest + (["--quick"] if args.quick else []))
+        return bench_read_gpu.main(rest + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []))
     results = run(args)
     print_table(results)
     name = "bench_read_cpu_quick.json" if args.quick else "bench_read_cpu.json"
-    path = os.path.join(RESULTS, name)
+    path = out_path(args.out, name)
     write_json(path, dict(command="python benchmarks/bench_read.py" + (" --quick" if args.quick else ""),
                           machine=machine_description(), sigma=SIGMA, spread=SPREAD, results=results))
     print(f"\nmachine: {machine_description()}\nwritten: {os.path.relpath(path)}")

@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resonant_kernels as rk  # noqa: E402
-from _measure import cuda_peak_extra_mb, machine_description, median_time, write_json  # noqa: E402
+from _measure import (add_out_argument, cuda_peak_extra_mb, machine_description, median_time, out_path,  # noqa: E402
+                      write_json)
 
 SIGMA, SPREAD, D = 10.0, 100.0, 2
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("reference", "compiled_reference", "triton", "cuda", "sdpa", "flex")
 SDPA_CHUNK = 256
 
@@ -255,6 +255,7 @@ def main(argv=None):
                         choices=METHODS, help="the first one measured is the accuracy baseline")
     parser.add_argument("--allow-tf32", action="store_true", help="let triton use TF32 for float32 value products")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU tensors (Triton interpreter)")
+    add_out_argument(parser)
     args, _ = parser.parse_known_args(argv)
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -273,7 +274,7 @@ def main(argv=None):
     if args.dry_run:
         return 0
     name = "bench_read_gpu_quick.json" if args.quick else "bench_read_gpu.json"
-    path = os.path.join(RESULTS, name)
+    path = out_path(args.out, name)
     write_json(path, dict(command="python benchmarks/bench_read_gpu.py" + (" --quick" if args.quick else ""),
                           machine=machine_description(), sigma=SIGMA, spread=SPREAD, d=D,
                           sdpa_note=f"values split into <= {SDPA_CHUNK}-wide chunks run as heads; q/k padded",

@@ -7,7 +7,7 @@
 Inputs follow the notebook's search: entries at N(0, 100²) in 2-D with σ = 10, values ~ N(0, 1),
 random search keys, search locations ~ N(0, 100²) with σ = 25 (the location term is on; add
 --threshold to mask far entries). Ratios are reference time / backend time from the same run.
-Writes benchmarks/results/bench_sample_<device>[_quick].json and a PNG bar chart next to it.
+Writes bench_sample_<device>[_quick].json and a PNG bar chart to runs/benchmarks/ (or --out).
 """
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resonant_kernels as rk  # noqa: E402
-from _measure import (add_speedups, cuda_peak_extra_mb, machine_description, median_time, peak_extra_rss_mb,  # noqa: E402
-                      write_json)
+from _measure import (add_out_argument, add_speedups, cuda_peak_extra_mb, machine_description,  # noqa: E402
+                      median_time, out_path, peak_extra_rss_mb, write_json)
 
 MEM_SD, SEARCH_SD, SPREAD, D = 10.0, 25.0, 100.0, 2
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def build(backend, Q, M, E, S, threshold=None, device="cpu", seed=0):
@@ -142,15 +141,16 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=None, help="match_threshold for the location term")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses (CPU)")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     results = run(args)
     print_table(results)
     stem = f"bench_sample_{args.device}" + ("_quick" if args.quick else "")
-    path = os.path.join(RESULTS, stem + ".json")
+    path = out_path(args.out, stem + ".json")
     command = "python benchmarks/bench_sample.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
     write_json(path, dict(command=command, machine=machine_description(), mem_sd=MEM_SD, search_sd=SEARCH_SD,
                           spread=SPREAD, results=results))
-    plot(results, os.path.join(RESULTS, stem + ".png"))
+    plot(results, out_path(args.out, stem + ".png"))
     print(f"\nmachine: {machine_description()}\nwritten: {os.path.relpath(path)} and {stem}.png")
 
 

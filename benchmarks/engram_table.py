@@ -7,6 +7,7 @@ when comparing configurations), share of episodes >= 200 (all / last 100), wall 
 
     python benchmarks/engram_table.py                       # every engram_lunarlander_* run
     python benchmarks/engram_table.py NAME [NAME ...]       # these runs, in this order
+    python benchmarks/engram_table.py --results runs/NAME NAME   # a new run, from its runs/ folder
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def command(name: str, config: dict) -> str:
     return " ".join(parts + [f"--name {name}"])
 
 
-def row(name: str) -> str:
-    with open(os.path.join(RESULTS, f"{name}.json")) as f:
+def row(name: str, results: str = RESULTS) -> str:
+    with open(os.path.join(results, f"{name}.json")) as f:
         run = json.load(f)
     returns = np.asarray(run["episode_returns"], dtype=np.float64)
     s = run["summary"]
@@ -60,14 +61,16 @@ def row(name: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="run names (default: every engram_lunarlander_* JSON)")
+    p.add_argument("--results", default=RESULTS, help="folder of the runs' JSON files (default: the recorded runs "
+                                                     "in benchmarks/results)")
     args = p.parse_args(argv)
     names = args.names or sorted(os.path.basename(f)[:-5]
-                                 for f in glob.glob(os.path.join(RESULTS, "engram_lunarlander_*.json")))
+                                 for f in glob.glob(os.path.join(args.results, "engram_lunarlander_*.json")))
     print("| run | command | episodes | last-100 mean | last-500 mean | share ≥ 200 (all / last 100) | wall time "
           "| target ≥ +100 |")
     print("|---|---|---|---|---|---|---|---|")
     for name in names:
-        print(row(name))
+        print(row(name, args.results))
     return 0
 
 

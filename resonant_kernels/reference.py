@@ -1,7 +1,7 @@
 """Pure-PyTorch reference implementations: the ground truth every fused backend is tested against.
 
 Short and obviously right, at the price of materialising (..., Q, M, d) and (..., Q, M) tensors.
-All functions take variances (σ²), already validated and broadcastable, see `_validate`.
+All functions take variances (σ²), already validated and broadcastable, see `validation`.
 """
 from __future__ import annotations
 

@@ -103,8 +103,9 @@ def test_auto_picks_cpu_backend_on_cpu_tensors():
 
 def test_backends_table(capsys):
     rows = rk.backends()
-    assert capsys.readouterr().out == ""  # returned, not printed (the REPL shows its repr once)
+    assert capsys.readouterr().out == ""  # the REPL shows the returned table once, through its repr
     printed = repr(rows)
+    assert printed == str(rows) and printed.splitlines()[0].split() == ["backend", "usable", "ops", "/", "reason"]
     names = {r.name: r for r in rows}
     assert {"reference", "cpu", "triton", "cuda"} <= set(names)
     assert names["cpu"].usable and names["reference"].usable

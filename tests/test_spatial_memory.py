@@ -95,13 +95,16 @@ def test_fuse_of_equal_observations_halves_the_variance():
     (dict(loc=torch.zeros(4, 3)), "location dimension 3"),
     (dict(values=torch.zeros(4, 6)), "value_dim 5"),
     (dict(values=torch.zeros(3, 5)), "entries"),
-    (dict(loc=torch.tensor([[0.0, float("nan")]] * 4)), "mem_loc contains NaN"),
-    (dict(values=torch.full((4, 5), float("inf"))), "mem_values contains Inf"),
-    (dict(sd=0.0), "mem_sd must be positive"),
-    (dict(sd=-1.0), "mem_sd must be positive"),
-    (dict(sd=torch.tensor([[1.0, -0.1]] * 4)), "mem_sd must be positive"),
-    (dict(sd=float("nan")), "mem_sd must be positive and finite"),
-    (dict(loc=[[0.0, 0.0]] * 4), "mem_loc must be a torch.Tensor"),
+    (dict(loc=torch.tensor([[0.0, float("nan")]] * 4)), "^loc contains NaN"),
+    (dict(values=torch.full((4, 5), float("inf"))), "^values contains Inf"),
+    (dict(sd=0.0), "^sd must be positive"),
+    (dict(sd=-1.0), "^sd must be positive"),
+    (dict(sd=torch.tensor([[1.0, -0.1]] * 4)), "^sd must be positive"),
+    (dict(sd=float("nan")), "^sd must be positive and finite"),
+    (dict(loc=[[0.0, 0.0]] * 4), "^loc must be a torch.Tensor"),
+    (dict(values=torch.zeros(4, 5, dtype=F64)), "^values has dtype torch.float64 but the memory holds torch.float32"),
+    (dict(loc=torch.zeros(4, 2, dtype=F64)), "^loc has dtype torch.float64 .* converting would round it"),
+    (dict(sd=torch.ones(4, 2, dtype=F64)), "^sd has dtype"),
 ])
 def test_bad_writes_name_the_argument_and_change_nothing(bad, match):
     memory = SpatialMemory(2, 5)
@@ -384,7 +387,7 @@ def _tampered(tmp_path, edit_config=None, edit_state=None):
     (None, lambda s: s.update(next_id=torch.tensor(7.5)), "next_id must be an int >= 6"),
     (None, lambda s: s.update(ids=torch.arange(6) - 3), "ids must be >= 0"),
     (None, lambda s: s.update(ids=torch.arange(6).flip(0)), "strictly increasing"),
-    (None, lambda s: s.update(values=s["values"] * float("nan")), "mem_values contains NaN"),
+    (None, lambda s: s.update(values=s["values"] * float("nan")), "^values contains NaN"),  # the state key
 ])
 def test_load_rejects_inconsistent_files(tmp_path, edit_config, edit_state, message):
     path = _tampered(tmp_path, edit_config, edit_state)

@@ -1,4 +1,6 @@
 """resonant: the high-level API over resonant_kernels (memories, agents, simulations)."""
+from typing import TYPE_CHECKING, Any
+
 import resonant_kernels as kernels
 
 from .drives import DriveClassifier
@@ -13,7 +15,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
+if TYPE_CHECKING:
+    from .engram.milvus_store import MilvusEngramStore
+
+
+def __getattr__(name: str) -> Any:
     # pymilvus is optional (the `milvus` extra): loaded only when the Milvus store is asked for
     if name == "MilvusEngramStore":
         from .engram.milvus_store import MilvusEngramStore

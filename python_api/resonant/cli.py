@@ -34,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .extras import MissingExtra
+    from .train_cli import ResumeError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (MissingExtra, ResumeError) as exc:  # a user's setup or data, not a bug: one line, no traceback
+        print(f"resonant: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ the sensor field; memory reads from a 100×100 grid, a 10×10 grid and Gaussian 
 reads; drive fields; hunger sampling (free, √E temperature, location-biased); leave-one-out
 statistics, pruning step counts and read errors before and after; the post-pruning regression;
 and a background prune with hot swap. Figures go to PNG files and the numbers to numbers.json in
---out; every number is printed beside the one the notebook published.
+runs/treeworld-demo/ (or --out); every number is printed beside the one the notebook published.
 
 The world is ours, not the notebook's (random trees from --seed, embeddings from the offline
 embedder or MiniLM instead of bge-large-en-v1.5, E = 384 instead of 1024), so numbers that depend
@@ -28,7 +28,11 @@ import torch
 import resonant_kernels as kernels
 
 from .drives import DriveClassifier
+from .extras import require
+from .runs import add_out_argument, run_dir, write_text_atomic
 from .memory import SpatialMemory
+
+DEMO_NAME = "treeworld-demo"  # outputs: runs/treeworld-demo/ unless --out
 
 # Published in the notebook (its world, bge-large embeddings, E = 1024).
 NOTEBOOK = {
@@ -134,9 +138,7 @@ def pca_colors(values: torch.Tensor, seed: int = 42) -> Callable:
 
 
 def _plot(ctx: Context, rgb: torch.Tensor, title: str, filename: str, points=None, marker_at=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "rl", "resonant demo treeworld").use("Agg")
     import matplotlib.pyplot as plt
 
     side = int(round(math.sqrt(rgb.shape[0])))
@@ -346,7 +348,9 @@ STEPS = (
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    out = Path(args.out)
+    require("gymnasium", "rl", "resonant demo treeworld")
+    require("matplotlib", "rl", "resonant demo treeworld")
+    out = run_dir(DEMO_NAME, args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(args, out)
     start = time.perf_counter()
@@ -360,7 +364,7 @@ def run(args) -> int:
         settings={k: v for k, v in vars(args).items() if k != "func"},
         seconds=time.perf_counter() - start,
     )
-    (out / "numbers.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out / "numbers.json", json.dumps(result, indent=2) + "\n")
     tqdm_write(f"wrote {len(ctx.figures)} figures and numbers.json to {out}")
     return 0
 
@@ -370,7 +374,7 @@ def add_subcommand(subparsers) -> None:
 
     p = subgroup(subparsers, "demo").add_parser("treeworld", help="the tree-world spatial-memory notebook",
                                                 description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="treeworld-demo", help="output folder for PNGs and numbers.json")
+    add_out_argument(p, DEMO_NAME, "the PNG figures and numbers.json")
     p.add_argument("--grid", type=int, default=100, help="points per axis of the read grid (notebook: 100)")
     p.add_argument("--coarse-grid", type=int, default=10, help="points per axis of the coarse training grid")
     p.add_argument("--random-points", type=int, default=100, help="Gaussian training points")

@@ -15,13 +15,15 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 import resonant_kernels as kernels
 from resonant_kernels import validation
+
+from .types import Device, PathLike, Sd
 
 FORMAT = "resonant.SpatialMemory/1"
 
@@ -45,7 +47,7 @@ def _check_count(value, name: str, minimum: int, allow_none: bool = False) -> Op
 class PruneHandle:
     """A prune running in a background thread; `wait()` returns how many entries it removed."""
 
-    def __init__(self, memory: "SpatialMemory", run):
+    def __init__(self, memory: "SpatialMemory", run: Callable[[], int]):
         self._memory = memory
         self._removed: Optional[int] = None
         self._error: Optional[BaseException] = None
@@ -137,12 +139,20 @@ class SpatialMemory:
     # ---- write -------------------------------------------------------------------------------
 
     def _observations(self, loc, sd, values) -> tuple[Tensor, Tensor, Tensor]:
-        """Validated observations flattened to (N, d), (N, d), (N, E) in the memory's dtype/device."""
+        """Validated observations flattened to (N, d), (N, d), (N, E) in the memory's dtype/device.
+
+        Errors name write's own arguments (loc, sd, values). Tensors are converted to the memory's
+        dtype only where that loses nothing (float32 into a float64 memory); float64 into a
+        float32 memory raises rather than rounding silently."""
         if isinstance(loc, Tensor) and loc.dim() == 1:
             loc = loc.unsqueeze(0)
             values = values.unsqueeze(0) if isinstance(values, Tensor) and values.dim() == 1 else values
             sd = sd.unsqueeze(0) if isinstance(sd, Tensor) and sd.dim() == 1 else sd
-        args = validation.memory(loc, sd, values)
+        args = validation.memory(loc, sd, values, names=("loc", "sd", "values"))
+        for name, t in (("loc", loc), ("sd", sd), ("values", values)):
+            if isinstance(t, Tensor) and torch.promote_types(t.dtype, self.dtype) != self.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the memory holds {self.dtype}; converting would "
+                                f"round it: pass {name}.to({self.dtype}) or create the memory with dtype={t.dtype}")
         if args.dim != self.location_dim:
             raise ValueError(f"loc has location dimension {args.dim} but the memory has location_dim {self.location_dim}")
         if args.values.shape[-1] != self.value_dim:
@@ -153,7 +163,7 @@ class SpatialMemory:
         sd = args.var.sqrt().expand(args.loc.shape).reshape(-1, d).to(**like)
         return loc, sd, args.values.reshape(-1, E).to(**like)
 
-    def write(self, loc: Tensor, sd, values: Tensor, *, merge_radius: Optional[float] = None) -> None:
+    def write(self, loc: Tensor, sd: Sd, values: Tensor, *, merge_radius: Optional[float] = None) -> None:
         """Stores observations: loc (..., N, d) or (d,), sd a float or a tensor broadcastable to
         loc, values (..., N, E) or (E,).
 
@@ -203,16 +213,16 @@ class SpatialMemory:
 
     # ---- read and sample -----------------------------------------------------------------------
 
-    def read(self, query_loc: Tensor, query_sd, *, match_threshold: Optional[float] = None) -> Tensor:
+    def read(self, query_loc: Tensor, query_sd: Sd, *, match_threshold: Optional[float] = None) -> Tensor:
         """gaussian_read over the current entries: (..., Q, d) -> (..., Q, E); (..., d) -> (..., E)."""
         loc, sd, values, _ = self.snapshot()
         mem_loc, mem_sd, mem_values = _broadcast_memory(loc, sd, values, query_loc)
         return kernels.gaussian_read(query_loc, query_sd, mem_loc, mem_sd, mem_values,
                                      match_threshold=match_threshold, backend=self.backend)
 
-    def sample(self, search_key: Tensor, *, search_loc: Optional[Tensor] = None, search_sd=None, num_samples: int = 1,
-               temperature: float = 1.0, location_temperature: float = 1.0, sigma_scale: float = 1.0,
-               match_threshold: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(self, search_key: Tensor, *, search_loc: Optional[Tensor] = None, search_sd: Optional[Sd] = None,
+               num_samples: int = 1, temperature: float = 1.0, location_temperature: float = 1.0,
+               sigma_scale: float = 1.0, match_threshold: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
         """Locations whose values match a drive key (design.md §4): key (..., Q, E) or (..., E) ->
         (..., Q, S, d). search_loc/search_sd bias the draw towards a location."""
         loc, sd, values, _ = self.snapshot()
@@ -231,7 +241,7 @@ class SpatialMemory:
     # ---- prune ---------------------------------------------------------------------------------
 
     def prune(self, max_error: float, match_threshold: Optional[float] = None, max_steps: int = 10, *,
-              background: bool = False):
+              background: bool = False) -> Union[int, PruneHandle]:
         """Removes entries the others predict within max_error (design.md §3).
 
         Returns the number removed; with background=True returns a PruneHandle at once, and reads
@@ -258,7 +268,7 @@ class SpatialMemory:
 
     # ---- regress -------------------------------------------------------------------------------
 
-    def regress(self, probe_loc: Tensor, probe_sd, target: Tensor, *, steps: int = 100, lr: float = 1e-3,
+    def regress(self, probe_loc: Tensor, probe_sd: Sd, target: Tensor, *, steps: int = 100, lr: float = 1e-3,
                 match_threshold: Optional[float] = None, progress: bool = False) -> list[float]:
         """Moves the entries (locations, σ, values) so reads at the probes match `target` (e.g.
         the reads before a prune), by Adam on the mean squared read error through the read's
@@ -327,7 +337,7 @@ class SpatialMemory:
             self._set(loc, sd, values, ids.to(self.device))
             self._next_id = next_id
 
-    def save(self, path) -> None:
+    def save(self, path: PathLike) -> None:
         """Writes tensors and a JSON config with torch.save; `load` reads it with weights_only=True.
 
         Atomic: the file is written beside `path` under a temporary name, flushed to disk and
@@ -371,7 +381,7 @@ class SpatialMemory:
         memory.load_state_dict(blob["state"])
         return memory
 
-    def to(self, device=None, dtype=None) -> "SpatialMemory":
+    def to(self, device: Device = None, dtype: Optional[torch.dtype] = None) -> "SpatialMemory":
         """Moves the entries (in place) and returns the memory."""
         if dtype is not None and dtype not in validation.LOCATION_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -395,7 +405,8 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def fuse(loc_a: Tensor, sd_a: Tensor, values_a: Tensor, loc_b: Tensor, sd_b: Tensor, values_b: Tensor):
+def fuse(loc_a: Tensor, sd_a: Tensor, values_a: Tensor, loc_b: Tensor, sd_b: Tensor,
+         values_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Precision-weighted fusion of two observations (the product of their Gaussians per dim)."""
     prec_a, prec_b = sd_a.pow(-2), sd_b.pow(-2)
     prec = prec_a + prec_b

@@ -1,11 +1,25 @@
-"""`resonant train ENV --episodes N --store torch|milvus-lite:PATH|milvus:URI`."""
+"""`resonant train ENV --episodes N --store torch|milvus-lite:PATH|milvus:URI`.
+
+Writes NAME.json (config, every episode's return, summary) and NAME.png (learning curve) to
+runs/NAME/ under the current directory, or to --out. A Milvus store outlives the run: running the
+same command again resumes it (the engrams, the observation normaliser they were stored under,
+epsilon and the episode count, kept in the collection's metadata), unless --fresh.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 
+from .extras import require
+from .runs import add_out_argument, run_dir
+
 ENVS = {"lunarlander": "LunarLander-v3", "cartpole": "CartPole-v1", "acrobot": "Acrobot-v1",
         "mountaincar": "MountainCar-v0"}
+
+
+STATE_FORMAT = "resonant.train/1"
+# Flags that shape the stored outcomes (discounted returns): a resumed memory must share them.
+OUTCOME_FLAGS = ("gamma", "n_step", "action_repeat")
 
 
 def parse_store(spec: str):
@@ -15,7 +29,51 @@ def parse_store(spec: str):
     for prefix in ("milvus-lite:", "milvus:"):
         if spec.startswith(prefix) and len(spec) > len(prefix):
             return "milvus", spec[len(prefix):]
-    raise argparse.ArgumentTypeError(f"--store must be torch, milvus-lite:PATH or milvus:URI; got {spec!r}")
+    raise argparse.ArgumentTypeError(f"--store must be torch, milvus-lite:PATH (a .db path) or milvus:URI; "
+                                     f"got {spec!r}")
+
+
+class ResumeError(ValueError):
+    """A stored memory that this run cannot continue; the message says why and how to start over."""
+
+
+def resume(store, args, env_id: str, brain) -> int:
+    """Restores the normaliser and epsilon the stored engrams were written under; returns the
+    number of episodes played before (0 for an empty store)."""
+    from .trainer import Normaliser
+    import torch
+
+    if len(store) == 0:
+        return 0
+    where = f"collection {store.collection!r} at {store.uri} holds {len(store)} engrams"
+    state = store.metadata().get("resonant.train")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ResumeError(f"{where} but no record of the observation normaliser they were stored under; "
+                          f"pass --fresh to start over")
+    if state["env"] != env_id:
+        raise ResumeError(f"{where} from {state['env']}, not {env_id}; pass --fresh to start over")
+    differing = [f"--{k.replace('_', '-')} {state['outcomes'][k]} (now {getattr(args, k)})" for k in OUTCOME_FLAGS
+                 if state["outcomes"].get(k) != getattr(args, k)]
+    if differing:
+        raise ResumeError(f"{where} whose outcomes were computed with {', '.join(differing)}; rerun with the same "
+                          f"values or pass --fresh")
+    mean, std = (torch.tensor(state["normaliser"][k], dtype=torch.float32) for k in ("mean", "std"))
+    if mean.shape != (brain.state_dim,) or std.shape != (brain.state_dim,) or not bool((std > 0).all()):
+        raise ResumeError(f"{where} but its stored normaliser does not fit {brain.state_dim}-dim states; "
+                          f"pass --fresh")
+    brain.normalise = Normaliser(mean, std)
+    brain.epsilon = float(state["epsilon"])
+    return int(state["episodes"])
+
+
+def save_state(store, args, env_id: str, brain, episodes: int) -> None:
+    """Records, beside the engrams, what a later run needs to continue them (see `resume`)."""
+    if brain.normalise is None:
+        return  # nothing stored yet: the first episodes are random play that waits for the normaliser
+    state = {"format": STATE_FORMAT, "env": env_id, "episodes": episodes, "epsilon": brain.epsilon,
+             "normaliser": {"mean": brain.normalise.mean.tolist(), "std": brain.normalise.std.tolist()},
+             "outcomes": {k: getattr(args, k) for k in OUTCOME_FLAGS}}
+    store.set_metadata({**store.metadata(), "resonant.train": state})
 
 
 def add_subcommand(subparsers) -> None:
@@ -25,7 +83,13 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("env", help=f"one of {sorted(ENVS)} or any Gymnasium id with Discrete actions")
     p.add_argument("--episodes", type=int, default=1500, help="episodes to train (default: %(default)s)")
     p.add_argument("--store", type=parse_store, default=("torch", None),
-                   help="torch (default), milvus-lite:PATH (embedded) or milvus:URI (server)")
+                   help="torch (default, in memory), milvus-lite:PATH (an embedded Milvus Lite database at PATH, "
+                        "ending in .db) or milvus:URI (a server, e.g. milvus:http://host:19530); a Milvus store "
+                        "is resumed when it exists")
+    p.add_argument("--fresh", action="store_true",
+                   help="drop the Milvus collection this run would resume and start from an empty memory")
+    p.add_argument("--milvus-token", default=os.environ.get("MILVUS_TOKEN", ""),
+                   help="token for a Milvus server, 'user:password' or an API key (default: $MILVUS_TOKEN)")
     p.add_argument("--seed", type=int, default=0, help="seeds resets, exploration and eviction (default: %(default)s)")
     p.add_argument("--k", type=int, default=None,
                    help="score from the k nearest engrams (default: kernel-weighted over all; needs --store torch)")
@@ -60,22 +124,23 @@ def add_subcommand(subparsers) -> None:
                    help="environments stepped side by side, one batched decision for all (default: %(default)s)")
     p.add_argument("--action-repeat", type=int, default=4,
                    help="environment steps each decision is held for (default: %(default)s)")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="folder for NAME.json and NAME.png (default: %(default)s)")
-    p.add_argument("--name", default=None, help="output file stem (default engram_ENV_seedS)")
+    add_out_argument(p, "NAME", "NAME.json and NAME.png")
+    p.add_argument("--name", default=None,
+                   help="output file stem (default engram_ENV_seedS, with _fromN when resuming after N episodes)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    # everything a run needs, checked before the first episode rather than when the report is written
+    gym = require("gymnasium", "rl", "resonant train")
+    require("matplotlib", "rl", "resonant train")
     import torch
 
     from .engram import EngramBrain, TorchEngramStore
     from .trainer import Trainer
 
     env_id = ENVS.get(args.env, args.env)
-    import gymnasium as gym
-
     probe = gym.make(env_id)
     state_dim, num_actions = int(probe.observation_space.shape[0]), int(probe.action_space.n)
     probe.close()
@@ -90,7 +155,7 @@ def run(args) -> int:
             args.k = 50  # Milvus answers k-NN queries only
         store = MilvusEngramStore(state_dim, num_actions, uri, collection=f"engrams_{args.env}_seed{args.seed}",
                                   index_type=args.index, capacity=args.capacity, eviction=args.eviction,
-                                  drop_existing=True, seed=args.seed)
+                                  drop_existing=args.fresh, seed=args.seed, token=args.milvus_token)
     if args.estimator is None:
         args.estimator = "local_linear" if args.outcome_temperature is None else "mean"
     torch.manual_seed(args.seed)
@@ -99,16 +164,27 @@ def run(args) -> int:
                         n_step=args.n_step,
                         recency_halflife=args.recency_halflife, outcome_temperature=args.outcome_temperature,
                         estimator=args.estimator, ridge=args.ridge)
+    try:
+        before = resume(store, args, env_id, brain) if kind == "milvus" else 0
+    except ResumeError:
+        store.close()
+        raise
+    if before:
+        print(f"resuming {len(store)} engrams after {before} episodes ({store.uri}); --fresh starts over")
     trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed,
-                      action_repeat=args.action_repeat)
+                      action_repeat=args.action_repeat, first_episode=before)
     try:
         trainer.train(args.episodes, progress=not args.no_progress)
     finally:
         trainer.close()
+        if kind == "milvus":
+            save_state(store, args, env_id, brain, before + len(trainer.result.episode_returns))
         store.close()
-    name = args.name or f"engram_{args.env}_seed{args.seed}"
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "func"}
-    summary = trainer.write_report(args.out, name, extra={"config": config})
+    name = args.name or f"engram_{args.env}_seed{args.seed}" + (f"_from{before}" if before else "")
+    out = run_dir(name, args.out)
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+              if k not in ("func", "milvus_token")}
+    summary = trainer.write_report(out, name, extra={"config": config, "episodes_before": before})
     print(f"{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    print(f"wrote {os.path.join(args.out, name)}.json and .png")
+    print(f"wrote {os.path.join(out, name)}.json and .png")
     return 0

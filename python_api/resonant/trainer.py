@@ -18,13 +18,16 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .engram.brain import EngramBrain
+from .extras import missing, require
+from .runs import write_text_atomic
+from .types import PathLike
 
 
 @dataclass
@@ -50,14 +53,17 @@ class TrainResult:
     wall_seconds: float = 0.0
 
     def summary(self, window: int = 100) -> dict:
+        """The run's numbers; the last-`window` ones are None until `window` episodes have ended
+        (a shorter run reports its mean over all episodes, `mean_return`, instead)."""
         r = np.asarray(self.episode_returns, dtype=np.float64)
-        last = r[-window:] if len(r) else r
+        last = r[-window:] if len(r) >= window else None
         return {
             "episodes": len(r), "steps": int(np.sum(self.episode_lengths)),
-            f"last{window}_mean_return": float(last.mean()) if len(last) else None,
-            "best_rolling_mean_return": float(rolling_mean(r, window).max()) if len(r) >= window else None,
+            "mean_return": float(r.mean()) if len(r) else None,
+            f"last{window}_mean_return": float(last.mean()) if last is not None else None,
+            "best_rolling_mean_return": float(rolling_mean(r, window).max()) if last is not None else None,
             "share_episodes_ge_200": float((r >= 200).mean()) if len(r) else None,
-            f"last{window}_share_ge_200": float((last >= 200).mean()) if len(last) else None,
+            f"last{window}_share_ge_200": float((last >= 200).mean()) if last is not None else None,
             "wall_seconds": self.wall_seconds,
         }
 
@@ -81,16 +87,18 @@ def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
 class Trainer:
     def __init__(self, brain: EngramBrain, env_id: str = "LunarLander-v3", *, num_envs: int = 8,
                  seed: int = 0, normalise_episodes: int = 20, action_repeat: int = 1,
-                 env_kwargs: Optional[dict] = None):
-        import gymnasium as gym
-
+                 env_kwargs: Optional[dict] = None, first_episode: int = 0):
+        gym = require("gymnasium", "rl", "Trainer")
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if action_repeat < 1:
             raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
         self.action_repeat = action_repeat
         self.brain, self.env_id, self.seed = brain, env_id, seed
-        self.envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
+        try:
+            self.envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
+        except gym.error.DependencyNotInstalled as exc:  # e.g. Box2D for LunarLander
+            raise missing("rl", f"Trainer({env_id!r})", str(exc).splitlines()[0]) from None
         space = self.envs[0].action_space
         if not isinstance(space, gym.spaces.Discrete):
             raise ValueError(f"{env_id} has a {type(space).__name__} action space; the Trainer needs Discrete")
@@ -98,6 +106,9 @@ class Trainer:
             raise ValueError(f"{env_id} has {space.n} actions and observations {self.envs[0].observation_space.shape}; "
                              f"the brain expects {brain.num_actions} and ({brain.state_dim},)")
         self.normalise_episodes = normalise_episodes
+        # Episode i resets its environment with seed * 100_003 + first_episode + i, so a run that
+        # resumes a stored memory (first_episode = episodes played before) plays new episodes.
+        self.first_episode = first_episode
         self._rng = np.random.default_rng(seed)
         self.result = TrainResult()
 
@@ -107,7 +118,7 @@ class Trainer:
         started = 0
         obs = []
         for i, env in enumerate(envs):
-            o, _ = env.reset(seed=self.seed * 100_003 + started)
+            o, _ = env.reset(seed=self.seed * 100_003 + self.first_episode + started)
             started += 1
             obs.append(o)
         traj = [([], [], []) for _ in envs]
@@ -158,7 +169,7 @@ class Trainer:
                     bar.set_postfix(mean100=f"{np.mean(recent):.1f}", eps=f"{brain.epsilon:.3f}",
                                     mem=len(brain.store))
                     if started < episodes:
-                        obs[i], _ = envs[i].reset(seed=self.seed * 100_003 + started)
+                        obs[i], _ = envs[i].reset(seed=self.seed * 100_003 + self.first_episode + started)
                         started += 1
                     else:
                         active[i] = False
@@ -170,23 +181,20 @@ class Trainer:
         for env in self.envs:
             env.close()
 
-    def write_report(self, out_dir, name: str, extra: Optional[dict] = None) -> dict:
-        """Writes NAME.json (config, per-episode returns, summary) and NAME.png (learning curve)."""
-        os.makedirs(out_dir, exist_ok=True)
+    def write_report(self, out_dir: PathLike, name: str, extra: Optional[dict] = None) -> dict:
+        """Writes NAME.json (config, per-episode returns, summary; atomically) and NAME.png (learning
+        curve) into out_dir, e.g. runs.run_dir(name)."""
         summary = self.result.summary()
         payload = {"env": self.env_id, "seed": self.seed, "summary": summary, **(extra or {}),
                    "episode_returns": self.result.episode_returns, "episode_lengths": self.result.episode_lengths}
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-            f.write(compact_json(payload))
+        write_text_atomic(os.path.join(out_dir, f"{name}.json"), compact_json(payload))
         plot_learning_curve(self.result.episode_returns, os.path.join(out_dir, f"{name}.png"),
                             title=f"EngramBrain on {self.env_id} (seed {self.seed})")
         return summary
 
 
-def plot_learning_curve(returns, path, *, title: str, window: int = 100) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_learning_curve(returns: Sequence[float], path: PathLike, *, title: str, window: int = 100) -> None:
+    require("matplotlib", "rl", "the learning-curve figure").use("Agg")
     import matplotlib.pyplot as plt
 
     r = np.asarray(returns, dtype=np.float64)

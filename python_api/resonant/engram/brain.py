@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..types import ArrayLike
 from .store import EngramStore, as_states, check_estimator, check_positive_or_none, validate_engrams
 
 
@@ -106,7 +107,7 @@ class EngramBrain:
         s = as_states(states, self.state_dim)
         return self.normalise(s) if self.normalise is not None else s
 
-    def action_scores(self, states) -> tuple[torch.Tensor, torch.Tensor]:
+    def action_scores(self, states: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores (Q, A), evidence share (Q, A)) for a batch of raw states."""
         s = self._prepare(states)
         # match_threshold only shapes kernel-weighted scoring (k=None); None keeps the store's default
@@ -128,7 +129,7 @@ class EngramBrain:
         mean = sums / evidence.clamp_min(1e-30)
         return torch.where(has, mean, prior.expand_as(mean)), share
 
-    def decide(self, states, *, explore: bool = True) -> np.ndarray:
+    def decide(self, states: ArrayLike, *, explore: bool = True) -> np.ndarray:
         """One action per state (a batch (Q, state_dim) or a single state) as an int64 array (Q,)."""
         scores, _ = self.action_scores(states)
         scores = scores.numpy()
@@ -140,7 +141,8 @@ class EngramBrain:
             actions[explore_mask] = self._rng.integers(0, self.num_actions, int(explore_mask.sum()))
         return actions
 
-    def remember(self, states, actions, rewards, *, final_state=None, terminated: bool = True) -> int:
+    def remember(self, states: ArrayLike, actions: ArrayLike, rewards: ArrayLike, *,
+                 final_state: Optional[ArrayLike] = None, terminated: bool = True) -> int:
         """Stores one finished episode and decays epsilon; returns the engrams stored.
 
         Outcomes are discounted returns: Monte-Carlo (n_step None), or n-step targets that

@@ -1,22 +1,41 @@
-"""MilvusEngramStore: engrams in a Milvus collection through pymilvus' MilvusClient.
+"""MilvusEngramStore: engrams in a Milvus collection through pymilvus' MilvusClient (the `milvus` extra).
 
-`uri` is a local file path (embedded Milvus Lite, the default) or a server/cluster URI
-("http://host:19530"). Schema: id (INT64 primary key = insertion index), vector
-(FLOAT_VECTOR, state_dim), action (INT64), outcome (FLOAT), episode_return (FLOAT).
-Index: FLAT (exact), IVF_FLAT or HNSW, all with L2. Inserts go in batches of `insert_batch`
-rows; `close()` flushes, and reopening the same uri/collection gives back every engram.
+Where the engrams live (`uri`):
+- a local path ending in `.db` ("engrams.db", "runs/lander/engrams.db"): an embedded Milvus Lite
+  database, created if missing. Milvus Lite keeps it as a *folder* of that name (not a single
+  file); its parent folder is created too. One process opens it at a time. A relative path is
+  relative to the current directory.
+- a server or cluster URI: "http://host:19530", "https://...", "tcp://...", "unix:...", with
+  `token` for authentication ("user:password", or an API key for Zilliz Cloud).
+
+Reopening resumes: an existing collection of the same name is opened with every engram in it
+(its fields and state_dim are checked); `drop_existing=True` starts from an empty collection.
+`metadata()` / `set_metadata()` keep a small JSON dict beside the engrams (in the collection's
+properties), so whoever wrote them can record what they mean (`resonant train` stores its
+observation normaliser there).
+
+Schema: id (INT64 primary key = insertion index), vector (FLOAT_VECTOR, state_dim), action (INT64),
+outcome (FLOAT), episode_return (FLOAT). Index: FLAT (exact), IVF_FLAT or HNSW, all with L2.
+Inserts go in batches of `insert_batch` rows; `close()` flushes.
 
 Eviction needs each engram's id and outcome; the store mirrors those two columns in memory
 (rebuilt with a query iterator on reopen) so choosing victims costs no round trip.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
-from typing import Optional
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
+from ..extras import require
+from ..types import ArrayLike, PathLike
 from .store import EngramStore, Neighbours, as_states
 
 INDEX_TYPES = {
@@ -26,15 +45,58 @@ INDEX_TYPES = {
     "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 128}),
 }
 MAX_TOPK = 16384  # Milvus' limit on k per search
+SERVER_SCHEMES = ("http:", "https:", "tcp:", "unix:")
+METADATA_PROPERTY = "resonant.metadata"
+# Milvus Lite has no server-side MVCC timestamp, so every query iterator logs that it falls back
+# to a client-side one (harmless, and it would print on every reopen); dropped at our call sites.
+BENIGN_LOG_MESSAGES = ("mvccTs",)
+PYMILVUS_ITERATOR_LOGGERS = ("pymilvus.client.iterator.query_iterator", "pymilvus.orm.iterator")
+
+
+def milvus_uri(uri: PathLike) -> str:
+    """Checks `uri` (see the module docstring) and creates a Milvus Lite database's parent folder."""
+    uri = os.fspath(uri)
+    if uri.startswith(SERVER_SCHEMES):
+        return uri
+    if not uri.endswith(".db"):
+        raise ValueError(f"uri must be a local Milvus Lite path ending in .db or a server URI starting with "
+                         f"{', '.join(SERVER_SCHEMES)}; got {uri!r}")
+    if os.path.isfile(uri):
+        raise ValueError(f"uri {uri!r} is a regular file; Milvus Lite keeps its database as a folder of that name")
+    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+class _DropBenign(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in BENIGN_LOG_MESSAGES)
+
+
+@contextmanager
+def quiet_pymilvus() -> Iterator[None]:
+    """Drops pymilvus' benign Milvus Lite warnings (BENIGN_LOG_MESSAGES) while our calls run."""
+    loggers = [logging.getLogger(name) for name in PYMILVUS_ITERATOR_LOGGERS]
+    benign = _DropBenign()
+    for logger in loggers:
+        logger.addFilter(benign)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(benign)
 
 
 class MilvusEngramStore(EngramStore):
-    def __init__(self, state_dim: int, num_actions: int, uri: str = "engrams.db", *,
+    def __init__(self, state_dim: int, num_actions: int, uri: PathLike = "engrams.db", *,
                  collection: str = "engrams", index_type: str = "FLAT", index_params: Optional[dict] = None,
                  search_params: Optional[dict] = None, capacity: Optional[int] = None, eviction: str = "oldest",
                  insert_batch: int = 10_000, drop_existing: bool = False, seed: Optional[int] = None,
                  token: str = ""):
-        from pymilvus import DataType, MilvusClient
+        pymilvus = require("pymilvus", "milvus", "MilvusEngramStore")
+        DataType, MilvusClient = pymilvus.DataType, pymilvus.MilvusClient
+        uri = milvus_uri(uri)
+        if not uri.startswith(SERVER_SCHEMES):
+            require("milvus_lite", "milvus", f"MilvusEngramStore({uri!r}) (a Milvus Lite database)")
 
         self._configure(state_dim, num_actions, capacity, eviction, seed)
         if index_type not in INDEX_TYPES:
@@ -44,7 +106,7 @@ class MilvusEngramStore(EngramStore):
         build, search = INDEX_TYPES[index_type]
         self.index_type, self.insert_batch, self.collection = index_type, insert_batch, collection
         self._search_params = {"metric_type": "L2", "params": {**search, **(search_params or {})}}
-        self.uri = str(uri)
+        self.uri = uri
         self.client = MilvusClient(self.uri, token=token)
         if drop_existing and self.client.has_collection(collection):
             self.client.drop_collection(collection)
@@ -80,18 +142,35 @@ class MilvusEngramStore(EngramStore):
 
     def _load_mirror(self):
         ids, outcomes = [], []
-        it = self.client.query_iterator(self.collection, batch_size=10_000, filter="id >= 0",
-                                        output_fields=["id", "outcome"])
-        try:
-            while True:
-                rows = it.next()
-                if not rows:
-                    break
-                ids.extend(r["id"] for r in rows)
-                outcomes.extend(r["outcome"] for r in rows)
-        finally:
-            it.close()
+        with quiet_pymilvus():
+            it = self.client.query_iterator(self.collection, batch_size=10_000, filter="id >= 0",
+                                            output_fields=["id", "outcome"])
+            try:
+                while True:
+                    rows = it.next()
+                    if not rows:
+                        break
+                    ids.extend(r["id"] for r in rows)
+                    outcomes.extend(r["outcome"] for r in rows)
+            finally:
+                it.close()
         return np.asarray(ids, dtype=np.int64), np.asarray(outcomes, dtype=np.float32)
+
+    def metadata(self) -> dict:
+        """The JSON dict stored beside the engrams by `set_metadata` ({} if none)."""
+        properties = self.client.describe_collection(self.collection).get("properties") or {}
+        text = properties.get(METADATA_PROPERTY)
+        if text is None:
+            return {}
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"collection {self.collection!r} at {self.uri}: its {METADATA_PROPERTY} property is "
+                             f"not a JSON object")
+        return value
+
+    def set_metadata(self, metadata: dict) -> None:
+        """Stores `metadata` (a JSON-serialisable dict, replacing the previous one) with the collection."""
+        self.client.alter_collection_properties(self.collection, properties={METADATA_PROPERTY: json.dumps(metadata)})
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -120,7 +199,7 @@ class MilvusEngramStore(EngramStore):
         keep[positions] = False
         self._ids, self._outcomes = self._ids[keep], self._outcomes[keep]
 
-    def search(self, states, k: int, *, with_states: bool = False) -> Neighbours:
+    def search(self, states: ArrayLike, k: int, *, with_states: bool = False) -> Neighbours:
         k = self.check_k(k)
         if k > MAX_TOPK:
             raise ValueError(f"k must be <= {MAX_TOPK} for Milvus, got {k}")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from resonant_kernels import validation
+from ..types import ArrayLike
 from . import local_linear
 
 EVICTION_POLICIES = ("oldest", "random", "smallest")
@@ -44,7 +45,7 @@ class Neighbours:
         return self.index >= 0
 
 
-def as_states(states, state_dim: int, name: str = "states") -> torch.Tensor:
+def as_states(states: ArrayLike, state_dim: int, name: str = "states") -> torch.Tensor:
     """(N, state_dim) float32 CPU tensor from anything array-like; a single state may be (state_dim,)."""
     t = torch.as_tensor(np.asarray(states, dtype=np.float32) if not isinstance(states, torch.Tensor) else states)
     t = t.detach().to("cpu", torch.float32)
@@ -56,7 +57,8 @@ def as_states(states, state_dim: int, name: str = "states") -> torch.Tensor:
     return t
 
 
-def validate_engrams(states, actions, outcomes, episode_returns, *, state_dim: int, num_actions: int):
+def validate_engrams(states: ArrayLike, actions: ArrayLike, outcomes: ArrayLike, episode_returns: ArrayLike, *,
+                     state_dim: int, num_actions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks one batch of engrams; returns (states (N,d) f32, actions (N,) i64, outcomes (N,) f32,
     episode_returns (N,) f32). Raises ValueError/TypeError naming the bad argument."""
     states = as_states(states, state_dim)
@@ -213,7 +215,8 @@ class EngramStore(abc.ABC):
         self.capacity, self.eviction = capacity, eviction
         self._rng = np.random.default_rng(seed)
 
-    def add(self, states, actions, outcomes, episode_returns=0.0) -> int:
+    def add(self, states: ArrayLike, actions: ArrayLike, outcomes: ArrayLike,
+            episode_returns: ArrayLike = 0.0) -> int:
         """Validates and stores a batch of engrams (evicting if over capacity). Returns how many
         were stored. Nothing is stored when any argument is bad."""
         states, actions, outcomes, returns = validate_engrams(
@@ -234,9 +237,9 @@ class EngramStore(abc.ABC):
         self._insert(states, actions, outcomes, returns)
         return n
 
-    def action_values(self, states: torch.Tensor, *, k: Optional[int], bandwidth: Optional[float],
+    def action_values(self, states: ArrayLike, *, k: Optional[int], bandwidth: Optional[float],
                       recency_halflife: Optional[float] = None, outcome_temperature: Optional[float] = None,
-                      estimator: str = "mean", ridge: float = 0.01):
+                      estimator: str = "mean", ridge: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums, evidence), both (Q, A): per action, the total weight of the engrams consulted for
         each query state and the weighted sum of their outcomes (sums / evidence is the score;
         see weighted_action_values for recency_halflife and outcome_temperature). The base
@@ -259,7 +262,7 @@ class EngramStore(abc.ABC):
                                       query=q)
 
     @abc.abstractmethod
-    def search(self, states, k: int, *, with_states: bool = False) -> Neighbours:
+    def search(self, states: ArrayLike, k: int, *, with_states: bool = False) -> Neighbours:
         """The k nearest engrams (Euclidean) of each state, nearest first (with their states when
         with_states)."""
 
@@ -280,13 +283,13 @@ class EngramStore(abc.ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self):
+    def __enter__(self) -> "EngramStore":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def check_k(self, k) -> int:
+    def check_k(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         return k

@@ -24,6 +24,7 @@ import torch
 
 import resonant_kernels
 from . import local_linear
+from ..types import ArrayLike, Device, PathLike
 from .store import (EngramStore, Neighbours, as_states, check_estimator, check_positive_or_none,
                     outcome_tilt, recency_weights, tilted_sums)
 
@@ -32,7 +33,7 @@ _QUERY_CHUNK_ELEMENTS = 1 << 24  # distances materialised per search chunk
 
 class TorchEngramStore(EngramStore):
     def __init__(self, state_dim: int, num_actions: int, *, capacity: Optional[int] = None,
-                 eviction: str = "oldest", device="cpu", seed: Optional[int] = None,
+                 eviction: str = "oldest", device: Device = "cpu", seed: Optional[int] = None,
                  initial_size: int = 4096):
         self._configure(state_dim, num_actions, capacity, eviction, seed)
         self.device = torch.device(device)
@@ -114,7 +115,7 @@ class TorchEngramStore(EngramStore):
                 "episode_returns": self._returns[:n], "index": self._index[:n]}
 
     # ---- queries ---------------------------------------------------------------------------
-    def search(self, states, k: int, *, with_states: bool = False) -> Neighbours:
+    def search(self, states: ArrayLike, k: int, *, with_states: bool = False) -> Neighbours:
         k = self.check_k(k)
         q = as_states(states, self.state_dim).to(self.device)
         Q, n = q.shape[0], self._n
@@ -166,9 +167,10 @@ class TorchEngramStore(EngramStore):
             self._weighted_cache, self._weighted_key = values, key
         return self._weighted_cache
 
-    def action_values(self, states, *, k: Optional[int], bandwidth: Optional[float],
+    def action_values(self, states: ArrayLike, *, k: Optional[int], bandwidth: Optional[float],
                       match_threshold: Optional[float] = None, recency_halflife: Optional[float] = None,
-                      outcome_temperature: Optional[float] = None, estimator: str = "mean", ridge: float = 0.01):
+                      outcome_temperature: Optional[float] = None, estimator: str = "mean",
+                      ridge: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
         if k is not None:
             return super().action_values(states, k=k, bandwidth=bandwidth, recency_halflife=recency_halflife,
                                          outcome_temperature=outcome_temperature, estimator=estimator, ridge=ridge)
@@ -197,7 +199,7 @@ class TorchEngramStore(EngramStore):
         return tilted_sums(read[:, :A], read[:, A:2 * A], evidence), evidence
 
     # ---- persistence -----------------------------------------------------------------------
-    def save(self, path) -> None:
+    def save(self, path: PathLike) -> None:
         payload = {
             "state_dim": self.state_dim, "num_actions": self.num_actions, "capacity": self.capacity,
             "eviction": self.eviction, "next_index": self._next_index,
@@ -208,7 +210,7 @@ class TorchEngramStore(EngramStore):
         os.replace(tmp, path)  # a crash mid-save leaves the previous file intact
 
     @classmethod
-    def load(cls, path, *, device="cpu", seed: Optional[int] = None) -> "TorchEngramStore":
+    def load(cls, path: PathLike, *, device: Device = "cpu", seed: Optional[int] = None) -> "TorchEngramStore":
         p = torch.load(path, map_location="cpu", weights_only=True)
         store = cls(p["state_dim"], p["num_actions"], capacity=p["capacity"], eviction=p["eviction"],
                     device=device, seed=seed, initial_size=max(1, p["states"].shape[0]))

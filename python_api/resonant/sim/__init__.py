@@ -1,8 +1,10 @@
-"""Simulations for the memories: TreeWorld (Gymnasium id "resonant/TreeWorld-v0")."""
-import gymnasium as gym
+"""Simulations for the memories: TreeWorld (Gymnasium id "resonant/TreeWorld-v0"; the `rl` extra)."""
+from ..extras import require
 
-from .embeddings import embed_texts, hash_embed, minilm_available
-from .treeworld import EDIBLE_FRUITS, POISONOUS_FRUITS, Tree, TreeWorld, TreeWorldConfig, sense
+gym = require("gymnasium", "rl", "resonant.sim")
+
+from .embeddings import embed_texts, hash_embed, minilm_available  # noqa: E402
+from .treeworld import EDIBLE_FRUITS, POISONOUS_FRUITS, Tree, TreeWorld, TreeWorldConfig, sense  # noqa: E402
 
 ENV_ID = "resonant/TreeWorld-v0"
 

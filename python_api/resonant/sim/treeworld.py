@@ -13,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
+from ..extras import require
 from .embeddings import HASH_DIM, embed_texts
+
+gym = require("gymnasium", "rl", "resonant.sim.TreeWorld")
+spaces = gym.spaces
 
 EDIBLE_FRUITS = ("apple", "banana", "cherry", "date", "elderberry", "mango", "orange", "papaya", "pear")
 POISONOUS_FRUITS = ("strychnine fruit", "nightshade", "manchineel")
