@@ -208,6 +208,27 @@ class PatternMemory:
         with self._lock:
             self._state = state
 
+    def set_parameters(self, *, inverse_temperature: Optional[float] = None, precisions=None) -> None:
+        """Sets the kernel by hand (instead of `train`): the variance of unit j becomes
+        1 / (inverse_temperature · precisions[j]). Either may be left as it is (None). Precisions
+        are stored relative to their geometric mean, which moves into the inverse temperature."""
+        with self._lock:
+            state = self._snapshot("set_parameters")
+            log_beta, rho = state.log_beta, state.log_precision
+            if inverse_temperature is not None:
+                if isinstance(inverse_temperature, bool) or not isinstance(inverse_temperature, (int, float)) or \
+                        not 0 < inverse_temperature < math.inf:
+                    raise ValueError(f"inverse_temperature must be a positive finite number, got {inverse_temperature!r}")
+                log_beta = torch.tensor(math.log(inverse_temperature), dtype=self.dtype, device=self.device)
+            if precisions is not None:
+                p = torch.as_tensor(precisions, dtype=self.dtype, device=self.device)
+                if p.shape != (self.num_units,) or not bool(torch.isfinite(p).all() and (p > 0).all()):
+                    raise ValueError(f"precisions must be {self.num_units} positive finite numbers, got shape "
+                                     f"{tuple(p.shape)}")
+                log_p = p.log()
+                log_beta, rho = log_beta + log_p.mean(), log_p - log_p.mean()
+            self._state = state.with_parameters(log_beta, rho)
+
     # ---- reads ------------------------------------------------------------------------------------
 
     def _read(self, state: "_State", cues: Tensor, log_beta: Tensor, log_precision: Tensor,
