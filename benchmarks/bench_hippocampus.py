@@ -181,7 +181,7 @@ def plot_curve(result: dict, path: Path) -> None:
         line, = ax.plot(result["counts"], recall[:, j], marker="o", label=f"r = {r} PatternMemory")
         ax.plot(result["counts"], nearest[:, j], linestyle="--", color=line.get_color(), alpha=0.6,
                 label=f"r = {r} nearest neighbour")
-    ax.axhline(0.9, color="grey", linewidth=0.8)
+    ax.axhline(0.9, color="grey", linewidth=0.8, label="recall 0.9")
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("patterns stored, N (log scale)")

@@ -7,6 +7,7 @@ uses (a random subset of that size, so the memory learns from every unit equally
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,6 +35,18 @@ def _as_ratio(ratio, rows: int) -> Tensor:
     return ratio.expand(rows) if ratio.dim() == 0 else ratio
 
 
+def _rowwise(corrupt):
+    """Lets a corruption of (rows, units) patterns take one pattern (units,) too."""
+    @functools.wraps(corrupt)
+    def wrapper(patterns: Tensor, ratio, **kwargs) -> Tensor:
+        if patterns.dim() == 1:
+            return corrupt(patterns[None], ratio, **kwargs)[0]
+        return corrupt(patterns, ratio, **kwargs)
+
+    return wrapper
+
+
+@_rowwise
 def switch_off_first(patterns: Tensor, ratio) -> Tensor:
     """The seed experiment's cue: each row with its first int(active·ratio) active units (in unit
     order) set to 0. `ratio` is a float or one per row; active counts the row's nonzero units."""
@@ -45,6 +58,7 @@ def switch_off_first(patterns: Tensor, ratio) -> Tensor:
     return patterns.masked_fill(off, 0)
 
 
+@_rowwise
 def switch_off_random(patterns: Tensor, ratio, *, units: str = "active",
                       generator: Optional[torch.Generator] = None) -> Tensor:
     """Each row with a random int(count·ratio) of its units set to 0: of its active (nonzero)
