@@ -57,6 +57,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--model", default="recall-experiment", help="the server model to use with --url "
                                                                 "(default: %(default)s)")
     p.add_argument("--out", default="runs/recall-experiment", help="output folder (default: %(default)s)")
+    p.add_argument("--max-n", type=int, default=20, help="N = 2, 4, …, MAX_N patterns (default: %(default)s)")
     p.add_argument("--trials", type=int, default=10, help="fresh pattern sets per N (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs per set (default: %(default)s, the seed's)")
     p.add_argument("--runs", type=int, default=1, help="training restarts per set (default: %(default)s)")

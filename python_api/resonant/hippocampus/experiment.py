@@ -138,7 +138,9 @@ def main(args) -> int:
         memory = PatternMemory(UNITS, backend=args.backend)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = run(memory, trials=args.trials, epochs=args.epochs, runs=args.runs, seed=args.seed,
+    if args.max_n < 2:
+        raise SystemExit(f"--max-n must be >= 2, got {args.max_n}")
+    result = run(memory, counts=tuple(range(2, args.max_n + 1, 2)), trials=args.trials, epochs=args.epochs, runs=args.runs, seed=args.seed,
                  compare_untrained=args.compare_untrained)
     result.update(where=args.url or "in-process", backend=args.backend if not args.url else None,
                   seed_published=SEED_PUBLISHED)
