@@ -27,7 +27,7 @@ def test_experiment_recall_writes_the_grid_and_heatmap(tmp_path):
 
 def test_serve_hippocampus_parses_its_options():
     args = cli.build_parser().parse_args(["serve", "hippocampus", "--port", "0", "--threads", "1"])
-    assert args.host == "127.0.0.1" and args.port == 0 and args.max_train_epochs == 10_000
+    assert args.host == "127.0.0.1" and args.port == 0 and args.max_train_passes == 160_000
     assert args.func.__name__ == "serve"
 
 

@@ -25,8 +25,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     """A uvicorn server in a thread on a free loopback port; its URL. Stopped after the module."""
-    # max_train_epochs keeps fuzzed train requests short (each holds its model while it runs)
-    app = create_app(max_models=16, max_train_epochs=40)
+    # max_train_passes keeps fuzzed train requests short (each holds its model while it runs)
+    app = create_app(max_models=16, max_train_passes=200)
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, name="hippocampus-test-server", daemon=True)
@@ -117,7 +117,7 @@ def test_bad_requests_get_4xx_with_a_message(url):
             ("PUT", "/models/bad/dataset/train/update", {"patterns": [[1, 2]], "colour": 1}, 422, "colour"),
             ("POST", "/models/bad/model/train", {"epochs": 0}, 422, "epochs"),
             ("POST", "/models/bad/model/train", {"runs": "many"}, 422, "runs"),
-            ("POST", "/models/bad/model/train", {"epochs": 30, "runs": 2}, 422, "max_train_epochs"),
+            ("POST", "/models/bad/model/train", {"epochs": 10, "runs": 2}, 422, "max_train_passes"),
             ("POST", "/models/bad/model/testpattern", {"corrupted": [0] * 9, "target": [0] * 10}, 422, "units"),
             ("POST", "/models/bad/model/testpattern", {"corrupted": [[0] * 10], "target": [[0] * 10] * 2}, 422, "rows"),
             ("POST", "/models/bad/model/recall", {"cues": [0] * 11}, 422, "num_units"),

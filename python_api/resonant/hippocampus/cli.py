@@ -18,7 +18,7 @@ def serve(args) -> int:
     from .server import create_app
 
     _set_threads(args.threads)
-    app = create_app(backend=args.backend, max_models=args.max_models, max_train_epochs=args.max_train_epochs)
+    app = create_app(backend=args.backend, max_models=args.max_models, max_train_passes=args.max_train_passes)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -40,8 +40,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--port", type=int, default=1323, help="port (default: %(default)s, the seed's)")
     p.add_argument("--backend", default="auto", help="resonant_kernels backend of every read (default: %(default)s)")
     p.add_argument("--max-models", type=int, default=64, help="most named models held at once (default: %(default)s)")
-    p.add_argument("--max-train-epochs", type=int, default=10_000,
-                   help="most epochs × runs one train request may ask for (default: %(default)s)")
+    p.add_argument("--max-train-passes", type=int, default=160_000,
+                   help="most epochs × runs × copies one train request may ask for (default: %(default)s)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads per operation (default: torch's, one per core); 1 suits many small concurrent "
@@ -61,6 +61,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--trials", type=int, default=10, help="fresh pattern sets per N (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs per set (default: %(default)s, the seed's)")
     p.add_argument("--runs", type=int, default=1, help="training restarts per set (default: %(default)s)")
+    p.add_argument("--copies", type=int, default=4,
+                   help="corrupted copies of each pattern per epoch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="pattern and training seed (default: %(default)s)")
     p.add_argument("--backend", default="auto", help="in-process backend (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,

@@ -66,9 +66,10 @@ class Client:
     def update(self, patterns, *, binary: Optional[bool] = None) -> None:
         self._call("PUT", "/dataset/train/update", {"patterns": _rows(patterns), "binary": binary})
 
-    def train(self, epochs: int = 20, runs: int = 1, *, max_corruption: float = 0.9,
-              seed: Optional[int] = None) -> float:
-        body = {"epochs": epochs, "runs": runs, "max_corruption": max_corruption, "seed": seed}
+    def train(self, epochs: int = 20, runs: int = 1, *, max_corruption: float = 0.9, copies: int = 16,
+              batch_size: int = 256, lr: float = 0.1, seed: Optional[int] = None) -> float:
+        body = {"epochs": epochs, "runs": runs, "max_corruption": max_corruption, "copies": copies,
+                "batch_size": batch_size, "lr": lr, "seed": seed}
         return float(self._call("POST", "/model/train", body)["seconds"])
 
     def recall(self, cues, steps: int = 10) -> torch.Tensor:

@@ -37,7 +37,7 @@ SEED_PUBLISHED = {
 
 
 def run(memory, *, counts: Sequence[int] = COUNTS, ratios: Sequence[float] = RATIOS, trials: int = 10,
-        units: int = UNITS, active: int = ACTIVE, epochs: int = 5, runs: int = 1, seed: int = 0,
+        units: int = UNITS, active: int = ACTIVE, epochs: int = 5, runs: int = 1, copies: int = 4, seed: int = 0,
         compare_untrained: bool = False, progress: bool = True) -> dict:
     """Runs the grid against `memory` (a PatternMemory of `units` units, or a Client). Returns a
     dict of (len(counts), len(ratios)) lists — recall (trained), nearest (nearest neighbour from
@@ -65,7 +65,7 @@ def run(memory, *, counts: Sequence[int] = COUNTS, ratios: Sequence[float] = RAT
                 if compare_untrained:
                     results["untrained"][i] += hits(memory.test_pattern(cues, stored[targets]).closest_index)
                 t2 = time.perf_counter()
-                memory.train(epochs=epochs, runs=runs, seed=seed * 1_000_003 + n * 1_009 + trial)
+                memory.train(epochs=epochs, runs=runs, copies=copies, seed=seed * 1_000_003 + n * 1_009 + trial)
                 t3 = time.perf_counter()
                 results["recall"][i] += hits(memory.test_pattern(cues, stored[targets]).closest_index)
                 t4 = time.perf_counter()
@@ -76,7 +76,7 @@ def run(memory, *, counts: Sequence[int] = COUNTS, ratios: Sequence[float] = RAT
                 bar.update()
     out = {k: (v / trials).tolist() for k, v in results.items() if k != "untrained" or compare_untrained}
     out.update(counts=list(counts), ratios=list(ratios), trials=trials, units=units, active=active, epochs=epochs,
-               runs=runs, seed=seed, seconds=time.perf_counter() - start, seconds_by_operation=seconds)
+               runs=runs, copies=copies, seed=seed, seconds=time.perf_counter() - start, seconds_by_operation=seconds)
     return out
 
 
@@ -140,7 +140,8 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.max_n < 2:
         raise SystemExit(f"--max-n must be >= 2, got {args.max_n}")
-    result = run(memory, counts=tuple(range(2, args.max_n + 1, 2)), trials=args.trials, epochs=args.epochs, runs=args.runs, seed=args.seed,
+    result = run(memory, counts=tuple(range(2, args.max_n + 1, 2)), trials=args.trials, epochs=args.epochs,
+                 runs=args.runs, copies=args.copies, seed=args.seed,
                  compare_untrained=args.compare_untrained)
     result.update(where=args.url or "in-process", backend=args.backend if not args.url else None,
                   seed_published=SEED_PUBLISHED)

@@ -55,6 +55,9 @@ class TrainRequest(Strict):
                       description="independent restarts, the best kept (seed name: maxruns)")
     max_corruption: float = Field(0.9, ge=0.0, le=1.0, description="copies lose a random fraction U(0, this) of "
                                                                     "their (active) units")
+    copies: int = Field(16, ge=1, le=10_000, description="corrupted copies of each pattern per epoch")
+    batch_size: int = Field(256, ge=1, le=65_536, description="cues per gradient step")
+    lr: float = Field(0.1, gt=0.0, le=10.0, description="Adam learning rate of log β (ρ: a tenth of it)")
     seed: Optional[int] = Field(None, ge=0, le=2**62, description="random seed of the corruptions and restarts")
 
 

@@ -15,7 +15,7 @@ model `name` (DELETE /models/{name} removes one). Operations on one model run on
 lock per model); different models run concurrently in the server's thread pool (the kernels
 release the GIL). An operation that fails leaves the model as it was: PatternMemory swaps a new
 training set or new parameters in only when complete. Bad input answers 4xx with a message:
-422 for invalid bodies (and training longer than max_train_epochs), 404 for a model that has no
+422 for invalid bodies (and training longer than max_train_passes), 404 for a model that has no
 training set yet, 409 past max_models.
 """
 from __future__ import annotations
@@ -50,9 +50,9 @@ class Slot:
 class Registry:
     """The server's models by name; creating and removing names is serialised by one lock."""
 
-    def __init__(self, *, backend: str, device, max_models: int, max_train_epochs: int):
+    def __init__(self, *, backend: str, device, max_models: int, max_train_passes: int):
         self.backend, self.device, self.max_models = backend, device, max_models
-        self.max_train_epochs = max_train_epochs
+        self.max_train_passes = max_train_passes
         self._slots: dict[str, Slot] = {}
         self._lock = threading.Lock()
 
@@ -158,12 +158,14 @@ def _model_routes(registry: Registry, name_of: Callable, tag: str, op_prefix: st
     @router.post("/model/train", response_model=schema.TrainResponse, responses=errors,
                  operation_id=f"{op_prefix}train", summary="Train; blocks until done")
     def train(body: schema.TrainRequest, slot: Slot = Depends(existing)):
-        if body.epochs * body.runs > registry.max_train_epochs:
-            raise ValueError(f"epochs × runs = {body.epochs * body.runs} exceeds this server's max_train_epochs="
-                             f"{registry.max_train_epochs} (it would hold the model that long)")
+        passes = body.epochs * body.runs * body.copies
+        if passes > registry.max_train_passes:
+            raise ValueError(f"epochs × runs × copies = {passes} exceeds this server's max_train_passes="
+                             f"{registry.max_train_passes} (a model answers nothing else while it trains)")
         with slot.lock:
             seconds = _trained_memory(slot).train(epochs=body.epochs, runs=body.runs,
-                                                  max_corruption=body.max_corruption, seed=body.seed)
+                                                  max_corruption=body.max_corruption, copies=body.copies,
+                                                  batch_size=body.batch_size, lr=body.lr, seed=body.seed)
         return schema.TrainResponse(seconds=seconds)
 
     @router.post("/model/recall", response_model=schema.RecallResponse, responses=errors,
@@ -191,12 +193,13 @@ def _model_routes(registry: Registry, name_of: Callable, tag: str, op_prefix: st
     return router
 
 
-def create_app(*, backend: str = "auto", device=None, max_models: int = 64, max_train_epochs: int = 10_000) -> FastAPI:
+def create_app(*, backend: str = "auto", device=None, max_models: int = 64, max_train_passes: int = 160_000) -> FastAPI:
     """The service as an ASGI app (run it with uvicorn, or `resonant serve hippocampus`).
 
-    max_models bounds the models held at once; max_train_epochs bounds epochs × runs of one
-    train request, since a model answers nothing else while it trains."""
-    registry = Registry(backend=backend, device=device, max_models=max_models, max_train_epochs=max_train_epochs)
+    max_models bounds the models held at once; max_train_passes bounds epochs × runs × copies
+    (corrupted passes over the training set) of one train request, since a model answers nothing
+    else while it trains."""
+    registry = Registry(backend=backend, device=device, max_models=max_models, max_train_passes=max_train_passes)
     app = FastAPI(title="resonant hippocampus",
                   description="Pattern completion on fused Gaussian-kernel reads: store patterns, train, "
                               "recall from partial cues.",
