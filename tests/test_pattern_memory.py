@@ -25,17 +25,18 @@ def reference_read(stored, cue, variance):
     return [sum(w * x[j] for w, x in zip(weights, stored)) / total for j in range(len(cue))]
 
 
-def reference_kwta(values, k):
-    order = sorted(range(len(values)), key=lambda j: (-values[j], j))  # ties: the lower index wins
+def reference_kwta(values, k, tie_order):
+    rank = {unit: i for i, unit in enumerate(tie_order)}
+    order = sorted(range(len(values)), key=lambda j: (-values[j], rank[j]))  # ties: earlier in tie_order wins
     winners = set(order[:k])
     return [1.0 if j in winners else 0.0 for j in range(len(values))]
 
 
-def reference_recall(stored, cue, variance, activity, binary, steps):
+def reference_recall(stored, cue, variance, activity, binary, steps, tie_order=None):
     state = list(cue)
     for _ in range(steps):
         read = reference_read(stored, state, variance)
-        new = reference_kwta(read, activity) if binary else read
+        new = reference_kwta(read, activity, tie_order) if binary else read
         if all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-8) for a, b in zip(new, state)):
             return new
         state = new
@@ -74,7 +75,8 @@ def test_binary_recall_matches_the_direct_reference(backend, per_unit):
     got = memory.recall(cues, steps=6)
     variance = variance_of(memory)
     for cue, row in zip(cues.tolist(), got.tolist()):
-        assert row == reference_recall(stored.tolist(), cue, variance, memory.activity, True, 6)
+        assert row == reference_recall(stored.tolist(), cue, variance, memory.activity, True, 6,
+                                       memory.tie_order.tolist())
     assert got.sum(-1).eq(6).all()  # k-winners-take-all keeps the training set's activity
 
 
@@ -100,7 +102,7 @@ def test_one_read_is_gaussian_read_with_the_kernel_variance():
     cues = torch.rand(4, 12, generator=gen, dtype=F64)
     v = 1.0 / (memory.inverse_temperature * memory.precisions)
     read = resonant.kernels.gaussian_read(cues, (v / 2).sqrt(), stored, (v / 2).sqrt(), stored, backend="reference")
-    torch.testing.assert_close(memory.recall(cues, steps=1), kwta(read, 3))
+    torch.testing.assert_close(memory.recall(cues, steps=1), kwta(read, 3, memory.tie_order))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,7 +112,7 @@ def test_test_pattern_and_step_against_the_reference(backend):
     cues = patgen.switch_off_first(stored, 0.75)
     result = memory.test_pattern(cues, stored)
     for i, (cue, target) in enumerate(zip(cues.tolist(), stored.tolist())):
-        recalled = reference_recall(stored.tolist(), cue, variance_of(memory), 8, True, 10)
+        recalled = reference_recall(stored.tolist(), cue, variance_of(memory), 8, True, 10, memory.tie_order.tolist())
         assert result.recalled[i].tolist() == recalled
         assert int(result.distance[i]) == sum(a != b for a, b in zip(recalled, target))
         closest = reference_closest(stored.tolist(), recalled)
@@ -138,9 +140,15 @@ def test_closest_breaks_ties_by_the_lowest_index():
     assert index.tolist() == [0, 1, 0] and distance.tolist() == [2, 1, 2]
 
 
-def test_kwta_breaks_ties_by_the_lowest_index():
-    assert kwta(torch.tensor([[0.5, 1.0, 0.5, 0.5, 0.2]]), 3).tolist() == [[1, 1, 1, 0, 0]]
+def test_kwta_breaks_ties_in_the_tie_order():
+    x = torch.tensor([[0.5, 1.0, 0.5, 0.5, 0.2]])
+    assert kwta(x, 3).tolist() == [[1, 1, 1, 0, 0]]  # unit order by default
+    assert kwta(x, 3, torch.tensor([4, 3, 2, 1, 0])).tolist() == [[0, 1, 1, 1, 0]]
+    assert kwta(x, 2, torch.tensor([2, 0, 1, 3, 4])).tolist() == [[0, 1, 1, 0, 0]]
     assert kwta(torch.tensor([0.1, 0.2]), 0).tolist() == [0, 0]
+    order = PatternMemory(144).tie_order
+    assert sorted(order.tolist()) == list(range(144)) and order.tolist() != list(range(144))
+    assert torch.equal(order, PatternMemory(144).tie_order)  # fixed: recall is reproducible
 
 
 # ---- corruptions -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ indistinguishable from the target.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,7 +48,7 @@ def run(memory, *, counts: Sequence[int] = COUNTS, ratios: Sequence[float] = RAT
     shape = (len(counts), len(ratios))
     results = {k: torch.zeros(shape, dtype=torch.float64) for k in ("recall", "nearest", "untrained")}
     seconds = {"update": 0.0, "train": 0.0, "test": 0.0}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with tqdm(total=len(counts) * trials, desc="recall experiment", unit="trial", disable=not progress) as bar:
         for i, n in enumerate(counts):
             for trial in range(trials):
@@ -76,7 +77,8 @@ def run(memory, *, counts: Sequence[int] = COUNTS, ratios: Sequence[float] = RAT
                 bar.update()
     out = {k: (v / trials).tolist() for k, v in results.items() if k != "untrained" or compare_untrained}
     out.update(counts=list(counts), ratios=list(ratios), trials=trials, units=units, active=active, epochs=epochs,
-               runs=runs, copies=copies, seed=seed, seconds=time.perf_counter() - start, seconds_by_operation=seconds)
+               runs=runs, copies=copies, seed=seed, seconds=time.perf_counter() - start,
+               cpu_seconds=time.process_time() - cpu_start, seconds_by_operation=seconds)
     return out
 
 
@@ -144,6 +146,7 @@ def main(args) -> int:
                  runs=args.runs, copies=args.copies, seed=args.seed,
                  compare_untrained=args.compare_untrained)
     result.update(where=args.url or "in-process", backend=args.backend if not args.url else None,
+                  threads=torch.get_num_threads(), loadavg_after=os.getloadavg(),
                   seed_published=SEED_PUBLISHED)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     np.save(out / "results.npy", np.array(result["recall"]))
@@ -155,6 +158,7 @@ def main(args) -> int:
     if args.compare_untrained:
         tqdm.write(f"untrained memory:\n{format_table(result, 'untrained')}")
     by_op = ", ".join(f"{k} {v:.2f} s" for k, v in result["seconds_by_operation"].items())
-    tqdm.write(f"{result['seconds']:.2f} s in all ({by_op}); wrote results.json, results.npy, nearest.npy and "
+    tqdm.write(f"{result['seconds']:.2f} s in all ({by_op}; this process's CPU time {result['cpu_seconds']:.2f} s, "
+               f"load average {os.getloadavg()[0]:.1f}); wrote results.json, results.npy, nearest.npy and "
                f"heatmap.png to {out}")
     return 0

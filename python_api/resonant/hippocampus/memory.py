@@ -37,6 +37,7 @@ MAX_UNITS = 1 << 16
 LOG_RANGE = 8.0  # log β and each ρ_j stay within ±LOG_RANGE of their starting values
 RHO_LR = 0.1  # ρ's learning rate relative to β's: Adam moves every ρ_j as fast as β otherwise
 IDENTITY_DIM = 256
+TIE_SEED = 1323
 RTOL, ATOL = 1e-5, 1e-8  # a unit is recalled correctly when isclose(recalled, target) (numpy's defaults)
 
 
@@ -69,14 +70,25 @@ def _fraction(value, name: str) -> float:
     return float(value)
 
 
-def kwta(x: Tensor, k: int) -> Tensor:
-    """k-winners-take-all per row: 1 at the k largest entries (the lowest index among ties), else 0."""
+def kwta(x: Tensor, k: int, tie_order: Optional[Tensor] = None) -> Tensor:
+    """k-winners-take-all per row: 1 at the k largest entries, else 0. Among equal entries the one
+    earliest in `tie_order` (a permutation of the units; default: unit order) wins."""
     if k <= 0:
         return torch.zeros_like(x)
-    # a stable descending sort breaks ties by position, so the result does not depend on the sort
-    # implementation
-    winners = x.argsort(dim=-1, descending=True, stable=True)[..., :k]
-    return torch.zeros_like(x).scatter_(-1, winners, 1.0)
+    if tie_order is None:
+        tie_order = torch.arange(x.shape[-1], device=x.device)
+    # a stable descending sort of the units in tie order: equal entries keep that order
+    ranked = x.index_select(-1, tie_order).argsort(dim=-1, descending=True, stable=True)[..., :k]
+    return torch.zeros_like(x).scatter_(-1, tie_order[ranked], 1.0)
+
+
+def tie_order(num_units: int) -> Tensor:
+    """The fixed pseudo-random unit order PatternMemory's k-WTA breaks ties in. A read that blends
+    two patterns equally ties all their unshared units; a tie order that follows unit index would
+    favour whichever pattern has more low-index units, which correlates with cues made by
+    switching off the *first* active units (the seed experiment's) and would credit the memory
+    with recalls the cue does not support."""
+    return torch.randperm(num_units, generator=torch.Generator().manual_seed(TIE_SEED))
 
 
 def mismatches(a: Tensor, b: Tensor) -> Tensor:
@@ -104,6 +116,7 @@ class PatternMemory:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._lock = threading.RLock()
         self._state: Optional[_State] = None
+        self.tie_order = tie_order(num_units).to(self.device)
 
     # ---- state ------------------------------------------------------------------------------------
 
@@ -247,7 +260,7 @@ class PatternMemory:
         return out
 
     def _clean(self, state: "_State", read: Tensor) -> Tensor:
-        return kwta(read, state.activity) if state.binary else read
+        return kwta(read, state.activity, self.tie_order) if state.binary else read
 
     def _recall(self, state: "_State", cues: Tensor, steps: int) -> Tensor:
         out = cues.clone()
