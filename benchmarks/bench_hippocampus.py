@@ -147,9 +147,10 @@ def curve(args) -> dict:
 
     ratios = (0.5, 0.6, 0.7, 0.8, 0.9)
     counts, n = [], 2
-    while n <= args.curve_max_n:
+    while n < args.curve_max_n:
         counts.append(n)
         n = int(math.ceil(n * 2.5))
+    counts.append(args.curve_max_n)
     result = {"ratios": list(ratios), "counts": counts, "recall": [], "nearest": [], "cues_per_point": args.curve_cues,
               "units": 144, "active": 36, "memory": "untrained (the spread's width)"}
     for n in tqdm(counts, desc="recall vs N", unit="N"):
