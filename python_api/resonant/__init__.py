@@ -5,12 +5,13 @@ import resonant_kernels as kernels
 
 from .drives import DriveClassifier
 from .engram import EngramBrain, EngramStore, TorchEngramStore
+from .hippocampus import PatternMemory
 from .memory import PruneHandle, SpatialMemory
 from .trainer import Trainer
 
 # resonant.sim (TreeWorld) needs gymnasium, an optional dependency: import it explicitly.
 __all__ = [
-    "kernels", "DriveClassifier", "PruneHandle", "SpatialMemory",
+    "kernels", "DriveClassifier", "PatternMemory", "PruneHandle", "SpatialMemory",
     "EngramBrain", "EngramStore", "TorchEngramStore", "MilvusEngramStore", "Trainer",
 ]
 

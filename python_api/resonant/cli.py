@@ -11,9 +11,13 @@ import importlib
 import sys
 from typing import Optional
 
-SUBCOMMAND_MODULES = ("resonant.train_cli", "resonant.demo_treeworld")
+SUBCOMMAND_MODULES = ("resonant.train_cli", "resonant.demo_treeworld", "resonant.hippocampus.cli")
 
-GROUP_HELP = {"demo": "reproduce a published experiment on the fused ops"}
+GROUP_HELP = {
+    "demo": "reproduce a published experiment on the fused ops",
+    "serve": "run a service over HTTP",
+    "experiment": "run an experiment and write its results",
+}
 
 
 def subgroup(subparsers, name: str):
