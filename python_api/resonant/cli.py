@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional
 
-SUBCOMMAND_MODULES = ("resonant.train_cli", "resonant.demo_treeworld")
+SUBCOMMAND_MODULES = ("resonant.train_cli", "resonant.parallel.cli", "resonant.demo_treeworld")
 
 GROUP_HELP = {"demo": "reproduce a published experiment on the fused ops"}
 

@@ -135,6 +135,9 @@ class LocalEngine:
             raise ValueError(f"batch_timeout must be >= 0 seconds, got {batch_timeout}")
         self.batch_size, self.batch_timeout = batch_size, batch_timeout
         self.ctx = mp.get_context(start_method or default_start_method())
+        if self.ctx.get_start_method() == "forkserver":
+            # imported once by the fork server, so each worker forks from it ready (not importing torch anew)
+            self.ctx.set_forkserver_preload([__name__])
         self.on_worker_error, self.max_restarts = on_worker_error, max_restarts
         self.poll_interval, self.join_timeout, self.max_seconds = poll_interval, join_timeout, max_seconds
 
