@@ -142,11 +142,12 @@ class LocalEngine:
         self.poll_interval, self.join_timeout, self.max_seconds = poll_interval, join_timeout, max_seconds
 
     # ---- process management ----------------------------------------------------------------
-    def _start(self, w: _Worker, spec: WorkerSpec) -> None:
+    def _start(self, w: _Worker, spec: WorkerSpec, stats: RunStats) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
         w.process = self.ctx.Process(target=_worker_main, args=(w.id, spec, w.episodes_done, w.restarts, child),
                                      name=f"resonant-worker-{w.id}", daemon=True)
         w.process.start()
+        stats.worker_pids.append(w.process.pid)
         child.close()  # ours is closed so that the worker's death shows as EOF on `parent`
         w.conn, w.waiting_since = parent, None
 
@@ -207,7 +208,7 @@ class LocalEngine:
         with _Interrupts() as interrupts:
             try:
                 for w in workers.values():
-                    self._start(w, specs[w.id])
+                    self._start(w, specs[w.id], stats)
                 batch_deadline = None
                 while True:
                     live = [w for w in workers.values() if not w.finished]
@@ -296,7 +297,7 @@ class LocalEngine:
             w.restarts += 1
             print(f"resonant.parallel: restarting worker {w.id} at its episode {w.episodes_done} "
                   f"(restart {stats.restarts} of at most {self.max_restarts})", file=sys.stderr, flush=True)
-            self._start(w, spec)
+            self._start(w, spec, stats)
             return None
         stats.stop_reason = f"worker {w.id} failed"
         w.finished = True

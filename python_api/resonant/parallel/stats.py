@@ -70,6 +70,7 @@ class RunStats:
     started: float = field(default_factory=time.perf_counter)
     wall_seconds: float = 0.0
     memory: dict = field(default_factory=dict)  # MemoryServer.counters() at the end
+    worker_pids: list = field(default_factory=list)  # every worker process started (local engine)
 
     def __post_init__(self):
         for w in range(self.num_workers):

@@ -107,16 +107,20 @@ class AsyncTrainer:
     def total_episodes(self) -> int:
         return self.num_workers * self.spec.episodes
 
-    def train(self, *, progress: bool = True) -> RunStats:
+    def train(self, *, progress: bool = True, on_episode: Optional[Callable[[Episode], None]] = None) -> RunStats:
         """Runs every worker's budget; returns the RunStats (also kept as self.stats). Raises
         WorkerFailed when a worker fails and is not restarted, KeyboardInterrupt on Ctrl-C, both
-        after a clean stop with every finished episode stored (self.stats holds the partial run)."""
+        after a clean stop with every finished episode stored (self.stats holds the partial run).
+        `on_episode(episode)` is called in this process for every finished episode (with the Ray
+        engine, without its states)."""
         self.stats = RunStats(self.num_workers)
         bar = tqdm(total=self.total_episodes, desc=f"async {self.env_id} x{self.num_workers}", unit="ep",
                    disable=not progress)
         recent: list = []
 
-        def on_episode(e: Episode) -> None:
+        def record(e: Episode) -> None:
+            if on_episode is not None:
+                on_episode(e)
             recent.append(e.total_reward)
             del recent[:-100]
             bar.update(1)
@@ -128,13 +132,12 @@ class AsyncTrainer:
                 self.server = build_server(self.brain_factory, self.num_workers, self.memory, self.normalise_episodes)
                 try:
                     with torch_threads(self.predictor_threads):
-                        self._engine.run(self.server, specs, self.stats, on_episode)
+                        self._engine.run(self.server, specs, self.stats, record)
                 finally:
                     for b in self.server.brains:
                         b.store.close()
             else:
-                self._engine.run(self.brain_factory, self.memory, self.normalise_episodes, specs, self.stats,
-                                 on_episode)
+                self._engine.run(self.brain_factory, self.memory, self.normalise_episodes, specs, self.stats, record)
         finally:
             bar.close()
         return self.stats

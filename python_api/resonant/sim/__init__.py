@@ -12,7 +12,7 @@ SUBGRID_ENV_ID = "resonant/SubGridWorld-v0"
 if ENV_ID not in gym.registry:
     gym.register(id=ENV_ID, entry_point="resonant.sim.treeworld:TreeWorld", max_episode_steps=1000)
 if SUBGRID_ENV_ID not in gym.registry:
-    gym.register(id=SUBGRID_ENV_ID, entry_point="resonant.sim.subgrid:SubGridWorld", max_episode_steps=400)
+    gym.register(id=SUBGRID_ENV_ID, entry_point="resonant.sim.subgrid:SubGridWorld")  # caps episodes itself
 
 __all__ = ["ENV_ID", "SUBGRID_ENV_ID", "EDIBLE_FRUITS", "POISONOUS_FRUITS", "SubGridWorld", "Tree", "TreeWorld",
            "TreeWorldConfig", "embed_texts", "hash_embed", "minilm_available", "sense"]

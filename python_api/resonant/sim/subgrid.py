@@ -11,7 +11,8 @@ the third axis. What the seed fixes, and how it is kept here:
   three of them 1 (the seed's "simplified" observation; it also offers a 3-D pixel image, not
   kept). The goal is not part of the observation.
 - Reward +1 on reaching the goal, which ends the episode (terminated). Episodes are capped at
-  400 steps (`max_episode_steps`, Gymnasium's TimeLimit: truncated).
+  400 steps (`max_steps`): the environment truncates them itself, so the cap's reward
+  (`cap_reward`) lands on the capped step.
 - At each reset the agent starts at a uniformly random cell that is not the goal; the goal is at
   a fixed position of the plane, in the plane through the agent's *starting* cell. Moving off
   that plane is never useful, and the agent is not told which plane it started in.
@@ -49,7 +50,7 @@ class SubGridWorld(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, grid_size: int = GRID_SIZE, plane: Sequence[int] = (0, 1), goal: Sequence[int] = (6, 11),
-                 cap_reward: float = 0.0, render_mode: Optional[str] = None):
+                 max_steps: int = MAX_EPISODE_STEPS, cap_reward: float = 0.0, render_mode: Optional[str] = None):
         if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 2:
             raise ValueError(f"grid_size must be an integer >= 2, got {grid_size!r}")
         plane = tuple(int(a) for a in plane)
@@ -58,10 +59,12 @@ class SubGridWorld(gym.Env):
         goal = tuple(int(g) for g in goal)
         if len(goal) != 2 or not all(0 <= g < grid_size for g in goal):
             raise ValueError(f"goal must be two coordinates in [0, {grid_size}) within the plane; got {goal!r}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.grid_size, self.plane, self.goal_in_plane = grid_size, plane, goal
-        self.cap_reward = float(cap_reward)
+        self.max_steps, self.cap_reward = max_steps, float(cap_reward)
         self.render_mode = render_mode
         self.off_axis = ({0, 1, 2} - set(plane)).pop()
         self.observation_space = spaces.Box(0.0, 1.0, shape=(3 * grid_size,), dtype=np.float32)
@@ -97,11 +100,9 @@ class SubGridWorld(gym.Env):
         self.position[axis] = min(self.grid_size - 1, max(0, self.position[axis] + delta))
         self._steps += 1
         terminated = bool(np.array_equal(self.position, self.goal))
-        reward = 1.0 if terminated else 0.0
-        spec_cap = self.spec.max_episode_steps if self.spec is not None else None
-        if not terminated and spec_cap is not None and self._steps >= spec_cap:
-            reward = self.cap_reward  # TimeLimit sets truncated on this step
-        return self._observation(), reward, terminated, False, self._info()
+        truncated = not terminated and self._steps >= self.max_steps
+        reward = 1.0 if terminated else (self.cap_reward if truncated else 0.0)
+        return self._observation(), reward, terminated, truncated, self._info()
 
     def render(self):
         if self.render_mode != "ansi":
