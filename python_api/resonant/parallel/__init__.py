@@ -4,7 +4,8 @@ N workers each step their own environment; one predictor answers their pending d
 batches with one fused read of the memory; one writer stores their finished episodes into the
 same memory. Engines: local processes (default) or Ray actors (the `ray` extra).
 """
-from .local import LocalEngine, WorkerFailed
+from .control import WorkerFailed
+from .local import LocalEngine
 from .server import MemoryServer
 from .stats import LatencyHistogram, RunStats
 from .trainer import AsyncTrainer

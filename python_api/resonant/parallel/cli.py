@@ -47,7 +47,7 @@ def run(args) -> int:
     import torch
 
     from ..train_cli import ENVS, brain_options, build_brain, env_spaces, print_summary
-    from .local import WorkerFailed
+    from .control import WorkerFailed
     from .trainer import AsyncTrainer
 
     env_id = ENVS.get(args.env, args.env)

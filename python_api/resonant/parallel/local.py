@@ -26,7 +26,6 @@ import multiprocessing as mp
 import pickle
 import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,20 +34,13 @@ from typing import Optional
 
 import numpy as np
 
+from .control import RunControl, check_failure_policy
 from .server import MemoryServer
 from .stats import RunStats
 from .worker import Episode, StopRequested, WorkerSpec, play
 
 # message tags, first byte of every message
 DECIDE, EPISODE, FINISHED, ERROR, SCORES = b"D", b"E", b"F", b"X", b"A"
-
-
-class WorkerFailed(RuntimeError):
-    """A worker failed and the run stopped (on_worker_error="stop", or restarts exhausted)."""
-
-    def __init__(self, message: str, stats: RunStats):
-        super().__init__(message)
-        self.stats = stats
 
 
 def _worker_main(worker: int, spec: WorkerSpec, first_episode: int, restart: int, conn) -> None:
@@ -100,35 +92,11 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-class _Interrupts:
-    """SIGINT sets `requested` (first time) or raises KeyboardInterrupt (second time), while the
-    run is active; the previous handler is restored afterwards. Only in the main thread."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 class LocalEngine:
     def __init__(self, *, batch_size: int = 64, batch_timeout: float = 0.005, start_method: Optional[str] = None,
                  on_worker_error: str = "stop", max_restarts: int = 3, poll_interval: float = 0.1,
                  join_timeout: float = 5.0, max_seconds: Optional[float] = None):
-        if on_worker_error not in ("stop", "restart"):
-            raise ValueError(f"on_worker_error must be 'stop' or 'restart', got {on_worker_error!r}")
+        check_failure_policy(on_worker_error, max_restarts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not batch_timeout >= 0:
@@ -204,8 +172,7 @@ class LocalEngine:
         workers = {i: _Worker(i) for i in range(len(specs))}
         batch: list = []  # (worker, observation, arrival time)
         failure: Optional[str] = None
-        deadline = None if self.max_seconds is None else time.monotonic() + self.max_seconds
-        with _Interrupts() as interrupts:
+        with RunControl(self.max_seconds) as control:
             try:
                 for w in workers.values():
                     self._start(w, specs[w.id], stats)
@@ -214,11 +181,9 @@ class LocalEngine:
                     live = [w for w in workers.values() if not w.finished]
                     if not live:
                         break
-                    if interrupts.requested:
-                        stats.stop_reason = "interrupted"
-                        break
-                    if deadline is not None and time.monotonic() > deadline:
-                        stats.stop_reason = f"stopped after max_seconds={self.max_seconds}"
+                    stop = control.stop_reason()
+                    if stop:
+                        stats.stop_reason = stop
                         break
                     listening = [w for w in live if w.waiting_since is None]
                     timeout = self.poll_interval if not batch else max(0.0, batch_deadline - time.monotonic())
@@ -249,11 +214,7 @@ class LocalEngine:
                     stats.finish(server.counters())
                 if server_error is not None:
                     raise server_error
-        if failure:
-            raise WorkerFailed(failure, stats)
-        if stats.stop_reason == "interrupted":
-            raise KeyboardInterrupt
-        return stats
+        return control.finish(stats, failure)
 
     def _drain(self, w: _Worker, spec: WorkerSpec, server, stats, batch, on_episode) -> Optional[str]:
         """Reads what worker w sent (up to its next decision). Returns a failure report that stops
@@ -284,16 +245,12 @@ class LocalEngine:
 
     def _on_failure(self, w: _Worker, spec: WorkerSpec, stats: RunStats, report: Optional[str]) -> Optional[str]:
         report = self._failure_report(w, report)
-        stats.errors.append({"worker": w.id, "restart": w.restarts, "episodes_done": w.episodes_done,
-                             "report": report})
-        print(f"\nresonant.parallel: worker {w.id} failed after {w.episodes_done} episodes:\n{report}",
-              file=sys.stderr, flush=True)
+        stats.record_failure(w.id, w.restarts, w.episodes_done, report)
         w.conn.close()
         w.process.join(self.join_timeout)
         w.process.close()
         w.conn = w.process = None
-        if self.on_worker_error == "restart" and stats.restarts < self.max_restarts:
-            stats.restarts += 1
+        if self.on_worker_error == "restart" and stats.may_restart(self.max_restarts):
             w.restarts += 1
             print(f"resonant.parallel: restarting worker {w.id} at its episode {w.episodes_done} "
                   f"(restart {stats.restarts} of at most {self.max_restarts})", file=sys.stderr, flush=True)

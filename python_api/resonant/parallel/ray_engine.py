@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sys
 import time
 from typing import Optional
 
 import numpy as np
 
-from .local import WorkerFailed, _Interrupts
+from .control import RunControl, check_failure_policy
 from .stats import LatencyHistogram, RunStats
 from .worker import Episode, StopRequested, WorkerSpec, play
 
@@ -154,8 +153,7 @@ class RayEngine:
     def __init__(self, *, address: Optional[str] = None, batch_size: int = 64, batch_timeout: float = 0.005,
                  on_worker_error: str = "stop", max_restarts: int = 3, max_seconds: Optional[float] = None,
                  predictor_threads: Optional[int] = 1, worker_cpus: float = 1.0, poll_interval: float = 0.2):
-        if on_worker_error not in ("stop", "restart"):
-            raise ValueError(f"on_worker_error must be 'stop' or 'restart', got {on_worker_error!r}")
+        check_failure_policy(on_worker_error, max_restarts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         require_ray()
@@ -184,7 +182,6 @@ class RayEngine:
         done_episodes = [0] * len(specs)
         restarts = [0] * len(specs)
         failure: Optional[str] = None
-        deadline = None if self.max_seconds is None else time.monotonic() + self.max_seconds
 
         def start(w: int) -> None:
             actors[w] = worker_cls.remote(w, specs[w], mem, done_episodes[w], restarts[w])
@@ -197,16 +194,14 @@ class RayEngine:
                 if on_episode is not None:
                     on_episode(e)
 
-        with _Interrupts() as interrupts:
+        with RunControl(self.max_seconds) as control:
             try:
                 for w in range(len(specs)):
                     start(w)
                 while running:
-                    if interrupts.requested:
-                        stats.stop_reason = "interrupted"
-                        break
-                    if deadline is not None and time.monotonic() > deadline:
-                        stats.stop_reason = f"stopped after max_seconds={self.max_seconds}"
+                    stop = control.stop_reason()
+                    if stop:
+                        stats.stop_reason = stop
                         break
                     ready, _ = ray.wait(list(running), num_returns=1, timeout=self.poll_interval)
                     absorb(ray.get(mem.take_records.remote()))
@@ -218,13 +213,9 @@ class RayEngine:
                         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
                             report = str(exc)
                         absorb(ray.get(mem.take_records.remote()))
-                        stats.errors.append({"worker": w, "restart": restarts[w], "episodes_done": done_episodes[w],
-                                             "report": report})
-                        print(f"\nresonant.parallel (ray): worker {w} failed after {done_episodes[w]} episodes:\n"
-                              f"{report}", file=sys.stderr, flush=True)
+                        stats.record_failure(w, restarts[w], done_episodes[w], report)
                         ray.kill(actors.pop(w))
-                        if self.on_worker_error == "restart" and stats.restarts < self.max_restarts:
-                            stats.restarts += 1
+                        if self.on_worker_error == "restart" and stats.may_restart(self.max_restarts):
                             restarts[w] += 1
                             start(w)
                         else:
@@ -247,8 +238,4 @@ class RayEngine:
                     ray.kill(mem)
                     if started_ray:
                         ray.shutdown()
-        if failure:
-            raise WorkerFailed(failure, stats)
-        if stats.stop_reason == "interrupted":
-            raise KeyboardInterrupt
-        return stats
+        return control.finish(stats, failure)

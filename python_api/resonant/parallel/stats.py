@@ -6,6 +6,7 @@ Latencies are kept as histograms with 40 logarithmic bins per decade from 1 µs 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -84,6 +85,19 @@ class RunStats:
         self.decisions[e.worker].append(e.decisions)
         self.episode_log.append((round(time.perf_counter() - self.started, 4), e.worker, e.total_reward, e.env_steps))
         self.decision_latency.add(e.latencies)
+
+    def record_failure(self, worker: int, restart: int, episodes_done: int, report: str) -> None:
+        """Keeps a worker's failure and reports it on stderr, where a person sees it."""
+        self.errors.append({"worker": worker, "restart": restart, "episodes_done": episodes_done, "report": report})
+        print(f"\nresonant.parallel: worker {worker} failed after {episodes_done} episodes:\n{report}",
+              file=sys.stderr, flush=True)
+
+    def may_restart(self, max_restarts: int) -> bool:
+        """Counts a restart when one is left."""
+        if self.restarts >= max_restarts:
+            return False
+        self.restarts += 1
+        return True
 
     def record_batch(self, size: int, waits) -> None:
         self.batch_sizes.append(size)
