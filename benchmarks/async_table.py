@@ -37,7 +37,8 @@ def per_worker(report: dict, metric: str) -> list:
 
 def label(report: dict, path: str) -> str:
     c = report["config"]
-    return f"{c['workers']} worker(s), {c['memory']} memory ({os.path.basename(path)})"
+    who = "1 agent alone" if c["workers"] == 1 else f"{c['workers']} agents, {c['memory']} memory"
+    return f"{who} ({os.path.basename(path)})"
 
 
 def main() -> int:

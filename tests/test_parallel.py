@@ -271,6 +271,7 @@ def test_every_step_of_every_worker_becomes_exactly_one_engram(memory):
     assert got == want
     summary = stats.summary()
     assert summary["mean_predictor_batch"] >= 1 and summary["decision_latency_ms"]["count"] == stats.total_decisions
+    assert 0 < summary["answering_seconds"] <= summary["wall_seconds"] and summary["steady_decisions_per_s"] > 0
     # each worker's episodes start from the seeded resets, whatever the timing
     assert sorted(e.index for e in episodes if e.worker == 1) == list(range(7))
 
@@ -439,6 +440,7 @@ def test_ray_engine_restarts_a_crashed_worker_and_stores_every_step_exactly_once
     assert stats.memory["memory_sizes"] == [sum(e.decisions for e in episodes)] == [stats.total_decisions]
     assert stats.memory["engrams_written"] == stats.memory["memory_sizes"]
     assert sum(stats.batch_sizes) == stats.request_wait.count > 0
+    assert 0 < stats.answering_seconds <= stats.wall_seconds
 
 
 def test_ray_engine_stops_cleanly_when_a_worker_fails(local_ray, tmp_path):

@@ -66,6 +66,7 @@ class MemoryActor:
         self.batch_sizes: list = []
         self.request_wait = LatencyHistogram()
         self.stopping = False
+        self.first_answer = self.last_answer = None
 
     async def decide(self, worker: int, observation: np.ndarray) -> np.ndarray:
         if self.stopping:
@@ -92,6 +93,9 @@ class MemoryActor:
                 b[2].set_exception(exc)
             return
         now = time.monotonic()
+        if self.first_answer is None:
+            self.first_answer = now
+        self.last_answer = now
         self.batch_sizes.append(len(batch))
         self.request_wait.add([now - b[3] for b in batch])
         for b, row in zip(batch, scores):
@@ -116,7 +120,8 @@ class MemoryActor:
         return records
 
     async def finish(self) -> tuple:
-        """Stops answering, stores everything, returns (records, batch sizes, request waits, counters)."""
+        """Stops answering, stores everything, returns (records, batch sizes, request waits, seconds
+        from the first answer to the last, counters)."""
         self.stopping = True
         for b in self.pending:
             b[2].set_exception(StopRequested("the run is stopping"))
@@ -126,7 +131,8 @@ class MemoryActor:
         counters = self.server.counters()
         for brain in self.server.brains:
             brain.store.close()
-        return records, self.batch_sizes, self.request_wait, counters
+        answering = 0.0 if self.first_answer is None else self.last_answer - self.first_answer
+        return records, self.batch_sizes, self.request_wait, answering, counters
 
 
 class WorkerActor:
@@ -229,10 +235,11 @@ class RayEngine:
                 for actor in actors.values():
                     ray.kill(actor)
                 try:
-                    records, batch_sizes, request_wait, counters = ray.get(mem.finish.remote(), timeout=60)
+                    records, batch_sizes, request_wait, answering, counters = ray.get(mem.finish.remote(), timeout=60)
                     absorb(records)
                     stats.batch_sizes.extend(batch_sizes)
                     stats.request_wait.merge(request_wait)
+                    stats.answering_seconds = answering
                     stats.finish(counters)
                 finally:
                     ray.kill(mem)

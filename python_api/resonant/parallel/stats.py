@@ -72,6 +72,9 @@ class RunStats:
     wall_seconds: float = 0.0
     memory: dict = field(default_factory=dict)  # MemoryServer.counters() at the end
     worker_pids: list = field(default_factory=list)  # every worker process started (local engine)
+    # seconds from the predictor's first answer to its last: the run without process start-up
+    answering_seconds: float = 0.0
+    _first_answer: Optional[float] = None
 
     def __post_init__(self):
         for w in range(self.num_workers):
@@ -100,6 +103,10 @@ class RunStats:
         return True
 
     def record_batch(self, size: int, waits) -> None:
+        now = time.perf_counter()
+        if self._first_answer is None:
+            self._first_answer = now
+        self.answering_seconds = now - self._first_answer
         self.batch_sizes.append(size)
         self.request_wait.add(waits)
 
@@ -132,6 +139,10 @@ class RunStats:
             "env_steps": int(sum(sum(s) for s in self.env_steps.values())), "wall_seconds": round(wall, 3),
             "episodes_per_s": round(self.episodes / wall, 3) if wall > 0 else None,
             "decisions_per_s": round(self.total_decisions / wall, 1) if wall > 0 else None,
+            # without the start-up (processes, imports): the rate while the predictor answers
+            "answering_seconds": round(self.answering_seconds, 3),
+            "steady_decisions_per_s": round(self.total_decisions / self.answering_seconds, 1)
+            if self.answering_seconds > 0 else None,
             "predictor_batches": len(batches), "mean_predictor_batch": round(float(batches.mean()), 3) if len(batches)
             else None,
             "decision_latency_ms": self.decision_latency.summary(), "request_wait_ms": self.request_wait.summary(),
