@@ -49,8 +49,24 @@ def main() -> int:
     p.add_argument("--below", action="store_true", help="the target is a rolling mean at or below the threshold")
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--out", default=None, help="PNG of every worker's rolling mean")
+    p.add_argument("--episode-windows", nargs="*", default=[], metavar="FIRST-LAST",
+                   help="also tabulate the metric over these episodes of every agent (1-based, inclusive), pooled "
+                        "over the agents: mean, median and the share at --cap or beyond")
+    p.add_argument("--cap", type=float, default=400, help="with --episode-windows (default: %(default)s)")
     args = p.parse_args()
     reports = [(path, json.load(open(path))) for path in args.reports]
+    if args.episode_windows:
+        print(f"| run | agents' episodes | {args.metric}: mean | median | share ≥ {args.cap:g} |")
+        print("|---|---|---|---|---|")
+        for path, r in reports:
+            for window in args.episode_windows:
+                first, last = (int(x) for x in window.split("-"))
+                pooled = np.concatenate([np.asarray(s[first - 1:last], dtype=np.float64)
+                                         for s in per_worker(r, args.metric)])
+                if len(pooled):
+                    print(f"| {os.path.basename(path)} | {first}–{last} | {pooled.mean():.1f} | {np.median(pooled):.0f} | "
+                          f"{(pooled >= args.cap).mean():.2f} |")
+        print()
     rel = "≤" if args.below else "≥"
     print(f"| run | workers | memory | episodes per worker | episodes to a rolling-{args.window} mean {rel} "
           f"{args.threshold:g} (per worker) | slowest worker | final rolling mean (per worker, mean) |")
