@@ -168,7 +168,7 @@ class EngramBrain:
                 raise ValueError("a truncated episode (terminated=False) needs final_state")
             tail = float(self.action_scores(final_state)[0].max())
         if self.credit == "glow":
-            outcomes = glow_credit(rewards, self.gamma, as_states(states, self.state_dim).numpy(), actions, tail)
+            outcomes = glow_credit(rewards, self.gamma, states.numpy(), actions, tail)
         elif self.n_step is None:
             outcomes = discounted_returns(rewards, self.gamma, tail)
         else:
