@@ -7,7 +7,8 @@ pipes at once (`multiprocessing.connection.wait`), gathers pending decisions unt
 from every worker still playing (at most `batch_size`) or `batch_timeout` has passed since the
 first, stores every finished episode that arrived (one write), and answers the batch with one
 read. Workers start with the "forkserver" method on Linux (not "fork": this process already runs
-threads: torch's, tqdm's) and "spawn" elsewhere.
+threads: torch's, tqdm's) and "spawn" elsewhere; like "spawn", the fork server imports the
+script that started the run, so a script must guard its run with `if __name__ == "__main__":`.
 
 Stopping. Ctrl-C (SIGINT) in this process sets a flag that the loop checks at least every
 `poll_interval` seconds; a second Ctrl-C raises KeyboardInterrupt at once. Workers ignore SIGINT
