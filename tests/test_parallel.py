@@ -443,6 +443,7 @@ def test_ray_engine_restarts_a_crashed_worker_and_stores_every_step_exactly_once
     assert 0 < stats.answering_seconds <= stats.wall_seconds
 
 
+@pytest.mark.slow  # ~15-25 s of actor start-up on 2 cores; the restart test above covers crash reports on Ray
 def test_ray_engine_stops_cleanly_when_a_worker_fails(local_ray, tmp_path):
     trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=2, episodes_per_worker=40, normalise_episodes=0,
                            engine="ray", env_kwargs=failing_env_kwargs(tmp_path, "raise"), max_seconds=RUN_LIMIT)
