@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional
 
-SUBCOMMAND_MODULES = ("resonant.train_cli", "resonant.demo_treeworld", "resonant.hippocampus.cli")
+SUBCOMMAND_MODULES = ("resonant.train_cli", "resonant.parallel.cli", "resonant.demo_treeworld", "resonant.hippocampus.cli")
 
 GROUP_HELP = {
     "demo": "reproduce a published experiment on the fused ops",

@@ -4,6 +4,9 @@ Writes NAME.json (config, every episode's return, summary) and NAME.png (learnin
 runs/NAME/ under the current directory, or to --out. A Milvus store outlives the run: running the
 same command again resumes it (the engrams, the observation normaliser they were stored under,
 epsilon and the episode count, kept in the collection's metadata), unless --fresh.
+
+The agent's options (add_agent_options) and its construction (brain_options, build_brain) are
+shared with `resonant train-async` (resonant/parallel/cli.py).
 """
 from __future__ import annotations
 
@@ -14,12 +17,7 @@ from .extras import require
 from .runs import add_out_argument, run_dir
 
 ENVS = {"lunarlander": "LunarLander-v3", "cartpole": "CartPole-v1", "acrobot": "Acrobot-v1",
-        "mountaincar": "MountainCar-v0"}
-
-
-STATE_FORMAT = "resonant.train/1"
-# Flags that shape the stored outcomes (discounted returns): a resumed memory must share them.
-OUTCOME_FLAGS = ("gamma", "n_step", "action_repeat")
+        "mountaincar": "MountainCar-v0", "subgrid": "resonant/SubGridWorld-v0"}
 
 
 def parse_store(spec: str):
@@ -31,6 +29,11 @@ def parse_store(spec: str):
             return "milvus", spec[len(prefix):]
     raise argparse.ArgumentTypeError(f"--store must be torch, milvus-lite:PATH (a .db path) or milvus:URI; "
                                      f"got {spec!r}")
+
+
+STATE_FORMAT = "resonant.train/1"
+# Flags that shape the stored outcomes (discounted returns): a resumed memory must share them.
+OUTCOME_FLAGS = ("gamma", "n_step", "action_repeat")
 
 
 class ResumeError(ValueError):
@@ -76,12 +79,10 @@ def save_state(store, args, env_id: str, brain, episodes: int) -> None:
     store.set_metadata({**store.metadata(), "resonant.train": state})
 
 
-def add_subcommand(subparsers) -> None:
+def add_agent_options(p) -> None:
+    """The brain's and the store's options, shared by `resonant train` and `resonant train-async`."""
     # Defaults: the chosen LunarLander configuration in BENCHMARKS.md (tuned on seeds 0-3, checked on seeds 4-7).
-    p = subparsers.add_parser("train", help="train an EngramBrain on a discrete-action Gymnasium env",
-                              description="Train an EngramBrain; writes NAME.json and NAME.png to --out.")
     p.add_argument("env", help=f"one of {sorted(ENVS)} or any Gymnasium id with Discrete actions")
-    p.add_argument("--episodes", type=int, default=1500, help="episodes to train (default: %(default)s)")
     p.add_argument("--store", type=parse_store, default=("torch", None),
                    help="torch (default, in memory), milvus-lite:PATH (an embedded Milvus Lite database at PATH, "
                         "ending in .db) or milvus:URI (a server, e.g. milvus:http://host:19530); a Milvus store "
@@ -95,10 +96,15 @@ def add_subcommand(subparsers) -> None:
                    help="score from the k nearest engrams (default: kernel-weighted over all; needs --store torch)")
     p.add_argument("--bandwidth", type=float, default=0.3,
                    help="kernel width in normalised-state units (default: %(default)s)")
+    p.add_argument("--match-threshold", type=float, default=None,
+                   help="kernel-weighted scoring ignores engrams farther than this (default: 3 bandwidths)")
     p.add_argument("--gamma", type=float, default=0.96,
                    help="discount per decision (default: %(default)s ≈ 0.99 per step with --action-repeat 4)")
     p.add_argument("--n-step", type=int, default=None,
                    help="bootstrap outcomes n steps ahead from the memory (default: Monte-Carlo returns)")
+    p.add_argument("--credit", choices=("discount", "glow"), default="discount",
+                   help="outcomes: discounted returns, or projective simulation's glow credit with glow rate "
+                        "1 - gamma (cut where a state-action pair repeats) (default: %(default)s)")
     p.add_argument("--recency-halflife", type=float, default=None,
                    help="halve an engram's evidence for every this many engrams stored after it (default: no decay)")
     p.add_argument("--outcome-temperature", type=float, default=None,
@@ -112,6 +118,10 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--ridge", type=float, default=0.01,
                    help="local_linear: ridge on the slope, relative to bandwidth² times the evidence "
                         "(default: %(default)s)")
+    p.add_argument("--policy", choices=("epsilon_greedy", "softmax"), default="epsilon_greedy",
+                   help="action selection: epsilon-greedy, or softmax P(a) ∝ exp(beta·score) (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="softmax inverse temperature, in 1/outcome units (default: %(default)s)")
     p.add_argument("--epsilon-decay", type=float, default=0.99,
                    help="epsilon factor per remembered episode (default: %(default)s)")
     p.add_argument("--epsilon-end", type=float, default=0.0,
@@ -120,64 +130,112 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--eviction", choices=("oldest", "random", "smallest"), default="oldest",
                    help="which engrams go when the memory is full (default: %(default)s)")
     p.add_argument("--index", choices=("FLAT", "IVF_FLAT", "HNSW"), default="FLAT", help="Milvus index type")
-    p.add_argument("--num-envs", type=int, default=8,
-                   help="environments stepped side by side, one batched decision for all (default: %(default)s)")
     p.add_argument("--action-repeat", type=int, default=4,
                    help="environment steps each decision is held for (default: %(default)s)")
+    p.add_argument("--normalise-episodes", type=int, default=20,
+                   help="random episodes whose states fix the observation normaliser (0: raw observations; "
+                        "default: %(default)s)")
     add_out_argument(p, "NAME", "NAME.json and NAME.png")
     p.add_argument("--name", default=None,
                    help="output file stem (default engram_ENV_seedS, with _fromN when resuming after N episodes)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train an EngramBrain on a discrete-action Gymnasium env",
+                              description="Train an EngramBrain; writes NAME.json and NAME.png to --out.")
+    add_agent_options(p)
+    p.add_argument("--episodes", type=int, default=1500, help="episodes to train (default: %(default)s)")
+    p.add_argument("--num-envs", type=int, default=8,
+                   help="environments stepped side by side, one batched decision for all (default: %(default)s)")
     p.set_defaults(func=run)
+
+
+def env_spaces(env_id: str) -> tuple[int, int]:
+    """(state_dim, num_actions) of a Gymnasium environment (the resonant/ ones registered first)."""
+    from .parallel.worker import make_env
+
+    probe = make_env(env_id)
+    try:
+        return int(probe.observation_space.shape[0]), int(probe.action_space.n)
+    finally:
+        probe.close()
+
+
+def brain_options(args) -> dict:
+    """The options build_brain takes, from parsed arguments (the estimator's default resolved)."""
+    estimator = args.estimator or ("local_linear" if args.outcome_temperature is None else "mean")
+    kind, uri = args.store
+    return {"store": kind, "uri": uri, "collection": f"engrams_{args.env}_seed{args.seed}", "index": args.index,
+            "capacity": args.capacity, "eviction": args.eviction, "seed": args.seed,
+            "k": 50 if kind == "milvus" and args.k is None else args.k,  # Milvus answers k-NN queries only
+            "bandwidth": args.bandwidth, "match_threshold": args.match_threshold, "gamma": args.gamma,
+            "n_step": args.n_step, "credit": args.credit, "recency_halflife": args.recency_halflife,
+            "outcome_temperature": args.outcome_temperature, "estimator": estimator, "ridge": args.ridge,
+            "policy": args.policy, "beta": args.beta, "epsilon_decay": args.epsilon_decay,
+            "epsilon_end": args.epsilon_end, "fresh": getattr(args, "fresh", False),
+            "token": getattr(args, "milvus_token", "")}
+
+
+def build_brain(options: dict, state_dim: int, num_actions: int):
+    """An EngramBrain over a new store from brain_options(...) (module-level: picklable with
+    functools.partial for the asynchronous trainer's memory actor)."""
+    from .engram import EngramBrain, TorchEngramStore
+
+    o = options
+    if o["store"] == "torch":
+        store = TorchEngramStore(state_dim, num_actions, capacity=o["capacity"], eviction=o["eviction"],
+                                 seed=o["seed"])
+    else:
+        from .engram.milvus_store import MilvusEngramStore
+
+        store = MilvusEngramStore(state_dim, num_actions, o["uri"], collection=o["collection"], index_type=o["index"],
+                                  capacity=o["capacity"], eviction=o["eviction"], drop_existing=o["fresh"],
+                                  seed=o["seed"], token=o["token"])
+    return EngramBrain(state_dim, num_actions, store, k=o["k"], bandwidth=o["bandwidth"],
+                       match_threshold=o["match_threshold"], gamma=o["gamma"], epsilon_decay=o["epsilon_decay"],
+                       epsilon_end=o["epsilon_end"], seed=o["seed"], n_step=o["n_step"],
+                       recency_halflife=o["recency_halflife"], outcome_temperature=o["outcome_temperature"],
+                       estimator=o["estimator"], ridge=o["ridge"], policy=o["policy"], beta=o["beta"],
+                       credit=o["credit"])
+
+
+def print_summary(name: str, summary: dict, out_dir) -> None:
+    print(f"{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+                                  if not isinstance(v, dict)))
+    print(f"wrote {os.path.join(out_dir, name)}.json and .png")
 
 
 def run(args) -> int:
     # everything a run needs, checked before the first episode rather than when the report is written
-    gym = require("gymnasium", "rl", "resonant train")
+    require("gymnasium", "rl", "resonant train")
     require("matplotlib", "rl", "resonant train")
     import torch
 
-    from .engram import EngramBrain, TorchEngramStore
     from .trainer import Trainer
 
     env_id = ENVS.get(args.env, args.env)
-    probe = gym.make(env_id)
-    state_dim, num_actions = int(probe.observation_space.shape[0]), int(probe.action_space.n)
-    probe.close()
-    kind, uri = args.store
-    if kind == "torch":
-        store = TorchEngramStore(state_dim, num_actions, capacity=args.capacity, eviction=args.eviction,
-                                 seed=args.seed)
-    else:
-        from .engram.milvus_store import MilvusEngramStore
-
-        if args.k is None:
-            args.k = 50  # Milvus answers k-NN queries only
-        store = MilvusEngramStore(state_dim, num_actions, uri, collection=f"engrams_{args.env}_seed{args.seed}",
-                                  index_type=args.index, capacity=args.capacity, eviction=args.eviction,
-                                  drop_existing=args.fresh, seed=args.seed, token=args.milvus_token)
-    if args.estimator is None:
-        args.estimator = "local_linear" if args.outcome_temperature is None else "mean"
+    state_dim, num_actions = env_spaces(env_id)
+    options = brain_options(args)
+    args.estimator, args.k = options["estimator"], options["k"]
     torch.manual_seed(args.seed)
-    brain = EngramBrain(state_dim, num_actions, store, k=args.k, bandwidth=args.bandwidth, gamma=args.gamma,
-                        epsilon_decay=args.epsilon_decay, epsilon_end=args.epsilon_end, seed=args.seed,
-                        n_step=args.n_step,
-                        recency_halflife=args.recency_halflife, outcome_temperature=args.outcome_temperature,
-                        estimator=args.estimator, ridge=args.ridge)
+    brain = build_brain(options, state_dim, num_actions)
+    store = brain.store
+    milvus = options["store"] == "milvus"
     try:
-        before = resume(store, args, env_id, brain) if kind == "milvus" else 0
+        before = resume(store, args, env_id, brain) if milvus else 0
     except ResumeError:
         store.close()
         raise
     if before:
         print(f"resuming {len(store)} engrams after {before} episodes ({store.uri}); --fresh starts over")
-    trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed,
-                      action_repeat=args.action_repeat, first_episode=before)
+    trainer = Trainer(brain, env_id, num_envs=args.num_envs, seed=args.seed, action_repeat=args.action_repeat,
+                      normalise_episodes=args.normalise_episodes, first_episode=before)
     try:
         trainer.train(args.episodes, progress=not args.no_progress)
     finally:
         trainer.close()
-        if kind == "milvus":
+        if milvus:
             save_state(store, args, env_id, brain, before + len(trainer.result.episode_returns))
         store.close()
     name = args.name or f"engram_{args.env}_seed{args.seed}" + (f"_from{before}" if before else "")
@@ -185,6 +243,5 @@ def run(args) -> int:
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
               if k not in ("func", "milvus_token")}
     summary = trainer.write_report(out, name, extra={"config": config, "episodes_before": before})
-    print(f"{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    print(f"wrote {os.path.join(out, name)}.json and .png")
+    print_summary(name, summary, out)
     return 0

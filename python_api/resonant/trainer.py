@@ -4,7 +4,8 @@ Several environments run side by side so each decision is one batched `decide` c
 memory read dominates the cost). Observations are normalised by a per-dimension mean and
 standard deviation estimated from the first `normalise_episodes` episodes, which are played
 at random (they count as training episodes and are remembered once the statistics exist);
-the statistics are then frozen, so stored engrams and queries always share coordinates.
+the statistics are then frozen, so stored engrams and queries always share coordinates
+(normalise_episodes=0: raw observations from the first episode).
 With `action_repeat` r > 1 each decision is held for r environment steps and becomes one
 engram whose reward is the sum over those steps: one step of LunarLander (1/50 s of thrust)
 moves the return by far less than the noise between neighbouring engrams, r steps by r times
@@ -105,10 +106,15 @@ class Trainer:
         if space.n != brain.num_actions or self.envs[0].observation_space.shape != (brain.state_dim,):
             raise ValueError(f"{env_id} has {space.n} actions and observations {self.envs[0].observation_space.shape}; "
                              f"the brain expects {brain.num_actions} and ({brain.state_dim},)")
+        if normalise_episodes < 0:
+            raise ValueError(f"normalise_episodes must be >= 0, got {normalise_episodes}")
         self.normalise_episodes = normalise_episodes
         # Episode i resets its environment with seed * 100_003 + first_episode + i, so a run that
         # resumes a stored memory (first_episode = episodes played before) plays new episodes.
         self.first_episode = first_episode
+        if normalise_episodes == 0 and brain.normalise is None:  # raw observations, no random episodes
+            d = brain.state_dim
+            brain.normalise = Normaliser(torch.zeros(d), torch.ones(d))
         self._rng = np.random.default_rng(seed)
         self.result = TrainResult()
 

@@ -25,7 +25,11 @@ exp(outcome/T)-weighted mean, a soft maximum between the mean (T → ∞) and th
 
 Exploration: epsilon-greedy with epsilon decaying geometrically per remembered episode, from
 epsilon_start to epsilon_end (epsilon_end 0: fully greedy in the end, which did best on
-LunarLander: the episodes that count are the ones played while learning).
+LunarLander: the episodes that count are the ones played while learning), or
+`policy="softmax"`: P(a) ∝ exp(beta · score(a)), projective simulation's energy-based policy.
+`credit="glow"` turns the discounted returns into projective simulation's glow credit with
+glow rate η = 1 − gamma (the same discount, cut where a (state, action) pair repeats within the
+episode). Both are described in engram/policy.py.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from ..types import ArrayLike
+from .policy import check_credit, check_policy, glow_credit, select_actions
 from .store import EngramStore, as_states, check_estimator, check_positive_or_none, validate_engrams
 
 
@@ -73,7 +78,8 @@ class EngramBrain:
                  epsilon_decay: float = 0.995, seed: Optional[int] = None,
                  n_step: Optional[int] = None, recency_halflife: Optional[float] = None,
                  outcome_temperature: Optional[float] = None, estimator: str = "mean", ridge: float = 0.01,
-                 normalise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 normalise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 policy: str = "epsilon_greedy", beta: float = 1.0, credit: str = "discount"):
         if store.state_dim != state_dim or store.num_actions != num_actions:
             raise ValueError(f"store holds {store.state_dim}-dim states and {store.num_actions} actions; the brain "
                              f"was given state_dim={state_dim}, num_actions={num_actions}")
@@ -101,6 +107,9 @@ class EngramBrain:
             raise ValueError("estimator='local_linear' needs a bandwidth (it weighs the fit and scales its ridge)")
         self.estimator, self.ridge = estimator, float(ridge)
         self.normalise = normalise
+        self.policy, self.beta, self.credit = policy, check_policy(policy, beta), check_credit(credit)
+        if credit == "glow" and n_step is not None:
+            raise ValueError("credit='glow' spreads Monte-Carlo rewards; it cannot be combined with n_step")
         self._rng = np.random.default_rng(seed)
 
     def _prepare(self, states) -> torch.Tensor:
@@ -132,14 +141,8 @@ class EngramBrain:
     def decide(self, states: ArrayLike, *, explore: bool = True) -> np.ndarray:
         """One action per state (a batch (Q, state_dim) or a single state) as an int64 array (Q,)."""
         scores, _ = self.action_scores(states)
-        scores = scores.numpy()
-        # random tie-breaking: untried actions all share the prior
-        noise = self._rng.random(scores.shape) * 1e-6 * (1.0 + np.abs(scores))
-        actions = np.argmax(scores + noise, axis=1).astype(np.int64)
-        if explore and self.epsilon > 0:
-            explore_mask = self._rng.random(len(actions)) < self.epsilon
-            actions[explore_mask] = self._rng.integers(0, self.num_actions, int(explore_mask.sum()))
-        return actions
+        return select_actions(scores.numpy(), self._rng, policy=self.policy, epsilon=self.epsilon, beta=self.beta,
+                              explore=explore)
 
     def remember(self, states: ArrayLike, actions: ArrayLike, rewards: ArrayLike, *,
                  final_state: Optional[ArrayLike] = None, terminated: bool = True) -> int:
@@ -166,7 +169,9 @@ class EngramBrain:
             if final_state is None:
                 raise ValueError("a truncated episode (terminated=False) needs final_state")
             tail = float(self.action_scores(final_state)[0].max())
-        if self.n_step is None:
+        if self.credit == "glow":
+            outcomes = glow_credit(rewards, self.gamma, states.numpy(), actions, tail)
+        elif self.n_step is None:
             outcomes = discounted_returns(rewards, self.gamma, tail)
         else:
             later = states[1:]

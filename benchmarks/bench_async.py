@@ -1,0 +1,152 @@
+"""Throughput of the asynchronous trainer against the synchronous `resonant train --num-envs 8`.
+
+    python benchmarks/bench_async.py                          # local engine, 1 2 4 8 workers + sync
+    python benchmarks/bench_async.py --engines local ray      # the same table on a local Ray instance
+    python benchmarks/bench_async.py --costs-only             # only the per-decision costs (projection)
+
+Every row trains LunarLander-v3 with `resonant train`'s default agent (local linear scores,
+bandwidth 0.3, action repeat 4) for the same total number of episodes (--episodes, split evenly
+over the workers), so the memory grows alike in every row; decisions/s is decisions (engrams
+stored) over the run's time: for the asynchronous rows from the predictor's first answer to its
+last (worker processes or actors starting up are left out, and reported beside it as
+with_startup_decisions_per_s), for the synchronous row the whole train() call. The predictor
+reads with one torch thread, and the
+synchronous baseline runs with one thread too (as the LunarLander runs in BENCHMARKS.md).
+
+Per-decision costs for the projection: the predictor's read (brain.action_scores) for batches of
+Q states against M engrams, and a worker's own work per decision (4 LunarLander steps and the
+action choice). Writes --out (JSON) with the machine load (`uptime`) before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python_api"))
+
+from resonant.cli import build_parser  # noqa: E402
+from resonant.engram.policy import select_actions  # noqa: E402
+from resonant.parallel import AsyncTrainer  # noqa: E402
+from resonant.train_cli import brain_options, build_brain  # noqa: E402
+from resonant.trainer import Trainer  # noqa: E402
+
+ENV = "LunarLander-v3"
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def default_options(seed: int) -> dict:
+    return brain_options(build_parser().parse_args(["train", "lunarlander", "--seed", str(seed)]))
+
+
+def run_sync(episodes: int, seed: int) -> dict:
+    torch.set_num_threads(1)
+    brain = build_brain(default_options(seed), 8, 4)
+    trainer = Trainer(brain, ENV, num_envs=8, seed=seed, action_repeat=4)
+    load = uptime()
+    t0 = time.perf_counter()
+    trainer.train(episodes, progress=False)
+    wall = time.perf_counter() - t0
+    trainer.close()
+    decisions = len(brain.store)  # one engram per decision (capacity not reached)
+    return {"mode": "sync --num-envs 8", "engine": "-", "workers": 8, "episodes": episodes, "decisions": decisions,
+            "wall_seconds": round(wall, 2), "decisions_per_s": round(decisions / wall, 1), "mean_batch": None,
+            "latency_p50_ms": None, "latency_p99_ms": None, "uptime_before": load}
+
+
+def run_async(engine: str, workers: int, episodes: int, seed: int) -> dict:
+    per_worker = max(1, episodes // workers)
+    trainer = AsyncTrainer(functools.partial(build_brain, default_options(seed), 8, 4), ENV, num_workers=workers,
+                           episodes_per_worker=per_worker, engine=engine, seed=seed, action_repeat=4)
+    load = uptime()
+    stats = trainer.train(progress=False)
+    s = stats.summary()
+    return {"mode": "async", "engine": engine, "workers": workers, "episodes": s["episodes"],
+            "decisions": s["decisions"], "wall_seconds": s["answering_seconds"],
+            "decisions_per_s": s["steady_decisions_per_s"], "with_startup_decisions_per_s": s["decisions_per_s"],
+            "mean_batch": s["mean_predictor_batch"], "latency_p50_ms": s["decision_latency_ms"]["p50"],
+            "latency_p99_ms": s["decision_latency_ms"]["p99"], "request_wait_p50_ms": s["request_wait_ms"]["p50"],
+            "read_seconds": round(s["memory"]["read_seconds"], 2), "uptime_before": load}
+
+
+def decision_costs(seed: int, sizes=(10_000, 50_000, 200_000), batches=(1, 8, 64), repeats: int = 5) -> dict:
+    """Seconds per read (brain.action_scores) of Q states against M engrams, and a worker's own
+    seconds per decision (4 environment steps and the choice)."""
+    import gymnasium as gym
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    reads = []
+    for m in sizes:
+        brain = build_brain(default_options(seed), 8, 4)
+        brain.store.add(rng.normal(size=(m, 8)).astype(np.float32), rng.integers(0, 4, m), rng.normal(size=m) * 50)
+        for q in batches:
+            states = rng.normal(size=(q, 8)).astype(np.float32)
+            brain.action_scores(states)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                brain.action_scores(states)
+            reads.append({"engrams": m, "batch": q, "ms_per_read": round((time.perf_counter() - t0) / repeats * 1e3, 3)})
+    env = gym.make(ENV)
+    obs, _ = env.reset(seed=seed)
+    n, t0 = 0, time.perf_counter()
+    while n < 2000:
+        a = int(select_actions(rng.normal(size=(1, 4)), rng, epsilon=0.1)[0])
+        for _ in range(4):
+            obs, _, term, trunc, _ = env.step(a)
+            if term or trunc:
+                obs, _ = env.reset()
+                break
+        n += 1
+    return {"reads": reads, "worker_ms_per_decision": round((time.perf_counter() - t0) / n * 1e3, 4)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--episodes", type=int, default=160, help="total episodes per row (default: %(default)s)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--engines", nargs="+", choices=("local", "ray"), default=["local"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--costs-only", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/async_throughput.json")
+    args = p.parse_args()
+    result = {"command": " ".join(sys.argv), "uptime_start": uptime(), "rows": []}
+    if not args.costs_only:
+        rows = [run_sync(args.episodes, args.seed)]
+        print(rows[-1], flush=True)
+        for engine in args.engines:
+            for w in args.workers:
+                rows.append(run_async(engine, w, args.episodes, args.seed))
+                print(rows[-1], flush=True)
+        sync = rows[0]["decisions_per_s"]
+        for r in rows:
+            r["vs_sync"] = round(r["decisions_per_s"] / sync, 2)
+        result["rows"] = rows
+    result["costs"] = decision_costs(args.seed)
+    result["uptime_end"] = uptime()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{'mode':<18} {'engine':<6} {'workers':>7} {'decisions':>9} {'wall s':>8} {'dec/s':>8} {'vs sync':>7} "
+          f"{'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
+    for r in result["rows"]:
+        print(f"{r['mode']:<18} {r['engine']:<6} {r['workers']:>7} {r['decisions']:>9} {r['wall_seconds']:>8} "
+              f"{r['decisions_per_s']:>8} {r['vs_sync']:>7} {str(r['mean_batch']):>6} {str(r['latency_p50_ms']):>7} "
+              f"{str(r['latency_p99_ms']):>7}")
+    print(json.dumps(result["costs"], indent=1))
+    print("load:", result["uptime_start"], "->", result["uptime_end"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
