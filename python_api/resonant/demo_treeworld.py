@@ -360,7 +360,7 @@ def hot_swap(ctx: Context) -> None:
 def pruning_figures(ctx: Context) -> None:
     fig, p = ctx.figures, ctx.pruning
     kept_pts = entries(p["loc"][p["kept"]], "entry kept by pruning")
-    removed_pts = Points(p["loc"][~p["kept"]], "entry removed by pruning", marker="x", colour="red", size=14)
+    removed_pts = Points(p["loc"][~p["kept"]], "entry removed by pruning", marker="x", colour="black", size=10)
     cand = Points(p["loc"][p["candidates"]], "candidate at max error 0.05 (first step)", marker="o",
                   colour="none", size=40, edge="red")
     fig.entries_figure(p["loc"], p["loo_error"], f"Leave-one-out error of each of the {len(p['loc'])} memory entries",
@@ -372,12 +372,12 @@ def pruning_figures(ctx: Context) -> None:
                    "16_after_pruning.png", [kept_pts, removed_pts], unmatched=p["after"].abs().sum(-1) == 0)
     fig.scalar_figure(distance(p["after"], p["before"]), "How much pruning changed the memory read",
                       "‖read after − read before‖ (embedding units, log scale)", "17_prune_read_change.png", log=True,
-                      extra=[kept_pts, removed_pts], note="zero (white) where nothing changed")
+                      extra=[kept_pts, removed_pts], note="grey: exactly unchanged")
     fig.error_figure(distance(p["before"], ctx.sensor_grid), distance(p["after"], ctx.sensor_grid),
                      "pruning", "18_prune_error_vs_sensor.png", [removed_pts])
     fig.scalar_figure(distance(p["regressed"], p["before"]), "Read change after pruning and regression",
                       "‖read after regression − read before pruning‖ (embedding units, log scale)",
-                      "19_regress_read_change.png", log=True, extra=[kept_pts])
+                      "19_regress_read_change.png", log=True, extra=[kept_pts], note="grey: exactly unchanged")
     fig.loss_figure(p["losses"], NOTEBOOK["regress.loss_every_10_steps"], 10, "20_regression_loss.png")
 
 
@@ -413,7 +413,7 @@ def step_overview(ctx: Context) -> None:
     biased = "sample.location_biased"
     search = Points(torch.tensor(SEARCH_LOCATION), "search location", marker="s", colour="white", size=110,
                     edge="black")
-    removed_pts = Points(p["loc"][~p["kept"]], "entry removed by pruning", marker="x", colour="red", size=10)
+    removed_pts = Points(p["loc"][~p["kept"]], "entry removed by pruning", marker="x", colour="black", size=6)
     panels = [
         lambda f, ax: fig.pca_panel(ax, ctx.sensor_grid, ctx.colours, "What the sensor reads at each place"),
         lambda f, ax: fig.pca_panel(ax, g["thresholded"], ctx.colours,
@@ -426,7 +426,8 @@ def step_overview(ctx: Context) -> None:
                                         "error (embedding units, log scale)"),
         lambda f, ax: fig.scalar_panel(f, ax, distance(p["after"], p["before"]),
                                        f"Read change from pruning {len(p['loc'])} → {int(p['kept'].sum())} entries",
-                                       "‖read after − before‖ (log scale)", log=True, extra=[removed_pts]),
+                                       "‖read after − before‖ (log scale; grey: unchanged)", log=True,
+                                       extra=[removed_pts]),
         lambda f, ax: fig.scalar_panel(f, ax, distance(p["after"], ctx.sensor_grid),
                                        "Read error vs the sensor after pruning", "‖read − sensor‖ (log scale)",
                                        log=True, cmap="magma"),

@@ -14,7 +14,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 DPI = 100
-SINGLE = (10.5, 8.0)  # 1050 x 800 px before tight cropping; the legend sits right of the map
+SINGLE = (10.0, 10.0)  # about 900 px wide once cropped to the map, its colour bar and the legend under it
+NO_VALUE = "#e8e8e8"  # log-scale maps: exact zeros (nothing changed) are drawn in this grey
 TREE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
                 "#9467bd", "#d62728", "#000000", "#aec7e8")
 VECTOR_NORM_UNIT = "embedding units"  # sensor vectors are sums of word vectors: no physical unit
@@ -67,10 +68,9 @@ class TreeWorldFigures:
         arr = per_point.detach().reshape(self.side, self.side, -1)  # [x index, y index, C]
         return arr.transpose(0, 1).double().numpy()
 
-    def new(self, ncols: int = 1, width: float = None, height: float = 8.0):
+    def new(self, ncols: int = 1, width: float = None, height: float = SINGLE[1]):
         plt = matplotlib_pyplot()
-        fig, axes = plt.subplots(1, ncols, figsize=(width or SINGLE[0] * ncols * 0.85 + 1.5, height),
-                                 squeeze=False)
+        fig, axes = plt.subplots(1, ncols, figsize=(width or SINGLE[0] * ncols, height), squeeze=False)
         return fig, list(axes[0])
 
     def frame(self, ax, title: str, note: str = "") -> None:
@@ -93,7 +93,7 @@ class TreeWorldFigures:
             loc = torch.stack([t.location for t in trees]).numpy()
             poisonous = trees[0].is_poisonous
             ax.scatter(loc[:, 0], loc[:, 1], s=90, marker="X" if poisonous else "o", c=colour[fruit],
-                       edgecolors="white", linewidths=1.2, zorder=5,
+                       edgecolors="black", linewidths=0.8, zorder=5,
                        label=f"{fruit} tree ({'poisonous' if poisonous else 'edible'})")
 
     def points(self, ax, extra: Sequence[Points]) -> None:
@@ -105,12 +105,12 @@ class TreeWorldFigures:
     def legend(self, fig, ax, patches: Sequence = ()) -> None:
         handles, labels = ax.get_legend_handles_labels()
         handles, labels = handles + [h for h, _ in patches], labels + [lbl for _, lbl in patches]
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
-                  borderaxespad=0.0)
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=9,
+                  frameon=False)
 
     def save(self, fig, filename: str) -> str:
         path = self.out / filename
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")  # the legend hangs below the axes
         matplotlib_pyplot().close(fig)
         self.files.append(str(path))
         return str(path)
@@ -133,15 +133,23 @@ class TreeWorldFigures:
                      extra: Sequence[Points] = (), note: str = ""):
         from matplotlib import colors
 
+        import numpy as np
+        from matplotlib import colormaps
+
         img = self.image(values.reshape(-1, 1))[..., 0]
+        cmap = colormaps[cmap]
         if log:
             positive = img[img > 0]
             floor = vmin or (max(float(positive.min()), float(positive.max()) * 1e-6) if positive.size else 1e-12)
             norm = colors.LogNorm(vmin=floor, vmax=vmax or max(float(img.max()), floor * 10))
-            img = img.clip(min=floor)
+            # exact zeros stay visible as "no value" instead of the bottom of the scale
+            img = np.ma.masked_less_equal(np.where(img > 0, img.clip(min=floor), 0.0), 0.0)
+            cmap = cmap.with_extremes(bad=NO_VALUE)
         elif diverging:
+            # symmetric log: changes spanning many decades all stay visible, zero stays white
             bound = max(float(abs(img).max()), 1e-12)
-            norm, cmap = colors.TwoSlopeNorm(0.0, -bound, bound), "RdBu_r"
+            norm = colors.SymLogNorm(linthresh=bound * 1e-4, vmin=-bound, vmax=bound, base=10)
+            cmap = colormaps["RdBu_r"]
         else:
             norm = colors.Normalize(vmin=vmin if vmin is not None else float(img.min()),
                                     vmax=vmax if vmax is not None else float(img.max()))
@@ -176,7 +184,7 @@ class TreeWorldFigures:
         return self.save(fig, filename)
 
     def sensor_figure(self, sensor: torch.Tensor, colours, filename: str) -> str:
-        fig, axes = self.new(2, width=20.0)
+        fig, axes = self.new(2, width=17.0, height=9.0)
         self.pca_panel(axes[0], sensor, colours, "What the sensor reads at each place")
         self.scalar_panel(fig, axes[1], torch.linalg.vector_norm(sensor, dim=-1), "Strength of the sensor reading",
                           f"‖sensor reading‖ ({VECTOR_NORM_UNIT})", log=True,
@@ -199,16 +207,17 @@ class TreeWorldFigures:
     def error_figure(self, before: torch.Tensor, after: torch.Tensor, what: str, filename: str,
                      extra: Sequence[Points] = ()) -> str:
         """Error before and after (log colour, one scale) and their difference (diverging colour)."""
-        fig, axes = self.new(3, width=28.0)
+        fig, axes = self.new(3, width=25.0, height=9.0)
         top = float(torch.maximum(before.max(), after.max()))
         floor = max(top * 1e-6, 1e-12)
         for ax, values, when in ((axes[0], before, "before"), (axes[1], after, "after")):
             self.scalar_panel(fig, ax, values, f"Read error vs sensor {when} {what}",
                               f"‖memory read − sensor‖ ({VECTOR_NORM_UNIT}, log scale)", log=True, vmin=floor,
-                              vmax=top, cmap="magma", extra=extra)
-        self.scalar_panel(fig, axes[2], after - before, f"Change of the read error {what}",
-                          f"error after − error before ({VECTOR_NORM_UNIT}; red = worse)", diverging=True,
-                          extra=extra)
+                              vmax=top, cmap="magma", note="where no entry is in reach the read is zero: "
+                              "the error is the sensor itself")
+        self.scalar_panel(fig, axes[2], after - before, f"Change of the read error from {what}",
+                          f"error after − error before ({VECTOR_NORM_UNIT}, symmetric log; red = worse)",
+                          diverging=True, extra=extra, note="white: unchanged")
         self.legend(fig, axes[2])
         return self.save(fig, filename)
 
@@ -221,7 +230,7 @@ class TreeWorldFigures:
         xy = loc.detach().numpy()
         ax.set_facecolor("#f2f2f2")
         dots = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=12, cmap="viridis", norm=colors.LogNorm(v.min(), v.max()),
-                          zorder=3, label="memory entry (colour: its value)")
+                          zorder=3, label="memory entry (colour: see the colour bar)")
         bar = fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.02)
         bar.set_label(label)
         self.frame(ax, title, note)
@@ -234,7 +243,7 @@ class TreeWorldFigures:
         self.legend(fig, ax)
         return self.save(fig, filename)
 
-    def overview(self, panels: Sequence[Callable], title: str, filename: str, dpi: int = 70) -> str:
+    def overview(self, panels: Sequence[Callable], title: str, filename: str, dpi: int = 62) -> str:
         """Panels (each draws into (fig, ax) and may return legend patches) on a 2 x 3 grid with one
         legend for every marker used."""
         plt = matplotlib_pyplot()
