@@ -413,7 +413,7 @@ def step_overview(ctx: Context) -> None:
     biased = "sample.location_biased"
     search = Points(torch.tensor(SEARCH_LOCATION), "search location", marker="s", colour="white", size=110,
                     edge="black")
-    removed_pts = Points(p["loc"][~p["kept"]], "entry removed by pruning", marker="x", colour="black", size=6)
+    removed_pts = Points(p["loc"][~p["kept"]], "entry removed by pruning", marker="x", colour="black", size=10)
     panels = [
         lambda f, ax: fig.pca_panel(ax, ctx.sensor_grid, ctx.colours, "What the sensor reads at each place"),
         lambda f, ax: fig.pca_panel(ax, g["thresholded"], ctx.colours,

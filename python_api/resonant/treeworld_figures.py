@@ -118,7 +118,10 @@ class TreeWorldFigures:
     # ---- panels (draw into a given axis) -----------------------------------------------------
 
     def pca_panel(self, ax, values: torch.Tensor, colours: Callable, title: str, extra: Sequence[Points] = (),
-                  unmatched: Optional[torch.Tensor] = None) -> None:
+                  unmatched: Optional[torch.Tensor] = None) -> list:
+        """Returns the legend patches it needs (the grey of places no entry reaches)."""
+        from matplotlib.patches import Patch
+
         self.show(ax, self.image(colours(values)))
         if unmatched is not None and bool(unmatched.any()):
             grey = torch.zeros(unmatched.numel(), 4)
@@ -127,6 +130,7 @@ class TreeWorldFigures:
         self.frame(ax, title, "colour: the first 3 principal components of the reading as RGB (alike = similar)")
         self.trees(ax)
         self.points(ax, extra)
+        return [(Patch(color="#d9d9d9"), "no memory entry in range: reads zero")] if unmatched is not None else []
 
     def scalar_panel(self, fig, ax, values: torch.Tensor, title: str, label: str, *, log: bool = False,
                      diverging: bool = False, cmap: str = "viridis", vmin=None, vmax=None,
@@ -175,12 +179,8 @@ class TreeWorldFigures:
     # ---- whole figures -----------------------------------------------------------------------
 
     def pca_figure(self, values, colours, title, filename, extra: Sequence[Points] = (), unmatched=None) -> str:
-        from matplotlib.patches import Patch
-
         fig, (ax,) = self.new()
-        self.pca_panel(ax, values, colours, title, extra, unmatched)
-        patches = [(Patch(color="#d9d9d9"), "no memory entry in range: reads zero")] if unmatched is not None else []
-        self.legend(fig, ax, patches)
+        self.legend(fig, ax, self.pca_panel(ax, values, colours, title, extra, unmatched))
         return self.save(fig, filename)
 
     def sensor_figure(self, sensor: torch.Tensor, colours, filename: str) -> str:
@@ -247,7 +247,7 @@ class TreeWorldFigures:
         """Panels (each draws into (fig, ax) and may return legend patches) on a 2 x 3 grid with one
         legend for every marker used."""
         plt = matplotlib_pyplot()
-        fig, axes = plt.subplots(2, 3, figsize=(22, 14))
+        fig, axes = plt.subplots(2, 3, figsize=(22, 15))
         seen, handles = set(), []
         for ax, panel in zip(axes.reshape(-1), panels):
             extra = panel(fig, ax)
