@@ -147,8 +147,8 @@ class TreeWorld(gym.Env):
         self.fruit_embeddings = dict(zip(fruits, word_vectors(list(fruits), c.embedder, c.embed_dim,
                                                                cosine=c.word_cosine)))
         self.embed_dim = self.tree_embeddings.shape[-1]
-        # sensor weights lie in [0, 1], so component i never exceeds Σ_trees |vector_i|
-        bound = float(self.tree_embeddings.abs().sum(0).max())
+        # sensor weights lie in [0, 1], so component i never exceeds Σ_trees |vector_i| (+ float32 rounding)
+        bound = float(self.tree_embeddings.abs().sum(0).max()) * (1.0 + 1e-4)
         self.observation_space = spaces.Dict({
             "sense": spaces.Box(-bound, bound, (self.embed_dim,), np.float32),
             "position": spaces.Box(-c.world_size, c.world_size, (2,), np.float32),
