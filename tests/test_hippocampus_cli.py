@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from resonant import cli
-from resonant._extras import require
+from resonant.extras import require
 
 
 def test_experiment_recall_writes_the_grid_and_heatmap(tmp_path):
@@ -35,4 +35,4 @@ def test_a_missing_extra_is_one_line_naming_it():
     with pytest.raises(ImportError) as err:
         require("surely_not_installed_module", "serve", "the widget")
     message = str(err.value)
-    assert "\n" not in message and "'serve' extra" in message and "resonant-kernels[serve]" in message
+    assert "\n" not in message and "`serve` extra" in message and "resonant-kernels[serve]" in message

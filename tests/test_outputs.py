@@ -82,7 +82,7 @@ def test_demo_and_benchmarks_default_under_runs():
     from resonant.cli import build_parser
 
     args = build_parser().parse_args(["demo", "treeworld"])
-    assert args.out is None and run_dir("treeworld-demo", args.out) == Path("runs/treeworld-demo")
+    assert Path(args.out) == run_dir("treeworld-demo") == Path("runs/treeworld-demo")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import _measure

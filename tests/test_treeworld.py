@@ -23,11 +23,82 @@ def world():
 
 def test_check_env_passes_direct_and_registered(world):
     check_env(world, skip_render_check=False)
+    check_env(sim.TreeWorld.from_notebook(embed_dim=64))  # 2.6-long vectors stay inside the sense bounds
     env = gym.make(sim.ENV_ID, **SMALL)
     check_env(env.unwrapped)
     obs, _ = env.reset(seed=3)
     assert obs["sense"].shape == (128,) and env.observation_space.contains(obs)
     assert env.spec.max_episode_steps == 1000
+
+
+def test_notebook_world_is_the_printed_one():
+    world = sim.TreeWorld.from_notebook(embed_dim=128)
+    assert len(world.trees) == 25 and world.config.embedder == "hash"
+    # spot checks against the printout (first, tenth, last tree) and its poisonous ones
+    for i, name, fruit, x, y in ((0, "Winston", "pear", -363.0957946777344, -10.466400146484375),
+                                 (9, "Homer", "papaya", -23.01750373840332, 1.541074514389038),
+                                 (24, "Yogi", "apple", 187.3199005126953, 215.32290649414062)):
+        tree = world.trees[i]
+        assert (tree.tree_id, tree.name, tree.fruit) == (i, name, fruit)
+        torch.testing.assert_close(tree.location, torch.tensor([x, y]), rtol=0, atol=1e-4)
+    poisonous = {(t.name, t.fruit) for t in world.trees if t.is_poisonous}
+    assert poisonous == {("Richard", "strychnine fruit"), ("Abigail", "strychnine fruit"),
+                         ("Rupert", "strychnine fruit"), ("Ursula", "strychnine fruit"),
+                         ("Kamala", "strychnine fruit"), ("George", "nightshade"), ("Wendy", "nightshade"),
+                         ("Elizabeth", "manchineel"), ("Jane", "manchineel")}
+    # the notebook printed: closest tree to (0, 0) is Homer (papaya) at 23.07 m
+    dist, idx = world.nearest_tree(torch.zeros(2))
+    assert (world.trees[int(idx)].name, world.trees[int(idx)].fruit) == ("Homer", "papaya")
+    assert round(float(dist), 2) == 23.07
+
+
+def test_notebook_tree_vectors_have_the_notebook_geometry():
+    world = sim.TreeWorld.from_notebook()
+    lengths = world.tree_embeddings.norm(dim=-1)
+    assert bool(((lengths > 2.55) & (lengths < 2.65)).all()), lengths
+    unit = world.tree_embeddings / lengths[:, None]
+    cos = (unit @ unit.T)[~torch.eye(25, dtype=torch.bool)]
+    assert 0.8 < float(cos.min()) and float(cos.max()) < 1.0  # correlated, like bge's, never identical
+    # the construction: fruit vector + name vector, not renormalised
+    names, fruits = [t.name for t in world.trees], [t.fruit for t in world.trees]
+    want = embeddings.word_vectors(fruits, "hash") + embeddings.word_vectors(names, "hash")
+    torch.testing.assert_close(world.tree_embeddings, want)
+    torch.testing.assert_close(world.fruit_embeddings["apple"], embeddings.word_vectors(["apple"], "hash")[0])
+    # the smallest grid error the notebook printed is the sensor at the far corner (500, 500)
+    corner = float(world.sense(torch.tensor([500.0, 500.0])).norm())
+    assert corner == pytest.approx(sim.notebook_world.CORNER_SENSOR_NORM, rel=0.05)
+
+
+def test_offline_word_vectors_geometry_and_arguments():
+    v = embeddings.offline_word_vectors(["cherry", "Rachel", "nightshade", "Kramer"], 256)
+    length = embeddings.NOTEBOOK_TREE_LENGTH / math.sqrt(2 + 2 * embeddings.OFFLINE_WORD_COSINE)
+    torch.testing.assert_close(v.norm(dim=-1), torch.full((4,), length), rtol=1e-5, atol=1e-5)
+    unit = v / v.norm(dim=-1, keepdim=True)
+    cos = (unit @ unit.T)[~torch.eye(4, dtype=torch.bool)]
+    assert float((cos - embeddings.OFFLINE_WORD_COSINE).abs().max()) < 0.1
+    assert float((v[0] + v[1]).norm()) == pytest.approx(embeddings.NOTEBOOK_TREE_LENGTH, rel=0.03)
+    plain = embeddings.offline_word_vectors(["cherry", "Rachel"], 256, cosine=0.0)
+    assert abs(float(plain[0] @ plain[1])) / float(plain[0].norm() * plain[1].norm()) < 0.2
+    with pytest.raises(ValueError, match="cosine must be in"):
+        embeddings.offline_word_vectors(["cherry"], cosine=1.0)
+    with pytest.raises(ValueError, match="names and fruits must have the same length"):
+        embeddings.tree_vectors(["Rachel"], ["cherry", "pear"], "hash")
+
+
+def test_random_world_is_gaussian_like_the_notebooks():
+    locations = torch.cat([sim.TreeWorld(seed=s, **SMALL).tree_locations for s in range(12)])
+    assert bool((locations.abs() <= 450.0).all())
+    assert 170.0 < float(locations.std()) < 230.0  # N(0, 200²) per axis, redrawn beyond ±450
+    assert abs(float(locations.mean())) < 30.0
+
+
+def test_world_config_is_validated():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        sim.TreeWorld(layout="grid", **SMALL)
+    with pytest.raises(ValueError, match="num_trees must be 25 with layout='notebook'"):
+        sim.TreeWorld(layout="notebook", num_trees=10, **SMALL)
+    with pytest.raises(ValueError, match="tree_sd must be a finite number > 0"):
+        sim.TreeWorld(tree_sd=0.0, **SMALL)
 
 
 def test_world_is_deterministic_and_has_both_fruit_kinds(world):
@@ -148,30 +219,3 @@ def test_drive_classifier_separates_poison_food_and_nothing(world):
     with pytest.raises(KeyError, match="unknown drive"):
         clf.key("thirst")
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(world.trees)))
-
-
-def test_cli_lists_the_demo():
-    from resonant.cli import build_parser
-
-    args = build_parser().parse_args(["demo", "treeworld", "--grid", "7"])
-    assert args.grid == 7 and callable(args.func)
-
-
-def test_demo_smoke(tmp_path):
-    from resonant.cli import main
-
-    out = tmp_path / "demo"
-    rc = main(["demo", "treeworld", "--out", str(out), "--grid", "12", "--coarse-grid", "4", "--random-points", "30",
-               "--prune-points", "96", "--regress-steps", "2", "--samples", "16", "--embedder", "hash"])
-    assert rc == 0
-    result = json.loads((out / "numbers.json").read_text())
-    numbers = result["numbers"]
-    assert numbers["recall_100x100.error"]["max"] < 1e-4  # reading the grid it was written on
-    assert numbers["drive_classifier.tree_accuracy"] == 1.0
-    assert 0 < numbers["gaussian.unmatched_fraction_at_threshold_100"] < 1
-    assert len(result["figures"]) >= 9 and all((out / p.split("/")[-1]).exists() for p in result["figures"])
-    assert numbers["prune.final_size"] < 96  # pruning removed something
-    assert numbers["prune.removed_per_step"][0] > 0
-    assert numbers["background_prune"]["kept_of_those"] == numbers["background_prune"]["written_meanwhile"] > 0
-    for name in ("sample.free_T1_sigma25", "sample.sqrtE_temperature", "sample.location_biased"):
-        assert 0 <= numbers[name]["min_hunger"] <= numbers[name]["avg_hunger"] <= 1

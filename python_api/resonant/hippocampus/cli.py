@@ -12,7 +12,7 @@ def _set_threads(threads) -> None:
 
 
 def serve(args) -> int:
-    from .._extras import require
+    from ..extras import require
 
     uvicorn = require("uvicorn", "serve", "resonant serve hippocampus")
     from .server import create_app

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._extras import require
+from ..extras import require
 from .memory import PatternTest
 
 httpx = require("httpx", "serve", "resonant.hippocampus.Client")

@@ -98,7 +98,7 @@ def format_table(result: dict, key: str = "recall", *, flag_below: Optional[floa
 
 def heatmap(result: dict, path: Path) -> None:
     """PNG: the memory's recall grid beside nearest-neighbour lookup's, value in every cell."""
-    from .._extras import require
+    from ..extras import require
 
     matplotlib = require("matplotlib", "serve", "the recall experiment's heatmap")
     matplotlib.use("Agg")

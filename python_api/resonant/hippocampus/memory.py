@@ -27,6 +27,7 @@ from torch import Tensor
 
 import resonant_kernels as kernels
 
+from ..types import ArrayLike, Device
 from . import patterns as patgen
 
 # Magnitude limits that keep every squared distance / variance of a float32 read finite (the
@@ -106,7 +107,8 @@ class PatternMemory:
     `update`/`train` swap new ones in only once they are complete.
     """
 
-    def __init__(self, num_units: int, *, backend: str = "auto", device=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, num_units: int, *, backend: str = "auto", device: Device = None,
+                 dtype: torch.dtype = torch.float32):
         self.num_units = _positive_int(num_units, "num_units", maximum=MAX_UNITS)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -201,7 +203,7 @@ class PatternMemory:
 
     # ---- update -----------------------------------------------------------------------------------
 
-    def update(self, patterns, *, binary: Optional[bool] = None) -> None:
+    def update(self, patterns: ArrayLike, *, binary: Optional[bool] = None) -> None:
         """Replaces the training set with `patterns` (N, num_units), binary {0, 1} or real.
 
         binary=None detects it (every value 0 or 1); binary=True requires it; binary=False treats
@@ -221,7 +223,8 @@ class PatternMemory:
         with self._lock:
             self._state = state
 
-    def set_parameters(self, *, inverse_temperature: Optional[float] = None, precisions=None) -> None:
+    def set_parameters(self, *, inverse_temperature: Optional[float] = None,
+                       precisions: Optional[ArrayLike] = None) -> None:
         """Sets the kernel by hand (instead of `train`): the variance of unit j becomes
         1 / (inverse_temperature · precisions[j]). Either may be left as it is (None). Precisions
         are stored relative to their geometric mean, which moves into the inverse temperature."""
@@ -276,7 +279,7 @@ class PatternMemory:
         return out
 
     @torch.no_grad()
-    def recall(self, cues, steps: int = 10) -> Tensor:
+    def recall(self, cues: ArrayLike, steps: int = 10) -> Tensor:
         """Completes cues (num_units,) or (Q, num_units): reads the memory at each cue, cleans the
         read (k-winners-take-all for binary patterns) and repeats from the result until it stops
         changing or `steps` reads were made. Returns the recalled patterns, shaped like cues."""
@@ -286,7 +289,7 @@ class PatternMemory:
         out = self._recall(state, cues, steps)
         return out[0] if single else out
 
-    def closest(self, recalled) -> tuple[Tensor, Tensor]:
+    def closest(self, recalled: ArrayLike) -> tuple[Tensor, Tensor]:
         """(index (Q,), squared distance (Q,)) of the training pattern nearest (Euclidean) to each
         row of `recalled`, the lowest index on ties; for binary rows, the one with the fewest
         differing units."""
@@ -296,7 +299,7 @@ class PatternMemory:
         return (index[0], distance[0]) if single else (index, distance)
 
     @torch.no_grad()
-    def test_pattern(self, corrupted, target, *, steps: int = 10) -> PatternTest:
+    def test_pattern(self, corrupted: ArrayLike, target: ArrayLike, *, steps: int = 10) -> PatternTest:
         """The seed's "Test Pattern": recalls from `corrupted` and reports the recall, its distance
         (units differing) to `target`, and the training pattern closest to the recall. Batched
         over rows when corrupted and target are (Q, num_units)."""
@@ -311,7 +314,7 @@ class PatternMemory:
         return result
 
     @torch.no_grad()
-    def step(self, cues, targets, repeats: int = 1, *, steps: int = 10) -> Tensor:
+    def step(self, cues: ArrayLike, targets: ArrayLike, repeats: int = 1, *, steps: int = 10) -> Tensor:
         """The seed's gym-like "Step": per cue, the mean over `repeats` tests of the reward
         num_units − (units recalled wrongly). Recall here is deterministic, so every repeat scores
         the same and one test is computed. Returns a float tensor (Q,) (0-d for a single cue)."""

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .._extras import require
+from ..extras import require
 
 require("fastapi", "serve", "the hippocampus server")
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request  # noqa: E402

@@ -36,9 +36,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
+
+from ..extras import require
+
+gym = require("gymnasium", "rl", "resonant.sim.SubGridWorld")
+spaces = gym.spaces
 
 GRID_SIZE = 12
 MAX_EPISODE_STEPS = 400

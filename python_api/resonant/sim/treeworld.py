@@ -1,8 +1,12 @@
 """TreeWorld: the 2-D world of the spatial-memory notebook as a Gymnasium environment.
 
-Trees stand at random places in [-world_size, world_size]²; each has a name and a fruit type,
-edible or poisonous, and an embedding of the text "<name> <fruit>". The agent's sensor sees the
-sum over trees of 10^(−(dist/sensor_scale)²) × tree embedding (the notebook's SimpleSensor).
+Trees have a name and a fruit type, edible or poisonous, and a vector: the fruit's word vector
+plus the name's, not renormalised (embeddings.tree_vectors, the notebook's construction). The
+agent's sensor sees the sum over trees of 10^(−(dist/sensor_scale)²) × tree vector (the
+notebook's SimpleSensor). `TreeWorld.from_notebook()` is the notebook's own world, its 25 printed
+trees (notebook_world.py); `TreeWorld(seed=...)` draws a random one the way the notebook's
+generator does, each coordinate ~ N(0, tree_sd²).
+
 Actions are 2-D moves in [-1, 1]², scaled by max_step. Standing within eat_radius of a tree whose
 fruit is ripe eats it: edible fruit restores health, poisonous fruit costs health, and the tree
 regrows its fruit after regrow_steps. Health drains by hunger_per_step every step; the episode
@@ -10,6 +14,7 @@ terminates when it reaches zero. The reward is the change in health.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -17,7 +22,8 @@ import numpy as np
 import torch
 
 from ..extras import require
-from .embeddings import HASH_DIM, embed_texts
+from .embeddings import HASH_DIM, OFFLINE_WORD_COSINE, tree_vectors, word_vectors
+from .notebook_world import NOTEBOOK_TREES
 
 gym = require("gymnasium", "rl", "resonant.sim.TreeWorld")
 spaces = gym.spaces
@@ -33,12 +39,15 @@ TREE_NAMES = (
 @dataclass
 class TreeWorldConfig:
     num_trees: int = 25
+    layout: str = "random"  # "random" (drawn from seed) or "notebook" (the notebook's 25 printed trees)
     world_size: float = 500.0  # the world is [-world_size, world_size]^2
-    tree_extent: float = 450.0  # trees stand in [-tree_extent, tree_extent]^2
+    tree_sd: float = 200.0  # random trees: each coordinate ~ N(0, tree_sd^2), like the notebook's world
+    tree_extent: float = 450.0  # random trees: redrawn until inside [-tree_extent, tree_extent]^2
     poison_fraction: float = 0.3
     sensor_scale: float = 100.0
     embedder: str = "auto"  # "auto" (MiniLM when installed, else hashing), "hash", "minilm"
     embed_dim: int = HASH_DIM  # for the hashing embedder; MiniLM is always 384
+    word_cosine: float = OFFLINE_WORD_COSINE  # hashing embedder: cosine of unrelated words (embeddings.py)
     max_step: float = 10.0
     eat_radius: float = 10.0
     max_health: float = 100.0
@@ -59,20 +68,55 @@ class Tree:
     embedding: torch.Tensor = field(repr=False)
 
 
+LAYOUTS = ("random", "notebook")
+
+
+def _trees(names, fruits, locations, config: TreeWorldConfig) -> list[Tree]:
+    vectors = tree_vectors(names, fruits, config.embedder, config.embed_dim, cosine=config.word_cosine)
+    return [
+        Tree(i, names[i], fruits[i], torch.tensor(locations[i], dtype=torch.float32), fruits[i] in POISONOUS_FRUITS,
+             vectors[i])
+        for i in range(len(names))
+    ]
+
+
+def _gaussian_locations(rng: np.random.Generator, n: int, sd: float, extent: float) -> np.ndarray:
+    """n points with coordinates ~ N(0, sd²), each redrawn until inside [-extent, extent]²."""
+    locations = np.empty((0, 2))
+    while len(locations) < n:
+        draw = rng.normal(0.0, sd, size=(n, 2))
+        locations = np.concatenate([locations, draw[np.abs(draw).max(-1) <= extent]])
+    return locations[:n]
+
+
 def random_trees(config: TreeWorldConfig) -> list[Tree]:
     rng = np.random.default_rng(config.seed)
-    locations = rng.uniform(-config.tree_extent, config.tree_extent, size=(config.num_trees, 2))
+    locations = _gaussian_locations(rng, config.num_trees, config.tree_sd, config.tree_extent)
     poisonous = rng.random(config.num_trees) < config.poison_fraction
     names = [TREE_NAMES[i] for i in rng.integers(len(TREE_NAMES), size=config.num_trees)]
     fruits = [
         POISONOUS_FRUITS[rng.integers(len(POISONOUS_FRUITS))] if p else EDIBLE_FRUITS[rng.integers(len(EDIBLE_FRUITS))]
         for p in poisonous
     ]
-    embeddings = embed_texts([f"{n} {f}" for n, f in zip(names, fruits)], config.embedder, config.embed_dim)
-    return [
-        Tree(i, names[i], fruits[i], torch.tensor(locations[i], dtype=torch.float32), bool(poisonous[i]), embeddings[i])
-        for i in range(config.num_trees)
-    ]
+    return _trees(names, fruits, locations, config)
+
+
+def notebook_trees(config: TreeWorldConfig) -> list[Tree]:
+    names, fruits, xs, ys = zip(*NOTEBOOK_TREES)
+    return _trees(names, fruits, np.stack([xs, ys], axis=-1), config)
+
+
+def _check_config(c: TreeWorldConfig) -> None:
+    if c.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {c.layout!r}")
+    if c.layout == "notebook" and c.num_trees != len(NOTEBOOK_TREES):
+        raise ValueError(f"num_trees must be {len(NOTEBOOK_TREES)} with layout='notebook', got {c.num_trees}")
+    if isinstance(c.num_trees, bool) or not isinstance(c.num_trees, int) or c.num_trees < 1:
+        raise ValueError(f"num_trees must be a positive int, got {c.num_trees!r}")
+    for name in ("world_size", "tree_sd", "tree_extent", "sensor_scale"):
+        value = getattr(c, name)
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def sense(points: torch.Tensor, tree_locations: torch.Tensor, tree_embeddings: torch.Tensor,
@@ -95,17 +139,20 @@ class TreeWorld(gym.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
-        self.trees = random_trees(self.config)
+        c = self.config
+        _check_config(c)
+        self.trees = notebook_trees(c) if c.layout == "notebook" else random_trees(c)
         self.tree_locations = torch.stack([t.location for t in self.trees])
         self.tree_embeddings = torch.stack([t.embedding for t in self.trees])
         self.tree_poisonous = torch.tensor([t.is_poisonous for t in self.trees])
         fruits = EDIBLE_FRUITS + POISONOUS_FRUITS
-        self.fruit_embeddings = dict(zip(fruits, embed_texts(list(fruits), self.config.embedder, self.config.embed_dim)))
+        self.fruit_embeddings = dict(zip(fruits, word_vectors(list(fruits), c.embedder, c.embed_dim,
+                                                               cosine=c.word_cosine)))
         self.embed_dim = self.tree_embeddings.shape[-1]
-        c = self.config
+        # sensor weights lie in [0, 1], so component i never exceeds Σ_trees |vector_i| (+ float32 rounding)
+        bound = float(self.tree_embeddings.abs().sum(0).max()) * (1.0 + 1e-4)
         self.observation_space = spaces.Dict({
-            # unit-norm embeddings with weights <= 1: no component can exceed the number of trees
-            "sense": spaces.Box(-float(c.num_trees), float(c.num_trees), (self.embed_dim,), np.float32),
+            "sense": spaces.Box(-bound, bound, (self.embed_dim,), np.float32),
             "position": spaces.Box(-c.world_size, c.world_size, (2,), np.float32),
             "health": spaces.Box(0.0, c.max_health, (1,), np.float32),
         })
@@ -113,6 +160,13 @@ class TreeWorld(gym.Env):
         self.position = np.zeros(2, dtype=np.float32)
         self.health = c.max_health
         self.ripe_in = np.zeros(len(self.trees), dtype=np.int64)  # steps until a tree has fruit again
+
+    @classmethod
+    def from_notebook(cls, embedder: str = "hash", render_mode: Optional[str] = None, **overrides) -> "TreeWorld":
+        """The notebook's own world: its 25 printed trees (names, fruit, locations). The default
+        embedder is the offline one, whose tree vectors have the notebook's lengths and
+        similarities (embeddings.py); MiniLM's are shorter and less alike (README)."""
+        return cls(layout="notebook", embedder=embedder, render_mode=render_mode, **overrides)
 
     # ---- sensor --------------------------------------------------------------------------------
 
