@@ -100,7 +100,7 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(dist, tmp_path):
 def test_install_records_whether_the_cuda_module_was_built():
     """`make install` builds the CUDA module wherever nvcc is found, with or without a GPU."""
     import resonant_kernels
-    from resonant_kernels import _backends
+    from resonant_kernels.backends import cuda
 
     record = Path(resonant_kernels.__file__).with_name("_build_info.json")
     if not record.exists():
@@ -108,8 +108,8 @@ def test_install_records_whether_the_cuda_module_was_built():
     info = json.loads(record.read_text())["cuda"]
     if info["built"]:
         import resonant_kernels._C_cuda  # noqa: F401 - importable without a GPU
-        assert _backends._cuda_build_note() is None
+        assert cuda._build_note() is None
     else:
-        assert info["reason"] and info["reason"] in _backends._cuda_available()
+        assert info["reason"] and info["reason"] in cuda._available()
         if shutil.which("nvcc") and "RESONANT_NO_CUDA" not in info["reason"]:
             pytest.fail(f"nvcc is on PATH but the install did not build the CUDA module: {info['reason']}")

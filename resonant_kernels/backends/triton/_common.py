@@ -93,3 +93,15 @@ def scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
     if HAS_THR:
         within = keep & (dist2 <= thr2)
     return tl.where(within, score, float("-inf")), within
+
+
+@triton.jit
+def online_softmax_step(run_max, run_sum, score):
+    """One tile of a row-wise online softmax: (new max, weights exp(score − new max), the factor
+    for what was accumulated under the old max, new sum). A row that has matched nothing so far
+    keeps max -inf; shifting it by 0 keeps exp() NaN-free."""
+    new_max = tl.maximum(run_max, tl.max(score, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp(score - shift[:, None])
+    rescale = tl.exp(run_max - shift)
+    return new_max, p, rescale, run_sum * rescale + tl.sum(p, axis=1)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ... import _registry
-from ._common import load_constants, score_constants, scores
+from ._common import load_constants, online_softmax_step, score_constants, scores
 
 BLOCK_I = 32
 BLOCK_J = 32
@@ -62,12 +62,7 @@ def _errors_kernel(ml_ptr, mv_ptr, z_ptr, active, estimate, lse, M, E,
         s = _scores(ml_ptr, mv_ptr, b, offs_i, offs_j, mask_i, mask_j, sml_b, sml_r, sml_c, smv_b, smv_r, smv_c,
                     consts, D, HAS_THR, UNIFORM)
         s = tl.where(_pair_mask(active, b, M, offs_i, offs_j, mask_i, mask_j), s, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(s, 1))
-        # A row with nothing matched so far keeps max -inf; shift by 0 there so no inf - inf.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        scale = tl.exp(run_max - shift)
-        p = tl.exp(s - shift[:, None])
-        run_sum = run_sum * scale + tl.sum(p, 1)
+        run_max, p, scale, run_sum = online_softmax_step(run_max, run_sum, s)
         z = tl.load(z_ptr + b * sz_b + offs_j[:, None] * sz_r + offs_e[None, :] * sz_c,
                     mask=mask_j[:, None] & mask_e[None, :], other=0.0)
         if USE_DOT:
@@ -75,7 +70,6 @@ def _errors_kernel(ml_ptr, mv_ptr, z_ptr, active, estimate, lse, M, E,
         else:  # float64: tl.dot has no fp64 lowering on every GPU; a broadcast product does
             contrib = tl.sum(p[:, :, None] * z[None, :, :].to(dt), 1)
         acc = acc * scale[:, None] + contrib
-        run_max = new_max
     found = run_sum > 0
     out = tl.where(found[:, None], acc / tl.where(found, run_sum, 1.0)[:, None], 0.0)
     tl.store(estimate + (b * M + offs_i[:, None]) * E + offs_e[None, :], out.to(estimate.dtype.element_ty),

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ... import _registry
-from ._common import accumulator, dim_terms, load_constants, on_device, score_constants, scores
+from ._common import (accumulator, dim_terms, load_constants, on_device, online_softmax_step, score_constants,
+                      scores)
 
 
 def _autotuned(configs, key):
@@ -124,16 +125,10 @@ def _read_fwd(ql_ptr, qv_ptr, ml_ptr, mv_ptr, z_ptr, out_ptr, lse_ptr,
         score, _ = scores(ql_ptr, qv_ptr, q_offs, q_mask, sql_r, sql_c, sqv_r, sqv_c,
                           ml_ptr, mv_ptr, m_offs, m_mask, sml_r, sml_c, smv_r, smv_c,
                           thr2, uniform_inv, uniform_norm, norm_const, D, UNIFORM, HAS_THR)
-        new_max = tl.maximum(row_max, tl.max(score, axis=1))
-        # While a row has matched nothing its max is -inf; shifting by 0 keeps exp() NaN-free.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp(score - shift[:, None])
-        rescale = tl.exp(row_max - shift)
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        row_max, p, rescale, row_sum = online_softmax_step(row_max, row_sum, score)
         z = tl.load(z_ptr + m_offs[:, None] * sz_r + e_offs[None, :] * sz_c,
                     mask=m_mask[:, None] & e_mask[None, :], other=0.0)
         acc = _dot(p.to(z.dtype), z, acc * rescale[:, None], ALLOW_TF32)
-        row_max = new_max
 
     matched = row_sum > 0
     out = tl.where(matched[:, None], acc / tl.where(matched, row_sum, 1.0)[:, None], 0.0)
