@@ -106,9 +106,9 @@ class EngramBrain:
         """Stores one finished episode and decays epsilon; returns the engrams stored.
 
         Outcomes are discounted returns (`outcomes`): Monte-Carlo (n_step None), n-step targets
-        that bootstrap from the memory's greedy value of the state n steps later, or glow credit. A truncated episode
-        (terminated False) bootstraps from `final_state`, the observation after the last step.
-        The episode's total reward is kept beside every engram.
+        that bootstrap from the memory's greedy value of the state n steps later, or glow credit.
+        A truncated episode (terminated False) bootstraps from `final_state`, the observation
+        after the last step. The episode's total reward is kept beside every engram.
 
         Checked before anything is stored or epsilon moves (errors name the argument): a nonempty
         episode, one reward and one action per state, finite rewards whose returns fit the float32

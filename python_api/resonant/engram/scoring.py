@@ -16,7 +16,8 @@ Weights. An engram's evidence weight is its kernel weight exp(−|s − q|² / 2
 recency weight 2^(−age / recency_halflife) (`recency_weights`: outcomes are returns of the policy
 that was acting when the engram was stored; as the policy improves, older outcomes describe a
 worse policy). With an outcome temperature the outcomes are averaged with the extra weight
-exp((outcome − best) / T) (`outcome_tilt`), a soft maximum between the mean (T → ∞) and the best
+exp((outcome − best) / T) (`outcome_tilt`; best: the memory's best outcome over the whole memory,
+the query's best neighbour's over k), a soft maximum between the mean (T → ∞) and the best
 outcome seen (T → 0, as model-free episodic control keeps): the returns that followed an action
 mix what the action allows with the mistakes of the (exploring, older) policy that acted after it.
 The evidence itself is not tilted.

@@ -41,7 +41,8 @@ class Neighbours:
 class EngramStore(abc.ABC):
     """Where an EngramBrain keeps its engrams.
 
-    A store implements
+    A store calls _configure(state_dim, num_actions, capacity, eviction, seed) when it is built,
+    sets _next_index (the insertion index its next engram gets), and implements
       search(states, k, *, with_states=False) -> Neighbours: the k nearest engrams (Euclidean);
       __len__: the engrams stored;
       _insert(states, actions, outcomes, episode_returns): store a validated batch, giving it the
