@@ -4,7 +4,7 @@ Stores compared (all exact unless --milvus-index says otherwise):
   torch-kernel  TorchEngramStore, kernel-weighted scoring: one fused gaussian_read for all actions
   torch-kernel-local-linear  the same, estimator="local_linear" (the `resonant train` default): one
                 read with A(2+d) + d(d+3)/2 value columns (84 for d=8, A=4) instead of 2A, then a
-                d×d solve per state (resonant/engram/local_linear.py)
+                d×d solve per state (resonant/engram/scoring.py)
   torch-knn     TorchEngramStore, exact k-NN (chunked cdist + topk) then per-action weighting
   milvus-lite   MilvusEngramStore on an embedded Milvus Lite file, k-NN (FLAT index by default)
   faiss-flat    faiss IndexFlatL2 k-NN (if faiss-cpu is installed), same per-action weighting
@@ -29,8 +29,9 @@ from tqdm import tqdm
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
 import _measure  # noqa: E402
 
-from resonant.engram import EngramBrain, TorchEngramStore  # noqa: E402
-from resonant.engram.store import Neighbours, weighted_action_values  # noqa: E402
+from resonant.engram import EngramBrain, Exploration, Scoring, TorchEngramStore  # noqa: E402
+from resonant.engram.scoring import from_neighbours  # noqa: E402
+from resonant.engram.store import Neighbours  # noqa: E402
 
 
 def engrams(n, d, num_actions, seed=0):
@@ -46,13 +47,14 @@ def faiss_decider(data, k, num_actions, bandwidth):
     index = faiss.IndexFlatL2(states.shape[1])
     index.add(states)
     actions_t, outcomes_t = torch.as_tensor(actions), torch.as_tensor(outcomes)
+    knn = Scoring(k=k, bandwidth=bandwidth)
 
     def decide(q):
         d2, pos = index.search(q, k)
         pos_t = torch.as_tensor(pos)
         nb = Neighbours(index=pos_t, action=actions_t[pos_t.clamp_min(0)], outcome=outcomes_t[pos_t.clamp_min(0)],
                         distance=torch.as_tensor(d2).clamp_min(0).sqrt())
-        sums, evidence = weighted_action_values(nb, num_actions, bandwidth)
+        sums, evidence = from_neighbours(nb, torch.as_tensor(q), num_actions, len(states) - 1, knn)
         return torch.argmax(sums / evidence.clamp_min(1e-30), dim=1)
 
     return decide
@@ -86,14 +88,15 @@ def main(argv=None):
     torch_store = TorchEngramStore(args.dim, args.actions, initial_size=args.engrams)
     torch_store.add(*data)
     steps.update()
+    greedy = Exploration(epsilon_start=0.0)
+    kernel = Scoring(k=None, bandwidth=args.bandwidth)
+    knn = Scoring(k=args.k, bandwidth=args.bandwidth)
     brains = {
-        "torch-kernel": EngramBrain(args.dim, args.actions, torch_store, k=None, bandwidth=args.bandwidth,
-                                    epsilon_start=0.0),
-        "torch-kernel-local-linear": EngramBrain(args.dim, args.actions, torch_store, k=None,
-                                                 bandwidth=args.bandwidth, epsilon_start=0.0,
-                                                 estimator="local_linear"),
-        "torch-knn": EngramBrain(args.dim, args.actions, torch_store, k=args.k, bandwidth=args.bandwidth,
-                                 epsilon_start=0.0),
+        "torch-kernel": EngramBrain(torch_store, scoring=kernel, exploration=greedy),
+        "torch-kernel-local-linear": EngramBrain(torch_store, scoring=Scoring(bandwidth=args.bandwidth,
+                                                                              estimator="local_linear"),
+                                                 exploration=greedy),
+        "torch-knn": EngramBrain(torch_store, scoring=knn, exploration=greedy),
     }
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -103,8 +106,7 @@ def main(argv=None):
                                        index_type=args.milvus_index)
             milvus.add(*data)
             milvus.flush()
-            brains[f"milvus-lite-{args.milvus_index.lower()}"] = EngramBrain(
-                args.dim, args.actions, milvus, k=args.k, bandwidth=args.bandwidth, epsilon_start=0.0)
+            brains[f"milvus-lite-{args.milvus_index.lower()}"] = EngramBrain(milvus, scoring=knn, exploration=greedy)
         except ImportError as exc:
             milvus = None
             print(f"milvus-lite skipped: {exc}")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from resonant.engram import EngramBrain, TorchEngramStore
+from resonant.engram import EngramBrain, Exploration, Outcomes, Scoring, TorchEngramStore
 from resonant.engram.brain import discounted_returns, n_step_targets
-from resonant.engram.store import choose_evictions
+from resonant.engram.eviction import choose_evictions
 
 try:
     from resonant.engram.milvus_store import MilvusEngramStore
@@ -197,7 +197,7 @@ def test_torch_kernel_scoring_is_one_fused_read_matching_reference():
     s = TorchEngramStore(D, A)
     s.add(states, actions, outcomes, returns)
     q = np.concatenate([states[:5] + 0.1, np.full((1, D), 50.0, np.float32)])  # last query matches nothing
-    sums, evidence = s.action_values(torch.as_tensor(q), k=None, bandwidth=0.8)
+    sums, evidence = s.action_values(torch.as_tensor(q), Scoring(k=None, bandwidth=0.8))
     ref_sums, ref_evidence = kernel_action_values_reference(q.astype(np.float64), states.astype(np.float64),
                                                             actions, outcomes.astype(np.float64), 0.8, 2.4)
     np.testing.assert_allclose(sums.numpy(), ref_sums, rtol=1e-4, atol=1e-5)
@@ -205,12 +205,14 @@ def test_torch_kernel_scoring_is_one_fused_read_matching_reference():
     assert evidence[-1].sum() == 0
 
 
-def brain_with(engrams, **kw):
+GREEDY = Exploration(epsilon_start=0.0)
+
+
+def brain_with(engrams, **scoring):
     s = TorchEngramStore(2, A)
     states, actions, outcomes = engrams
     s.add(np.asarray(states, np.float32), actions, outcomes, 0.0)
-    kw.setdefault("epsilon_start", 0.0)
-    return EngramBrain(2, A, s, seed=0, **kw)
+    return EngramBrain(s, scoring=Scoring(**scoring), exploration=GREEDY, seed=0)
 
 
 @pytest.mark.parametrize("k", [None, 4])
@@ -229,14 +231,16 @@ def test_brain_prefers_best_action_and_uses_explicit_prior(k):
 
 
 def test_brain_empty_memory_reads_empty_prior():
-    brain = EngramBrain(2, A, TorchEngramStore(2, A), prior="neighbourhood", empty_prior=-7.0, epsilon_start=0.0)
+    brain = EngramBrain(TorchEngramStore(2, A), scoring=Scoring(prior="neighbourhood", empty_prior=-7.0),
+                        exploration=GREEDY)
     scores, _ = brain.action_scores(np.zeros((2, 2), np.float32))
     assert torch.equal(scores, torch.full((2, A), -7.0))
 
 
 def test_brain_remember_stores_discounted_returns_and_decays_epsilon():
     store = TorchEngramStore(2, A)
-    brain = EngramBrain(2, A, store, gamma=0.5, epsilon_start=1.0, epsilon_decay=0.5, epsilon_end=0.3)
+    brain = EngramBrain(store, outcomes=Outcomes(gamma=0.5),
+                        exploration=Exploration(epsilon_start=1.0, epsilon_decay=0.5, epsilon_end=0.3))
     assert brain.remember(np.zeros((3, 2)), [0, 1, 2], [1.0, 2.0, 4.0]) == 3
     assert store.engrams()["outcomes"].tolist() == [1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4.0]
     assert store.engrams()["episode_returns"].tolist() == [7.0] * 3
@@ -247,7 +251,8 @@ def test_brain_remember_stores_discounted_returns_and_decays_epsilon():
 
 def test_brain_bad_input_raises_and_stores_nothing():
     store = TorchEngramStore(2, A)
-    brain = EngramBrain(2, A, store)
+    brain = EngramBrain(store)
+    assert (brain.state_dim, brain.num_actions) == (2, A)  # the store's
     with pytest.raises(ValueError, match="states must have shape"):
         brain.decide(np.zeros((1, 3)))
     with pytest.raises(ValueError, match="states contains NaN"):
@@ -256,9 +261,47 @@ def test_brain_bad_input_raises_and_stores_nothing():
         brain.remember(np.zeros((2, 2)), [0, 5], [1.0, 1.0])
     with pytest.raises(ValueError, match="rewards contains NaN"):
         brain.remember(np.zeros((2, 2)), [0, 1], [1.0, math.nan])
-    with pytest.raises(ValueError, match="state_dim"):
-        EngramBrain(3, A, store)
+    with pytest.raises(TypeError, match="store must be an EngramStore"):
+        EngramBrain(None)
+    with pytest.raises(TypeError, match="scoring must be a Scoring"):
+        EngramBrain(store, scoring={"k": 3})
     assert len(store) == 0
+
+
+@pytest.mark.parametrize("group, bad, match", [
+    (Scoring, dict(k=0), "k must be a positive integer or None"),
+    (Scoring, dict(k=2.5), "k must be"),
+    (Scoring, dict(bandwidth=0.0), "bandwidth must be a positive number or None"),
+    (Scoring, dict(k=None, bandwidth=None), r"kernel-weighted scoring \(k=None\) needs a positive bandwidth"),
+    (Scoring, dict(match_threshold=0.0), "match_threshold must be a positive number"),
+    (Scoring, dict(match_threshold=float("nan")), "match_threshold"),
+    (Scoring, dict(prior="optimistic"), "prior must be a number or 'neighbourhood'"),
+    (Scoring, dict(prior=float("nan")), "prior"),
+    (Scoring, dict(empty_prior="0"), "empty_prior must be a number"),
+    (Scoring, dict(min_evidence=1.5), r"min_evidence must lie in \[0, 1\]"),
+    (Outcomes, dict(gamma=1.5), r"gamma must lie in \[0, 1\]"),
+    (Outcomes, dict(n_step=0), "n_step must be a positive integer or None"),
+    (Exploration, dict(epsilon_decay=-0.1), "epsilon_decay must lie in"),
+    (Exploration, dict(epsilon_start=2.0), "epsilon_start must lie in"),
+])
+def test_options_are_checked_when_built(group, bad, match):
+    with pytest.raises(ValueError, match=match):
+        group(**bad)
+
+
+def test_options_are_frozen_and_work_with_any_store_the_same_way():
+    import dataclasses
+    import inspect
+
+    from resonant.engram import EngramStore
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Scoring().k = 5  # type: ignore[misc]
+    assert Scoring(k=3, bandwidth=None).bandwidth is None  # uniform weights over the 3 nearest
+    assert Scoring(match_threshold=math.inf).match_threshold == math.inf  # no threshold
+    stores = [EngramStore, TorchEngramStore] + ([MilvusEngramStore] if MILVUS is None else [])
+    signatures = {str(inspect.signature(s.action_values)) for s in stores}
+    assert signatures == {"(self, states: 'ArrayLike', scoring: 'Scoring') -> 'tuple[torch.Tensor, torch.Tensor]'"}
 
 
 def test_n_step_targets_match_direct_sum():
@@ -278,7 +321,7 @@ def test_trainer_runs_and_writes_report(tmp_path):
     from resonant.trainer import Trainer
 
     pytest.importorskip("gymnasium")
-    brain = EngramBrain(4, 2, TorchEngramStore(4, 2), bandwidth=0.5, seed=0, n_step=5)
+    brain = EngramBrain(TorchEngramStore(4, 2), scoring=Scoring(bandwidth=0.5), outcomes=Outcomes(n_step=5), seed=0)
     trainer = Trainer(brain, "CartPole-v1", num_envs=3, seed=0, normalise_episodes=4)
     result = trainer.train(10, progress=False)
     trainer.close()
@@ -308,7 +351,7 @@ def test_cli_store_specs():
 def test_trainer_action_repeat_makes_one_engram_per_decision():
     from resonant.trainer import Trainer
 
-    brain = EngramBrain(4, 2, TorchEngramStore(4, 2), bandwidth=0.5, seed=0)
+    brain = EngramBrain(TorchEngramStore(4, 2), scoring=Scoring(bandwidth=0.5), seed=0)
     trainer = Trainer(brain, "CartPole-v1", num_envs=2, seed=0, normalise_episodes=2, action_repeat=3)
     result = trainer.train(6, progress=False)
     trainer.close()
@@ -325,12 +368,13 @@ def test_brain_scores_agree_between_torch_and_milvus_stores(tmp_path):
     t.add(states, actions, outcomes, returns)
     with MilvusEngramStore(D, A, str(tmp_path / "b.db")) as m:
         m.add(states, actions, outcomes, returns)
-        got = EngramBrain(D, A, m, k=12, bandwidth=0.7, prior=-5.0).action_scores(queries)
-    want = EngramBrain(D, A, t, k=12, bandwidth=0.7, prior=-5.0).action_scores(queries)
+        knn = Scoring(k=12, bandwidth=0.7, prior=-5.0)
+        got = EngramBrain(m, scoring=knn).action_scores(queries)
+    want = EngramBrain(t, scoring=knn).action_scores(queries)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="needs k"):
-        EngramBrain(D, A, m, k=None).action_scores(queries)
+        EngramBrain(m, scoring=Scoring(k=None)).action_scores(queries)
 
 
 def one_state_history(outcomes_in_order, actions=None):
@@ -349,14 +393,14 @@ def test_recency_halflife_weighs_engrams_by_age(k):
     q = torch.zeros(1, 1)
     ages = np.arange(len(outcomes))[::-1]  # the newest has age 0
     for halflife in (2.5, 1.0):  # 1.0 last, so the read after the insert below reuses its key
-        sums, evidence = store.action_values(q, k=k, bandwidth=1.0, recency_halflife=halflife)
+        sums, evidence = store.action_values(q, Scoring(k=k, bandwidth=1.0, recency_halflife=halflife))
         w = 2.0 ** (-ages / halflife)
         assert sums[0, 0].item() / evidence[0, 0].item() == pytest.approx(w @ outcomes / w.sum(), rel=1e-5)
-    sums, evidence = store.action_values(q, k=k, bandwidth=1.0)
+    sums, evidence = store.action_values(q, Scoring(k=k, bandwidth=1.0))
     assert sums[0, 0].item() / evidence[0, 0].item() == pytest.approx(np.mean(outcomes), rel=1e-5)
     # a new engram makes every other one older: the cached weights must follow
     store.add(np.zeros((1, 1), np.float32), [0], [100.0], 0.0)
-    sums, evidence = store.action_values(q, k=k and k + 1, bandwidth=1.0, recency_halflife=1.0)
+    sums, evidence = store.action_values(q, Scoring(k=k and k + 1, bandwidth=1.0, recency_halflife=1.0))
     w = 2.0 ** (-np.arange(7)[::-1] / 1.0)
     assert sums[0, 0].item() / evidence[0, 0].item() == pytest.approx(w @ (outcomes + [100.0]) / w.sum(), rel=1e-5)
 
@@ -366,15 +410,13 @@ def test_brain_recency_halflife_follows_the_newer_outcomes():
     actions = np.array([0] * 20 + [1] * 10 + [0] * 5)
     outcomes = [5.0] * 20 + [1.0] * 10 + [-5.0] * 5
     s = one_state_history(outcomes, actions)
-    plain = EngramBrain(1, 2, s, bandwidth=1.0, epsilon_start=0.0)
-    recent = EngramBrain(1, 2, s, bandwidth=1.0, epsilon_start=0.0, recency_halflife=3.0)
+    plain = EngramBrain(s, scoring=Scoring(bandwidth=1.0), exploration=GREEDY)
+    recent = EngramBrain(s, scoring=Scoring(bandwidth=1.0, recency_halflife=3.0), exploration=GREEDY)
     assert plain.decide(np.zeros(1, np.float32)).tolist() == [0]  # mean of action 0 is 3
     assert recent.decide(np.zeros(1, np.float32)).tolist() == [1]
     for bad in (0, -1.0, math.nan, math.inf, True, "3"):
         with pytest.raises(ValueError, match="recency_halflife"):
-            EngramBrain(1, 2, s, recency_halflife=bad)
-        with pytest.raises(ValueError, match="recency_halflife"):
-            s.action_values(torch.zeros(1, 1), k=None, bandwidth=1.0, recency_halflife=bad)
+            Scoring(k=None, bandwidth=1.0, recency_halflife=bad)
 
 
 @pytest.mark.parametrize("k", [None, 8])
@@ -384,7 +426,7 @@ def test_outcome_temperature_scores_a_soft_maximum(k):
     q = torch.zeros(1, 1)
 
     def score(**kw):
-        sums, evidence = store.action_values(q, k=k, bandwidth=1.0, **kw)
+        sums, evidence = store.action_values(q, Scoring(k=k, bandwidth=1.0, **kw))
         # the tilt leaves the evidence alone
         assert evidence[0, 0].item() == pytest.approx(1.0 if k is None else 8.0, rel=1e-5)
         return sums[0, 0].item() / evidence[0, 0].item()
@@ -396,10 +438,10 @@ def test_outcome_temperature_scores_a_soft_maximum(k):
     assert score(outcome_temperature=1e6) == pytest.approx(outcomes.mean(), rel=1e-3)  # towards the mean
     # an outcome 400 temperatures below the best still counts (floored, not underflowed to nothing)
     lone = one_state_history([-4000.0, 0.0], actions=np.array([1, 0]))
-    sums, evidence = lone.action_values(q, k=k and 2, bandwidth=1.0, outcome_temperature=10.0)
+    sums, evidence = lone.action_values(q, Scoring(k=k and 2, bandwidth=1.0, outcome_temperature=10.0))
     assert evidence[0, 1].item() > 0 and sums[0, 1].item() / evidence[0, 1].item() == pytest.approx(-4000.0, rel=1e-5)
     with pytest.raises(ValueError, match="outcome_temperature"):
-        store.action_values(q, k=k, bandwidth=1.0, outcome_temperature=0.0)
+        Scoring(k=k, bandwidth=1.0, outcome_temperature=0.0)
 
 
 def test_cli_defaults_are_the_chosen_lunarlander_configuration():
@@ -432,15 +474,16 @@ def test_cli_train_passes_the_options_to_the_brain(tmp_path, monkeypatch):
     assert main(["train", "cartpole", "--episodes", "3", "--recency-halflife", "50", "--outcome-temperature", "7",
                  "--epsilon-end", "0.1", "--out", str(tmp_path), "--name", "run", "--no-progress"]) == 0
     brain = built["brain"]
-    assert (brain.recency_halflife, brain.outcome_temperature, brain.epsilon_end) == (50.0, 7.0, 0.1)
-    assert brain.estimator == "mean"  # the outcome tilt is not a weighted sum a local fit can use
+    assert (brain.scoring.recency_halflife, brain.scoring.outcome_temperature) == (50.0, 7.0)
+    assert brain.exploration.epsilon_end == 0.1
+    assert brain.scoring.estimator == "mean"  # the outcome tilt is not a weighted sum a local fit can use
     assert (tmp_path / "run.json").exists()
     assert main(["train", "cartpole", "--episodes", "2", "--ridge", "0.5", "--out", str(tmp_path), "--name", "ll",
                  "--no-progress"]) == 0
-    assert (built["brain"].estimator, built["brain"].ridge) == ("local_linear", 0.5)
+    assert (built["brain"].scoring.estimator, built["brain"].scoring.ridge) == ("local_linear", 0.5)
     assert main(["train", "cartpole", "--episodes", "2", "--k", "5", "--out", str(tmp_path), "--name", "knn",
                  "--no-progress"]) == 0
-    assert (built["brain"].estimator, built["brain"].k) == ("local_linear", 5)
+    assert (built["brain"].scoring.estimator, built["brain"].scoring.k) == ("local_linear", 5)
 
 
 # ---- hardening (issue #13 point 9): remember() checks the episode before anything changes ----
@@ -456,7 +499,7 @@ def test_cli_train_passes_the_options_to_the_brain(tmp_path, monkeypatch):
 ])
 def test_remember_rejects_bad_episodes_naming_the_argument(n_step, states, actions, rewards, message):
     store = TorchEngramStore(2, 3)
-    brain = EngramBrain(2, 3, store, n_step=n_step)
+    brain = EngramBrain(store, outcomes=Outcomes(n_step=n_step))
     with pytest.raises(ValueError, match=message):
         brain.remember(states, actions, rewards)
     assert len(store) == 0 and brain.epsilon == 1.0
@@ -464,7 +507,7 @@ def test_remember_rejects_bad_episodes_naming_the_argument(n_step, states, actio
 
 def test_remember_accepts_large_finite_rewards_within_the_limit():
     store = TorchEngramStore(2, 3)
-    brain = EngramBrain(2, 3, store, n_step=2)
+    brain = EngramBrain(store, outcomes=Outcomes(n_step=2))
     assert brain.remember(np.zeros((3, 2)), [0, 1, 2], [1e29, 1e29, 1e29]) == 3
     scores, _ = brain.action_scores(np.zeros((1, 2)))
     assert torch.isfinite(scores).all()

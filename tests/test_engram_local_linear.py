@@ -10,8 +10,8 @@ try:
 except ImportError as exc:  # the `milvus` extra is optional
     MILVUS = f"pymilvus / milvus-lite not installed: {exc}"
 
-from resonant.engram import EngramBrain, TorchEngramStore
-from resonant.engram import local_linear
+from resonant.engram import EngramBrain, Exploration, Scoring, TorchEngramStore
+from resonant.engram import scoring
 
 
 def kernel_weights(q, states, bandwidth, threshold):
@@ -64,8 +64,8 @@ def reference_scores(store, queries, bandwidth, ridge, recency_halflife=None):
 
 
 def store_scores(store, queries, bandwidth, ridge, **kw):
-    sums, evidence = store.action_values(torch.as_tensor(queries), k=None, bandwidth=bandwidth,
-                                         estimator="local_linear", ridge=ridge, **kw)
+    sums, evidence = store.action_values(torch.as_tensor(queries), Scoring(k=None, bandwidth=bandwidth,
+                                                                           estimator="local_linear", ridge=ridge, **kw))
     scores = torch.where(evidence > 0, sums / evidence.clamp_min(1e-30), torch.nan)
     return scores.numpy(), evidence.numpy()
 
@@ -97,8 +97,10 @@ def test_local_linear_recovers_action_values_where_the_mean_is_biased():
     store = TorchEngramStore(2, 2, seed=0)
     store.add(states, actions, outcomes, 0.0)
     q = np.zeros((1, 2), np.float32)
-    plain = EngramBrain(2, 2, store, bandwidth=0.5, epsilon_start=0.0)
-    fitted = EngramBrain(2, 2, store, bandwidth=0.5, epsilon_start=0.0, estimator="local_linear", ridge=1e-6)
+    greedy = Exploration(epsilon_start=0.0)
+    plain = EngramBrain(store, scoring=Scoring(bandwidth=0.5), exploration=greedy)
+    fitted = EngramBrain(store, scoring=Scoring(bandwidth=0.5, estimator="local_linear", ridge=1e-6),
+                         exploration=greedy)
     assert plain.decide(q).tolist() == [0]
     assert fitted.decide(q).tolist() == [1]
     scores, _ = fitted.action_scores(q)
@@ -123,35 +125,31 @@ def test_local_linear_columns_follow_inserts_and_evictions():
                                rtol=1e-4, atol=1e-4)
     # the plain mean reads the first columns of the widened table
     for s in (store, fresh):
-        s.mean = s.action_values(torch.as_tensor(q), k=None, bandwidth=1.0)
+        s.mean = s.action_values(torch.as_tensor(q), Scoring(k=None, bandwidth=1.0))
     for got, want in zip(store.mean, fresh.mean):
         torch.testing.assert_close(got, want)
 
 
-def test_value_columns_layout():
+def test_read_columns_layout():
     states = torch.tensor([[1.0, 2.0]])
-    cols = local_linear.value_columns(states, torch.tensor([1]), torch.tensor([3.0]), 2)
-    assert cols.shape[1] == local_linear.column_count(2, 2) == 2 * 4 + 3 + 2
+    cols = scoring.read_columns(states, torch.tensor([1]), torch.tensor([3.0]), 2)
+    assert cols.shape[1] == scoring.column_count(2, 2, "local_linear") == 2 * 4 + 3 + 2
+    assert scoring.column_count(2, 2, "mean") == 4  # the mean reads the first 2A: e·o, e
     expected = [0, 3, 0, 1, 0, 0, 1, 2, 1, 2, 4, 3, 6]  # e·o, e, e⊗s, (s0², s0·s1, s1²), s·o
     assert cols[0].tolist() == expected
 
 
 def test_local_linear_bad_configurations_raise():
-    store = random_store(20, 2, 2, seed=0)
-    q = torch.zeros(1, 2)
+    # checked once, when the options are built, for every store
     with pytest.raises(ValueError, match="estimator"):
-        store.action_values(q, k=None, bandwidth=1.0, estimator="median")
+        Scoring(k=None, bandwidth=1.0, estimator="median")
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(ValueError, match="ridge"):
-            store.action_values(q, k=None, bandwidth=1.0, estimator="local_linear", ridge=bad)
+            Scoring(k=None, bandwidth=1.0, estimator="local_linear", ridge=bad)
     with pytest.raises(ValueError, match="outcome_temperature"):
-        store.action_values(q, k=None, bandwidth=1.0, estimator="local_linear", outcome_temperature=5.0)
+        Scoring(k=None, bandwidth=1.0, estimator="local_linear", outcome_temperature=5.0)
     with pytest.raises(ValueError, match="bandwidth"):
-        store.action_values(q, k=4, bandwidth=None, estimator="local_linear")
-    with pytest.raises(ValueError, match="bandwidth"):
-        EngramBrain(2, 2, store, k=4, bandwidth=None, estimator="local_linear")
-    with pytest.raises(ValueError, match="outcome_temperature"):
-        EngramBrain(2, 2, store, estimator="local_linear", outcome_temperature=5.0)
+        Scoring(k=4, bandwidth=None, estimator="local_linear")
 
 
 def knn_reference_scores(store, queries, k, bandwidth, ridge):
@@ -173,8 +171,8 @@ def knn_reference_scores(store, queries, k, bandwidth, ridge):
 def test_local_linear_over_k_nearest_is_the_weighted_least_squares_fit(d, num_actions, k):
     store = random_store(150, d, num_actions, seed=5)
     queries = np.random.default_rng(6).normal(size=(5, d)).astype(np.float32)
-    sums, evidence = store.action_values(torch.as_tensor(queries), k=k, bandwidth=0.8, estimator="local_linear",
-                                         ridge=0.2)
+    sums, evidence = store.action_values(torch.as_tensor(queries), Scoring(k=k, bandwidth=0.8, estimator="local_linear",
+                                                                           ridge=0.2))
     ref = knn_reference_scores(store, queries, k, 0.8, 0.2)
     share = (evidence / evidence.sum(1, keepdim=True)).numpy()
     has = share > 1e-3
@@ -186,8 +184,8 @@ def test_local_linear_over_every_engram_matches_the_kernel_read():
     # k = all engrams and a threshold wide enough to keep them all: the same weights up to a constant
     store = random_store(60, 3, 2, seed=8)
     q = torch.as_tensor(np.random.default_rng(9).normal(scale=0.3, size=(4, 3)).astype(np.float32))
-    kernel = store.action_values(q, k=None, bandwidth=1.5, match_threshold=1e3, estimator="local_linear")
-    knn = store.action_values(q, k=60, bandwidth=1.5, estimator="local_linear")
+    kernel = store.action_values(q, Scoring(k=None, bandwidth=1.5, match_threshold=1e3, estimator="local_linear"))
+    knn = store.action_values(q, Scoring(k=60, bandwidth=1.5, estimator="local_linear"))
     torch.testing.assert_close(kernel[0] / kernel[1], knn[0] / knn[1], rtol=1e-3, atol=1e-3)
 
 
@@ -203,8 +201,8 @@ def test_milvus_local_linear_matches_the_torch_store(tmp_path):
     with MilvusEngramStore(3, 3, str(tmp_path / "ll.db")) as milvus:
         milvus.add(states, actions, outcomes, 0.0)
         q = torch.as_tensor(g.normal(size=(4, 3)).astype(np.float32))
-        a = torch_store.action_values(q, k=30, bandwidth=0.7, estimator="local_linear")
-        b = milvus.action_values(q, k=30, bandwidth=0.7, estimator="local_linear")
+        knn = Scoring(k=30, bandwidth=0.7, estimator="local_linear")
+        a, b = torch_store.action_values(q, knn), milvus.action_values(q, knn)
         nb = milvus.search(q, 30, with_states=True)
     torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a[0], b[0], rtol=1e-3, atol=1e-4)

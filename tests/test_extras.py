@@ -89,7 +89,7 @@ def test_classes_raise_one_line_naming_the_extra(monkeypatch, tmp_path):
     block(monkeypatch, "pymilvus", "gymnasium")
     with pytest.raises(MissingExtra, match=r"MilvusEngramStore needs the `milvus` extra"):
         MilvusEngramStore(4, 2, "x.db")
-    brain = EngramBrain(4, 2, TorchEngramStore(4, 2))
+    brain = EngramBrain(TorchEngramStore(4, 2))
     with pytest.raises(MissingExtra, match=r"Trainer needs the `rl` extra"):
         Trainer(brain, "CartPole-v1")
     import resonant.sim  # the embedders and the tree table need no extra

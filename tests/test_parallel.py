@@ -20,7 +20,7 @@ import torch
 gym = pytest.importorskip("gymnasium")
 
 import parallel_envs  # noqa: E402,F401  (registers Chain-v0)
-from resonant.engram import EngramBrain, TorchEngramStore  # noqa: E402
+from resonant.engram import EngramBrain, Exploration, Outcomes, Scoring, TorchEngramStore  # noqa: E402
 from resonant.engram.brain import discounted_returns  # noqa: E402
 from resonant.engram.policy import glow_credit, select_actions, softmax_probabilities  # noqa: E402
 from resonant.parallel import AsyncTrainer, MemoryServer, WorkerFailed  # noqa: E402
@@ -65,13 +65,14 @@ def test_glow_credit_is_the_discounted_return_when_nothing_repeats():
 
 
 def test_brain_stores_glow_credit_as_outcomes():
-    brain = EngramBrain(1, 2, TorchEngramStore(1, 2), bandwidth=0.5, gamma=0.9, credit="glow")
+    brain = EngramBrain(TorchEngramStore(1, 2), scoring=Scoring(bandwidth=0.5),
+                        outcomes=Outcomes(gamma=0.9, credit="glow"))
     brain.remember([[0.0], [1.0], [0.0], [2.0]], [0, 1, 0, 1], [0, 0, 0, 1])
     np.testing.assert_allclose(brain.store.engrams()["outcomes"].numpy(), [0.0, 0.81, 0.9, 1.0], rtol=1e-6)
     with pytest.raises(ValueError, match="credit"):
-        EngramBrain(1, 2, TorchEngramStore(1, 2), credit="trace")
+        Outcomes(credit="trace")
     with pytest.raises(ValueError, match="n_step"):
-        EngramBrain(1, 2, TorchEngramStore(1, 2), credit="glow", n_step=3)
+        Outcomes(credit="glow", n_step=3)
 
 
 def test_epsilon_greedy_draws_are_those_decide_always_made():
@@ -98,13 +99,14 @@ def test_softmax_policy_samples_exp_beta_score():
     greedy = select_actions(scores, np.random.default_rng(0), policy="softmax", beta=1.5, explore=False)
     assert greedy.tolist() == [2]
     # through the brain: outcome 1 for action 0 and 0 for action 1 at the same state
-    brain = EngramBrain(1, 2, TorchEngramStore(1, 2), bandwidth=0.5, policy="softmax", beta=2.0, seed=0)
+    brain = EngramBrain(TorchEngramStore(1, 2), scoring=Scoring(bandwidth=0.5),
+                        exploration=Exploration(policy="softmax", beta=2.0), seed=0)
     brain.store.add([[0.0], [0.0]], [0, 1], [1.0, 0.0])
     freq0 = (brain.decide(np.zeros((4000, 1))) == 0).mean()
     assert freq0 == pytest.approx(np.exp(2.0) / (np.exp(2.0) + 1.0), abs=0.03)
     for bad in (dict(policy="boltzmann"), dict(policy="softmax", beta=0.0), dict(beta=float("nan"))):
         with pytest.raises(ValueError, match="policy|beta"):
-            EngramBrain(1, 2, TorchEngramStore(1, 2), **bad)
+            Exploration(**bad)
 
 
 # ---- SubGridWorld ------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def chain_episode(worker, index, length, rng):
 
 
 def test_memory_server_holds_episodes_for_the_normaliser_then_writes_each_batch_with_one_add():
-    brain = EngramBrain(2, 2, CountingStore(2, 2), bandwidth=0.5)
+    brain = EngramBrain(CountingStore(2, 2), scoring=Scoring(bandwidth=0.5))
     server = MemoryServer([brain], [0, 0], normalise_episodes=3)
     rng = np.random.default_rng(0)
     episodes = [chain_episode(i % 2, i // 2, 4 + i, rng) for i in range(5)]
@@ -204,7 +206,7 @@ def test_memory_server_holds_episodes_for_the_normaliser_then_writes_each_batch_
 
 
 def test_memory_server_final_flush_stores_episodes_still_waiting_for_the_normaliser():
-    brain = EngramBrain(2, 2, TorchEngramStore(2, 2), bandwidth=0.5)
+    brain = EngramBrain(TorchEngramStore(2, 2), scoring=Scoring(bandwidth=0.5))
     server = MemoryServer([brain], [0], normalise_episodes=10)
     server.submit(chain_episode(0, 0, 6, np.random.default_rng(1)))
     server.flush()
@@ -223,7 +225,8 @@ def test_latency_histogram_quantiles():
 
 # ---- the local engine ----------------------------------------------------------------------
 def chain_brain():
-    return EngramBrain(2, 2, TorchEngramStore(2, 2), bandwidth=0.5, epsilon_decay=0.9)
+    return EngramBrain(TorchEngramStore(2, 2), scoring=Scoring(bandwidth=0.5),
+                       exploration=Exploration(epsilon_decay=0.9))
 
 
 def alive(pid: int) -> bool:
@@ -278,7 +281,8 @@ def test_every_step_of_every_worker_becomes_exactly_one_engram(memory):
 
 @pytest.mark.parametrize("memory", ["shared", "isolated"])
 def test_a_decision_sees_every_episode_that_finished_before_it(memory):
-    brains = [EngramBrain(2, 2, TorchEngramStore(2, 2), bandwidth=0.5) for _ in range(1 if memory == "shared" else 2)]
+    brains = [EngramBrain(TorchEngramStore(2, 2), scoring=Scoring(bandwidth=0.5))
+              for _ in range(1 if memory == "shared" else 2)]
     server = MemoryServer(brains, [0, 0] if memory == "shared" else [0, 1], normalise_episodes=0)
     episode = chain_episode(0, 0, 5, np.random.default_rng(2))
     episode.rewards[:] = 10.0

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Any
 import resonant_kernels as kernels
 
 from .drives import DriveClassifier
-from .engram import EngramBrain, EngramStore, TorchEngramStore
+from .engram import EngramBrain, EngramStore, Exploration, Outcomes, Scoring, TorchEngramStore
 from .hippocampus import PatternMemory
 from .memory import PruneHandle, SpatialMemory
 from .trainer import Trainer
@@ -12,7 +12,8 @@ from .trainer import Trainer
 # resonant.sim (TreeWorld) needs gymnasium, an optional dependency: import it explicitly.
 __all__ = [
     "kernels", "DriveClassifier", "PatternMemory", "PruneHandle", "SpatialMemory",
-    "EngramBrain", "EngramStore", "TorchEngramStore", "MilvusEngramStore", "Trainer",
+    "EngramBrain", "Scoring", "Outcomes", "Exploration", "EngramStore", "TorchEngramStore", "MilvusEngramStore",
+    "Trainer",
 ]
 
 

@@ -163,18 +163,22 @@ def env_spaces(env_id: str) -> tuple[int, int]:
 
 
 def brain_options(args) -> dict:
-    """The options build_brain takes, from parsed arguments (the estimator's default resolved)."""
+    """What build_brain takes, from parsed arguments: the store's options and the brain's option
+    groups (the estimator's default resolved; a Milvus store scores from the 50 nearest by default)."""
+    from .engram import Exploration, Outcomes, Scoring
+
     estimator = args.estimator or ("local_linear" if args.outcome_temperature is None else "mean")
     kind, uri = args.store
+    scoring = Scoring(k=50 if kind == "milvus" and args.k is None else args.k,  # Milvus answers k-NN queries only
+                      bandwidth=args.bandwidth, match_threshold=args.match_threshold,
+                      recency_halflife=args.recency_halflife, estimator=estimator, ridge=args.ridge,
+                      outcome_temperature=args.outcome_temperature)
     return {"store": kind, "uri": uri, "collection": f"engrams_{args.env}_seed{args.seed}", "index": args.index,
             "capacity": args.capacity, "eviction": args.eviction, "seed": args.seed,
-            "k": 50 if kind == "milvus" and args.k is None else args.k,  # Milvus answers k-NN queries only
-            "bandwidth": args.bandwidth, "match_threshold": args.match_threshold, "gamma": args.gamma,
-            "n_step": args.n_step, "credit": args.credit, "recency_halflife": args.recency_halflife,
-            "outcome_temperature": args.outcome_temperature, "estimator": estimator, "ridge": args.ridge,
-            "policy": args.policy, "beta": args.beta, "epsilon_decay": args.epsilon_decay,
-            "epsilon_end": args.epsilon_end, "fresh": getattr(args, "fresh", False),
-            "token": getattr(args, "milvus_token", "")}
+            "fresh": getattr(args, "fresh", False), "token": getattr(args, "milvus_token", ""), "scoring": scoring,
+            "outcomes": Outcomes(gamma=args.gamma, n_step=args.n_step, credit=args.credit),
+            "exploration": Exploration(policy=args.policy, beta=args.beta, epsilon_decay=args.epsilon_decay,
+                                       epsilon_end=args.epsilon_end)}
 
 
 def build_brain(options: dict, state_dim: int, num_actions: int):
@@ -192,12 +196,8 @@ def build_brain(options: dict, state_dim: int, num_actions: int):
         store = MilvusEngramStore(state_dim, num_actions, o["uri"], collection=o["collection"], index_type=o["index"],
                                   capacity=o["capacity"], eviction=o["eviction"], drop_existing=o["fresh"],
                                   seed=o["seed"], token=o["token"])
-    return EngramBrain(state_dim, num_actions, store, k=o["k"], bandwidth=o["bandwidth"],
-                       match_threshold=o["match_threshold"], gamma=o["gamma"], epsilon_decay=o["epsilon_decay"],
-                       epsilon_end=o["epsilon_end"], seed=o["seed"], n_step=o["n_step"],
-                       recency_halflife=o["recency_halflife"], outcome_temperature=o["outcome_temperature"],
-                       estimator=o["estimator"], ridge=o["ridge"], policy=o["policy"], beta=o["beta"],
-                       credit=o["credit"])
+    return EngramBrain(store, scoring=o["scoring"], outcomes=o["outcomes"], exploration=o["exploration"],
+                       seed=o["seed"])
 
 
 def print_summary(name: str, summary: dict, out_dir) -> None:
@@ -217,7 +217,7 @@ def run(args) -> int:
     env_id = ENVS.get(args.env, args.env)
     state_dim, num_actions = env_spaces(env_id)
     options = brain_options(args)
-    args.estimator, args.k = options["estimator"], options["k"]
+    args.estimator, args.k = options["scoring"].estimator, options["scoring"].k
     torch.manual_seed(args.seed)
     brain = build_brain(options, state_dim, num_actions)
     store = brain.store

@@ -1,14 +1,17 @@
-"""Engram memories for EngramBrain: the store interface and its torch and Milvus stores."""
+"""EngramBrain, its options (Scoring, Outcomes, Exploration), the store interface and its torch and
+Milvus stores."""
 from typing import TYPE_CHECKING, Any
 
 from .brain import EngramBrain
+from .config import Exploration, Outcomes, Scoring
 from .store import EngramStore, Neighbours
 from .torch_store import TorchEngramStore
 
 if TYPE_CHECKING:
     from .milvus_store import MilvusEngramStore
 
-__all__ = ["EngramBrain", "EngramStore", "Neighbours", "TorchEngramStore", "MilvusEngramStore"]
+__all__ = ["EngramBrain", "Scoring", "Outcomes", "Exploration", "EngramStore", "Neighbours", "TorchEngramStore",
+           "MilvusEngramStore"]
 
 
 def __getattr__(name: str) -> Any:

@@ -36,7 +36,8 @@ import torch
 
 from ..extras import require
 from ..types import ArrayLike, PathLike
-from .store import EngramStore, Neighbours, as_states
+from .store import EngramStore, Neighbours
+from .validation import as_states, positive_int
 
 INDEX_TYPES = {
     # index type -> (build params, search params)
@@ -200,7 +201,7 @@ class MilvusEngramStore(EngramStore):
         self._ids, self._outcomes = self._ids[keep], self._outcomes[keep]
 
     def search(self, states: ArrayLike, k: int, *, with_states: bool = False) -> Neighbours:
-        k = self.check_k(k)
+        k = positive_int(k, "k")
         if k > MAX_TOPK:
             raise ValueError(f"k must be <= {MAX_TOPK} for Milvus, got {k}")
         q = as_states(states, self.state_dim)

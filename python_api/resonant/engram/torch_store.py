@@ -1,14 +1,14 @@
 """TorchEngramStore: engrams in torch tensors (CPU or GPU), exact search, fused kernel scoring.
 
 Scoring without k (kernel-weighted): ONE `resonant_kernels.gaussian_read` over the whole memory
-with values [one-hot(action)·outcome, one-hot(action)] (kept up to date on insert, so no per-call
-table is built). The read's first half over its second half is every action's kernel-weighted
-mean outcome; the second half alone is each action's share of the evidence. `match_threshold`
-(default 3 bandwidths) bounds the neighbourhood, so a state far from all experience reads zero
-evidence instead of borrowing from the nearest far-away engram. With a recency half-life the
-values are scaled per engram by its recency weight (the read is linear in the values, so sums and
-evidence are both recency-weighted); with an outcome temperature the read gains a block of
-tilted columns (store.outcome_tilt). That scaled copy is rebuilt only when the memory changes.
+whose values are each engram's read columns (engram/scoring.py: [one-hot(action)·outcome,
+one-hot(action)], or the local linear moments; kept up to date on insert, so no per-call table is
+built), then `scoring.from_read`. `match_threshold` (default 3 bandwidths) bounds the
+neighbourhood, so a state far from all experience reads zero evidence instead of borrowing from
+the nearest far-away engram. With a recency half-life or an outcome temperature the columns are
+scaled per engram (scoring.weighted_columns); that scaled copy is rebuilt only when the memory
+changes: engrams are added once per episode but read at every decision. With k: the k nearest
+(EngramStore.action_values).
 
 Exact k-NN (`search`): torch.cdist + topk over chunks of queries, so at most chunk×M distances
 exist at once (never Q×M×d).
@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 import resonant_kernels
-from . import local_linear
 from ..types import ArrayLike, Device, PathLike
-from .store import (EngramStore, Neighbours, as_states, check_estimator, check_positive_or_none,
-                    outcome_tilt, recency_weights, tilted_sums)
+from .config import Scoring
+from .scoring import column_count, from_read, read_columns, weighted_columns
+from .store import EngramStore, Neighbours
+from .validation import as_states, positive_int
 
 _QUERY_CHUNK_ELEMENTS = 1 << 24  # distances materialised per search chunk
 
@@ -39,9 +40,9 @@ class TorchEngramStore(EngramStore):
         self.device = torch.device(device)
         self._n = 0
         self._next_index = 0
-        # value columns kept per engram: [one-hot·outcome, one-hot], widened to the local linear
-        # columns the first time that estimator is asked for (then maintained on insert)
-        self._value_width = 2 * num_actions
+        # read columns kept per engram: the mean's 2A, widened to the local linear columns the
+        # first time that estimator is asked for (then maintained on insert)
+        self._value_width = column_count(state_dim, num_actions, "mean")
         self._alloc(max(1, min(initial_size, capacity or initial_size)))
 
     # ---- storage ---------------------------------------------------------------------------
@@ -84,11 +85,11 @@ class TorchEngramStore(EngramStore):
         self._next_index += n
 
     def _value_rows(self, states, actions, outcomes) -> torch.Tensor:
-        # the local linear columns begin with the plain read's [one-hot·outcome, one-hot]
-        return local_linear.value_columns(states, actions, outcomes, self.num_actions)[:, : self._value_width]
+        # the local linear columns begin with the mean's
+        return read_columns(states, actions, outcomes, self.num_actions)[:, : self._value_width]
 
     def _widen_for_local_linear(self) -> None:
-        width = local_linear.column_count(self.state_dim, self.num_actions)
+        width = column_count(self.state_dim, self.num_actions, "local_linear")
         if self._value_width == width:
             return
         self._value_width = width
@@ -116,7 +117,7 @@ class TorchEngramStore(EngramStore):
 
     # ---- queries ---------------------------------------------------------------------------
     def search(self, states: ArrayLike, k: int, *, with_states: bool = False) -> Neighbours:
-        k = self.check_k(k)
+        k = positive_int(k, "k")
         q = as_states(states, self.state_dim).to(self.device)
         Q, n = q.shape[0], self._n
         kk = min(k, n)
@@ -142,61 +143,35 @@ class TorchEngramStore(EngramStore):
             state=torch.where(valid[:, :, None], self._states[p], 0.0).cpu() if with_states else None,
         )
 
-    def _weighted_values(self, recency_halflife: Optional[float], outcome_temperature: Optional[float],
-                         estimator: str):
-        """The read's values with each row scaled by its engram's weight: [one-hot·outcome·w·t,
-        one-hot·w·t, one-hot·w] (w: recency weight, t: outcome tilt against the memory's best
-        outcome; the last block only when tilting), or the local linear columns times w. Cached
-        until the memory changes: engrams are added once per episode but read at every decision."""
-        n, A = self._n, self.num_actions
-        if estimator == "local_linear":
+    def _read_values(self, scoring: Scoring) -> torch.Tensor:
+        """The read's values for this scoring (scoring.weighted_columns), cached until the memory
+        or the weighting changes."""
+        n = self._n
+        if scoring.estimator == "local_linear":
             self._widen_for_local_linear()
-            base = self._values[:n]
-        else:
-            base = self._values[:n, : 2 * A]
-        if recency_halflife is None and outcome_temperature is None:
-            return base
-        key = (self._n, self._next_index, recency_halflife, outcome_temperature, estimator)
-        if getattr(self, "_weighted_key", None) != key:
-            w = recency_weights(self._index[:n].cpu(), self._next_index - 1, recency_halflife).to(self.device)
-            values = base * w[:, None]
-            if outcome_temperature is not None:
-                outcomes = self._outcomes[:n]
-                t = outcome_tilt(outcomes.cpu(), outcomes.max().item(), outcome_temperature).to(self.device)
-                values = torch.cat([values * t[:, None], values[:, A:]], dim=1)
-            self._weighted_cache, self._weighted_key = values, key
-        return self._weighted_cache
+        columns = self._values[:n, : column_count(self.state_dim, self.num_actions, scoring.estimator)]
+        key = (n, self._next_index, scoring.recency_halflife, scoring.outcome_temperature, scoring.estimator)
+        if getattr(self, "_read_key", None) != key:
+            self._read_cache = weighted_columns(columns, self._index[:n], self._outcomes[:n], self._next_index - 1,
+                                                self.num_actions, scoring)
+            self._read_key = key
+        return self._read_cache
 
-    def action_values(self, states: ArrayLike, *, k: Optional[int], bandwidth: Optional[float],
-                      match_threshold: Optional[float] = None, recency_halflife: Optional[float] = None,
-                      outcome_temperature: Optional[float] = None, estimator: str = "mean",
-                      ridge: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-        if k is not None:
-            return super().action_values(states, k=k, bandwidth=bandwidth, recency_halflife=recency_halflife,
-                                         outcome_temperature=outcome_temperature, estimator=estimator, ridge=ridge)
-        recency_halflife = check_positive_or_none(recency_halflife, "recency_halflife")
-        outcome_temperature = check_positive_or_none(outcome_temperature, "outcome_temperature")
-        check_estimator(estimator, ridge, outcome_temperature)
-        if bandwidth is None or not bandwidth > 0:
-            raise ValueError(f"kernel-weighted scoring (k=None) needs a positive bandwidth, got {bandwidth!r}")
+    def action_values(self, states: ArrayLike, scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor]:
+        if scoring.k is not None:
+            return super().action_values(states, scoring)
         q = as_states(states, self.state_dim).to(self.device)
         if self._n == 0:
             zeros = torch.zeros(q.shape[0], self.num_actions)
             return zeros, zeros.clone()
-        threshold = 3.0 * bandwidth if match_threshold is None else match_threshold
+        bandwidth = scoring.bandwidth
+        threshold = 3.0 * bandwidth if scoring.match_threshold is None else scoring.match_threshold
         # query and memory share the bandwidth: v = σ_q² + σ_m² = bandwidth²
         sd = bandwidth / math.sqrt(2.0)
-        values = self._weighted_values(recency_halflife, outcome_temperature, estimator)
         read = resonant_kernels.gaussian_read(
-            q, sd, self._states[: self._n], sd, values, match_threshold=threshold
+            q, sd, self._states[: self._n], sd, self._read_values(scoring), match_threshold=threshold
         ).cpu()
-        A = self.num_actions
-        if estimator == "local_linear":
-            return local_linear.scores_from_read(read, q.cpu(), A, ridge, bandwidth)
-        if outcome_temperature is None:
-            return read[:, :A], read[:, A:]
-        evidence = read[:, 2 * A:]
-        return tilted_sums(read[:, :A], read[:, A:2 * A], evidence), evidence
+        return from_read(read, q.cpu(), self.num_actions, scoring)
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: PathLike) -> None:

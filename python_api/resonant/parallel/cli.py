@@ -58,7 +58,7 @@ def run(args) -> int:
         print("resonant train-async: --memory isolated needs --store torch (one in-process memory per worker)",
               file=sys.stderr)
         return 2
-    args.estimator, args.k = options["estimator"], options["k"]
+    args.estimator, args.k = options["scoring"].estimator, options["scoring"].k
     options["fresh"] = True  # no resume here (resonant train resumes a Milvus memory): start from an empty one
     torch.manual_seed(args.seed)
     trainer = AsyncTrainer(functools.partial(build_brain, options, state_dim, num_actions), env_id,

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..engram import validation
 from ..engram.brain import EngramBrain
 from ..trainer import Normaliser
 from .worker import Episode
@@ -51,20 +52,19 @@ def torch_threads(count: Optional[int]):
 
 
 class _CollectingStore:
-    """Stands in for a brain's store while a batch of episodes is remembered: reads go to the real
-    store, writes are collected and stored with one `add` at the end."""
+    """Stands in for a brain's store while a batch of episodes is remembered: reads (action_values,
+    search, ...) go to the real store, writes are checked as the real store checks them, collected,
+    and stored with one `add` at the end."""
 
     def __init__(self, store):
         self._store = store
         self.parts: list = []
 
     def add(self, states, actions, outcomes, episode_returns=0.0) -> int:
-        states = torch.as_tensor(states, dtype=torch.float32)
-        n = states.shape[0]
-        returns = torch.as_tensor(episode_returns, dtype=torch.float32).reshape(-1)
-        self.parts.append((states, torch.as_tensor(actions).reshape(-1), torch.as_tensor(outcomes).reshape(-1),
-                           returns.expand(n) if returns.numel() == 1 else returns))
-        return n
+        batch = validation.engrams(states, actions, outcomes, episode_returns, state_dim=self._store.state_dim,
+                                   num_actions=self._store.num_actions)
+        self.parts.append(batch)
+        return batch[0].shape[0]
 
     def __getattr__(self, name):
         return getattr(self._store, name)

@@ -1,10 +1,11 @@
 """AsyncTrainer: N workers, one predictor, one writer, one memory (or one memory per worker).
 
-    from resonant import EngramBrain, TorchEngramStore
+    from resonant import EngramBrain, Outcomes, Scoring, TorchEngramStore
     from resonant.parallel import AsyncTrainer
 
     def make_brain():
-        return EngramBrain(8, 4, TorchEngramStore(8, 4), bandwidth=0.3, gamma=0.96, estimator="local_linear")
+        return EngramBrain(TorchEngramStore(8, 4), scoring=Scoring(bandwidth=0.3, estimator="local_linear"),
+                           outcomes=Outcomes(gamma=0.96))
 
     trainer = AsyncTrainer(make_brain, "LunarLander-v3", num_workers=8, episodes_per_worker=200,
                            action_repeat=4)
@@ -24,6 +25,7 @@ decision sees depends on timing.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import numpy as np
@@ -146,9 +148,8 @@ class AsyncTrainer:
         s = self.spec
         return {"env": self.env_id, "env_kwargs": self.env_kwargs, "workers": self.num_workers,
                 "episodes_per_worker": s.episodes, "memory": self.memory, "engine": self.engine, "seed": self.seed,
-                "action_repeat": s.action_repeat, "normalise_episodes": self.normalise_episodes, "policy": s.policy,
-                "beta": s.beta, "epsilon_start": s.epsilon_start, "epsilon_end": s.epsilon_end,
-                "epsilon_decay": s.epsilon_decay, **self.engine_options}
+                "action_repeat": s.action_repeat, "normalise_episodes": self.normalise_episodes,
+                **dataclasses.asdict(s.exploration), **self.engine_options}
 
     def write_report(self, out_dir, name: str, extra: Optional[dict] = None) -> dict:
         if self.stats is None:

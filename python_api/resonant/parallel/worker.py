@@ -9,13 +9,15 @@ played, so each of N agents sharing one memory explores as a lone agent would.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
-from ..engram.policy import check_policy, select_actions
+from ..engram.config import Exploration
+from ..engram.policy import select_actions
 
 
 class StopRequested(Exception):
@@ -33,28 +35,19 @@ class WorkerSpec:
     seed: int = 0
     env_kwargs: dict = field(default_factory=dict)
     action_repeat: int = 1
-    policy: str = "epsilon_greedy"
-    beta: float = 1.0
-    epsilon_start: float = 1.0
-    epsilon_end: float = 0.02
-    epsilon_decay: float = 0.995
+    exploration: Exploration = Exploration()  # the policy, and the epsilon schedule from this worker's first episode
 
     def __post_init__(self):
         if isinstance(self.episodes, bool) or not isinstance(self.episodes, int) or self.episodes < 1:
             raise ValueError(f"episodes (per worker) must be a positive integer, got {self.episodes!r}")
         if isinstance(self.action_repeat, bool) or not isinstance(self.action_repeat, int) or self.action_repeat < 1:
             raise ValueError(f"action_repeat must be a positive integer, got {self.action_repeat!r}")
-        check_policy(self.policy, self.beta)
 
     @classmethod
     def from_brain(cls, brain, env_id: str, episodes: int, **kwargs) -> "WorkerSpec":
-        """The action-selection settings of `brain` (policy, beta, its current epsilon as the start)."""
+        """The action-selection settings of `brain` (its exploration, from its current epsilon)."""
         return cls(env_id=env_id, episodes=episodes, state_dim=brain.state_dim, num_actions=brain.num_actions,
-                   policy=brain.policy, beta=brain.beta, epsilon_start=brain.epsilon, epsilon_end=brain.epsilon_end,
-                   epsilon_decay=brain.epsilon_decay, **kwargs)
-
-    def epsilon_after(self, episodes_played: int) -> float:
-        return max(self.epsilon_end, self.epsilon_start * self.epsilon_decay ** episodes_played)
+                   exploration=dataclasses.replace(brain.exploration, epsilon_start=brain.epsilon), **kwargs)
 
 
 @dataclass
@@ -104,7 +97,7 @@ def play(spec: WorkerSpec, worker: int, decide: Callable[[np.ndarray], np.ndarra
     finished = 0
     try:
         for index in range(first_episode, spec.episodes):
-            epsilon = spec.epsilon_after(index)
+            epsilon = spec.exploration.epsilon_after(index)
             obs, _ = env.reset(seed=episode_seed(spec.seed, worker, index))
             states, actions, rewards, latencies = [], [], [], []
             env_steps, terminated, truncated = 0, False, False
@@ -113,8 +106,8 @@ def play(spec: WorkerSpec, worker: int, decide: Callable[[np.ndarray], np.ndarra
                 t0 = time.perf_counter()
                 scores = decide(obs)
                 latencies.append(time.perf_counter() - t0)
-                action = int(select_actions(np.asarray(scores)[None, :], rng, policy=spec.policy, epsilon=epsilon,
-                                            beta=spec.beta)[0])
+                action = int(select_actions(np.asarray(scores)[None, :], rng, policy=spec.exploration.policy,
+                                            epsilon=epsilon, beta=spec.exploration.beta)[0])
                 reward = 0.0
                 for _ in range(spec.action_repeat):
                     next_obs, step_reward, terminated, truncated, _ = env.step(action)
