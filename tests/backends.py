@@ -119,7 +119,7 @@ def marks(backend: str, op: Optional[str] = None, needs: str = "usable", **rule)
     which hold without its extension or device)."""
     why = reason(backend, op, **rule) if needs == "usable" else not_imported(backend)
     found = [pytest.mark.skipif(why is not None, reason=_skip_message(backend, op, why or ""))]
-    if on_gpu(backend) and rule.get("on") in (None, "cuda"):
+    if needs == "usable" and on_gpu(backend) and rule.get("on") in (None, "cuda"):
         found.append(pytest.mark.gpu)
     return found
 

@@ -1,6 +1,7 @@
 """Random inputs of awkward shapes, shared by the tests of every op and backend."""
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Optional
@@ -143,6 +144,17 @@ def notebook_memory():
     centers = torch.randn(40, 2, generator=gen, dtype=torch.float64) * 100
     directions = torch.nn.functional.normalize(torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=-1)
     return loc, smooth_field(loc, centers, directions), centers, directions, gen
+
+
+NOTEBOOK_PRUNE = dict(max_error=0.05, match_threshold=25.0)
+
+
+@functools.lru_cache(maxsize=1)
+def notebook_reference_keep():
+    """The reference's prune_mask of notebook_memory() (NOTEBOOK_PRUNE): seconds of M×M maths,
+    computed once per session for every test that compares with it."""
+    loc, values, *_ = notebook_memory()
+    return rk.prune_mask(loc, 10.0, values, backend="reference", **NOTEBOOK_PRUNE)
 
 
 def chi_square_setup(dtype=torch.float32, device=None):

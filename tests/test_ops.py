@@ -17,9 +17,10 @@ from scipy import stats
 
 import resonant_kernels as rk
 from backends import DTYPES, HALF, HALF_VALUES, FUSED, device, interpreted, on_gpu, rows
-from cases import (GRAD_TOL, LARGE, LARGE_HALF, MULTI_TILE, SAMPLE_TILED, TILED, TOL, Case, awkward_cases,
-                   batch_broadcast_inputs, check_read_against_reference, chi_square_setup, clone_inputs, grads_of,
-                   make_inputs, memory_of, notebook_memory, prune_cases, sample_inputs)
+from cases import (GRAD_TOL, LARGE, LARGE_HALF, MULTI_TILE, NOTEBOOK_PRUNE, SAMPLE_TILED, TILED, TOL, Case,
+                   awkward_cases, batch_broadcast_inputs, check_read_against_reference, chi_square_setup, clone_inputs,
+                   grads_of, make_inputs, memory_of, notebook_memory, notebook_reference_keep, prune_cases,
+                   sample_inputs)
 
 READ = "gaussian_read"
 INPUT_NAMES = ("query_loc", "query_sd", "mem_loc", "mem_sd", "mem_values")
@@ -99,11 +100,11 @@ def test_read_strided_and_broadcast_views(backend):
     """The kernels read through strides: sliced queries, transposed values, a stride-0 batch (with
     gradients), and every tensor stored transposed (a non-unit innermost stride)."""
     gen = torch.Generator().manual_seed(4)
-    query_loc = torch.randn(2, 40, 6, generator=gen, dtype=torch.float64)[:, ::2, 1:4]
-    mem_loc = torch.randn(1, 30, 3, generator=gen, dtype=torch.float64).expand(2, 30, 3)
-    mem_values = torch.randn(2, 24, 30, generator=gen, dtype=torch.float64).transpose(1, 2)
-    query_sd = torch.rand(2, 20, 1, generator=gen, dtype=torch.float64) + 0.5
-    views = [t.to(device(backend)) for t in (query_loc, query_sd, mem_loc, mem_values)]
+    # the views are taken on the device (a copy to another device would make them contiguous)
+    query_loc, mem_loc, mem_values, query_sd = to(backend, *(
+        torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((2, 40, 6), (1, 30, 3), (2, 24, 30))),
+        torch.rand(2, 20, 1, generator=gen, dtype=torch.float64) + 0.5)
+    views = [query_loc[:, ::2, 1:4], query_sd, mem_loc.expand(2, 30, 3), mem_values.transpose(1, 2)]
     inputs = [t.requires_grad_() if t.is_leaf else t for t in views]
 
     def call(q, qs, m, z, name):
@@ -346,10 +347,9 @@ def test_prune_mask_of_the_notebook_field(backend):
     """design.md §3's case at its size (1024 entries; too large for the interpreter): the same keep
     as the reference (test_reference.py checks what that keep does to the read)."""
     loc, values, *_ = notebook_memory()
-    kw = dict(max_error=0.05, match_threshold=25.0)
-    want = rk.prune_mask(loc, 10.0, values, backend="reference", **kw)
     loc, values = to(backend, loc, values)
-    assert torch.equal(rk.prune_mask(loc, 10.0, values, backend=backend, **kw).cpu(), want)
+    keep = rk.prune_mask(loc, 10.0, values, backend=backend, **NOTEBOOK_PRUNE)
+    assert torch.equal(keep.cpu(), notebook_reference_keep())
 
 
 # ---- conditional_probs and conditional_sample ----------------------------------------------------
@@ -377,7 +377,8 @@ def sample_cases(backend):
 
 
 @pytest.mark.parametrize("backend,case,dtype,with_location",
-                         rows("conditional_probs", fused=True, cases=sample_cases, dtype=DTYPES, with_location=LOCATION))
+                         rows("conditional_probs", fused=True, cases=sample_cases, dtype=DTYPES,
+                              with_location=LOCATION))
 def test_probs_match_reference(backend, case, dtype, with_location):
     inputs = sample_inputs(case, dtype, device=device(backend))
     kw = probs_kwargs(case, with_location)

@@ -6,7 +6,7 @@ import torch
 
 import resonant_kernels as rk
 from resonant_kernels import reference
-from cases import chi_square_setup, notebook_memory, smooth_field
+from cases import chi_square_setup, notebook_memory, notebook_reference_keep, smooth_field
 
 
 def naive_density_read(query_loc, query_sd, mem_loc, mem_sd, mem_values):
@@ -53,8 +53,7 @@ def test_notebook_style_pruning_keeps_the_read():
     """design.md §3's notebook case with a smooth field in place of the tree-world sensor (each
     fused backend gives the same keep: test_ops.py)."""
     loc, values, centers, directions, gen = notebook_memory()
-    kw = dict(max_error=0.05, match_threshold=25.0)
-    keep = rk.prune_mask(loc, 10.0, values, backend="reference", **kw)
+    keep = notebook_reference_keep()
     removed = 1024 - int(keep.sum())
     assert removed >= 200, removed  # a substantial share goes
 
