@@ -6,27 +6,32 @@ without one (tests/conftest.py sets TRITON_INTERPRET=1 there) — and at the siz
 allows: the interpreter runs one Triton program at a time in Python, so its cases are tiny
 (`interpreted`), and the sizes that span many GPU tiles run on CUDA devices only (`on_gpu`).
 
-A row whose backend cannot run here is skipped with the registry's own reason
-(`_registry.BACKENDS[name]`: the backend's availability, device and dtype rules), and a row on a
-CUDA device is marked `gpu` (`pytest -m gpu` runs those on a GPU machine). A kernel the table says a
-backend has but the registry lacks is not a reason: that row runs and fails (test_registry.py
-checks the table against the registry).
+A row whose backend cannot run here is skipped with the reason `resonant_kernels.backends()`
+gives (no CUDA device, the CUDA module not built, the `triton` package not installed), or the
+registry's device and dtype rules; a row on a CUDA device is marked `gpu` (`pytest -m gpu` runs
+those on a GPU machine). What is a bug is never a reason to skip: a backend every install has
+(`ALWAYS_USABLE`) that cannot run, or a backend module that failed to import for any other reason
+than its missing optional package, fails its rows with the cause (`broken`, the `backend_broken`
+mark, tests/conftest.py); and a kernel the table says a backend has but the registry lacks is no
+reason either: that row runs and fails (test_registry.py checks the table against the registry).
 
     rows("gaussian_read")                  # [param(backend)] for every backend with that op
-    rows("gaussian_read", fused=True, cases=read_cases, dtypes=DTYPES)   # (backend, case, dtype)
+    rows("gaussian_read", fused=True, cases=read_cases, dtype=DTYPES)   # (backend, case, dtype)
+    @requires("triton", "gaussian_read", where="gpu")                     # a test of one backend
     skip_unless_usable("triton", "gaussian_read", value_dtype=torch.bfloat16)   # inside a test
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import pytest
 import torch
 
+import resonant_kernels as rk
 from resonant_kernels import _registry
-
-_registry._load_backends()
 
 OPS = tuple(_registry.OP_KERNELS)
 NAMES = _registry.BACKEND_NAMES
@@ -87,24 +92,48 @@ def on_gpu(backend: str) -> bool:
 
 
 # The backends whose tests run on CPU tensors in this process (the triton interpreter's included),
-# for the tests that build CPU tensors only (fuzzing, hardening, the sync-free path's check).
+# for the tests that build CPU tensors only (fuzzing, hardening, the sync-free path's check), and
+# those whose tests run on CUDA tensors.
 ON_CPU = tuple(name for name in NAMES if not on_gpu(name))
+ON_GPU = tuple(name for name in NAMES if on_gpu(name))
+
+# What backends() says of each backend in this process: usable or not, and why not.
+AVAILABILITY = {row.name: row for row in rk.backends()}
+# The backends every install has (setup.py always builds resonant_kernels._C): where one cannot
+# run, the install is broken.
+ALWAYS_USABLE = ("reference", "cpu")
+# The package a backend's module imports beyond torch and this library (an extra of pyproject.toml):
+# without it the module cannot import, a reason to skip; any other import failure is a bug.
+OPTIONAL_PACKAGE = {"triton": "triton"}
 
 
-def not_imported(backend: str) -> Optional[str]:
-    """Why `backend`'s module failed to import (it then registered nothing), or None."""
-    entry = _registry.BACKENDS[backend]
-    return None if entry.ops() else entry.unavailable_reason()
+def imported(backend: str) -> bool:
+    """Whether `backend`'s module imported (one that failed is not in sys.modules)."""
+    return f"resonant_kernels.backends.{backend}" in sys.modules
+
+
+def broken(backend: str) -> Optional[str]:
+    """Why `backend` is unusable here by a bug, not by what this machine lacks (None: it is not):
+    it is one every install has, or its module failed to import with its optional package there."""
+    row = AVAILABILITY[backend]
+    if row.usable:
+        return None
+    if backend in ALWAYS_USABLE:
+        return f"every install has the {backend} backend, but here it is unusable: {row.reason}"
+    package = OPTIONAL_PACKAGE.get(backend)
+    if not imported(backend) and not (package and importlib.util.find_spec(package) is None):
+        return f"the {backend} backend is broken (not a reason to skip): {row.reason}"
+    return None
 
 
 def reason(backend: str, op: Optional[str] = None, *, on: Optional[str] = None, dtype: torch.dtype = torch.float64,
            value_dtype: Optional[torch.dtype] = None) -> Optional[str]:
-    """Why `backend` cannot run `op` here (None: it can), in the registry's words: its availability,
-    then its rules for the device (`on`, default `device(backend)`) and the dtypes."""
+    """Why `backend` cannot run `op` here (None: it can): backends()' reason, then the registry's
+    rules for the device (`on`, default `device(backend)`) and the dtypes."""
+    row = AVAILABILITY[backend]
+    if not row.usable or op is None:
+        return row.reason or None
     entry = _registry.BACKENDS[backend]
-    why = entry.unavailable_reason()
-    if why or op is None:
-        return why
     where = torch.device(on) if on else device(backend)
     return entry.device_check(where) or entry.dtype_check(op, dtype, value_dtype or dtype)
 
@@ -113,24 +142,36 @@ def _skip_message(backend: str, op: Optional[str], why: str) -> str:
     return f"{backend} backend cannot run {op or 'here'}: {why}"
 
 
-def marks(backend: str, op: Optional[str] = None, needs: str = "usable", **rule) -> list:
-    """The skip (with the registry's reason) and the `gpu` mark of a row; `rule` as in `reason`.
-    needs="module": skip only where the backend's module failed to import (the tests of its rules,
-    which hold without its extension or device)."""
-    why = reason(backend, op, **rule) if needs == "usable" else not_imported(backend)
+# Where a test of one backend needs it: (whether it is there, the reason to skip where not).
+WHERE = {
+    "gpu": (on_gpu, "{} runs under the Triton interpreter here; this test needs it on a GPU"),
+    "interpreter": (interpreted, "{} runs on a GPU here; this test needs it under the Triton interpreter"),
+}
+
+
+def marks(backend: str, op: Optional[str] = None, needs: str = "usable", where: Optional[str] = None,
+          **rule) -> list:
+    """The marks of a row: a failure where `backend` is `broken`, else the skip (with backends()'
+    reason) and the `gpu` mark; `rule` as in `reason`.
+    needs="module": skip only where the backend's module could not import for want of its optional
+    package (the tests of its rules, which hold without its extension or device).
+    where: "gpu" or "interpreter", where the test needs the backend to run (`WHERE`)."""
+    bug = broken(backend)
+    if bug:
+        return [pytest.mark.backend_broken(reason=bug)]
+    why = reason(backend, op, **rule) if needs == "usable" else (None if imported(backend) else reason(backend))
     found = [pytest.mark.skipif(why is not None, reason=_skip_message(backend, op, why or ""))]
+    if where is not None:
+        there, message = WHERE[where]
+        found.append(pytest.mark.skipif(not there(backend), reason=message.format(backend)))
     if needs == "usable" and on_gpu(backend) and rule.get("on") in (None, "cuda"):
         found.append(pytest.mark.gpu)
     return found
 
 
-def requires(backend: str, op: Optional[str] = None, *, gpu: bool = False, **rule):
-    """A decorator for a test of one backend: its skip and `gpu` marks (`marks`); gpu=True: the test
-    also needs the backend on a CUDA device (not under the Triton interpreter)."""
-    found = marks(backend, op, **rule)
-    if gpu:
-        found += [pytest.mark.gpu, pytest.mark.skipif(not on_gpu(backend), reason=(
-            f"{backend} runs under the Triton interpreter here; this test needs it on a GPU"))]
+def requires(backend: str, op: Optional[str] = None, **kw):
+    """A decorator for a test of one backend: the marks of its row (`marks`' arguments)."""
+    found = marks(backend, op, **kw)
 
     def apply(test):
         for mark in found:
@@ -144,7 +185,11 @@ def usable(backend: str, op: Optional[str] = None, **rule) -> bool:
 
 
 def skip_unless_usable(backend: str, op: Optional[str] = None, **rule) -> None:
-    """The same skip inside a test, where the reason depends on what the test builds."""
+    """The same skip (or failure, where `broken`) inside a test, where the reason depends on what
+    the test builds."""
+    bug = broken(backend)
+    if bug:
+        pytest.fail(bug, pytrace=False)
     why = reason(backend, op, **rule)
     if why:
         pytest.skip(_skip_message(backend, op, why))

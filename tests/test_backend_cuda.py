@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import resonant_kernels as rk
-from backends import reason, requires
+from backends import reason, requires, table
 from cases import TOL, Case, make_inputs, sample_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,9 +71,8 @@ STREAM_CALLS = {
 }
 
 
-@pytest.mark.parametrize("op", list(STREAM_CALLS))
-@requires("cuda", "gaussian_read")
-def test_runs_on_the_current_stream(op):
+@pytest.mark.parametrize("op,backend", table(list(STREAM_CALLS), backends=["cuda"]))
+def test_runs_on_the_current_stream(op, backend):
     fn, case = STREAM_CALLS[op]
     mem_loc, mem_sd, mem_values, key, query_loc, query_sd = sample_inputs(case, torch.float32, device="cuda")
     args = (query_loc, query_sd, mem_loc, mem_sd, mem_values, key)
@@ -81,7 +80,7 @@ def test_runs_on_the_current_stream(op):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        got = fn(*args, "cuda")
+        got = fn(*args, backend)
     side.synchronize()
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import resonant_kernels as rk
-from backends import device, interpreted, requires
+from backends import device, requires
 from cases import Case, check_read_against_reference, clone_inputs, grads_of, make_inputs
 from resonant_kernels import _registry
 
@@ -34,7 +34,7 @@ def test_allow_tf32_reaches_both_kernels(monkeypatch):
     assert seen == [("forward", True), ("backward", True), ("forward", False), ("backward", False)]
 
 
-@requires("triton", READ, gpu=True)
+@requires("triton", READ, where="gpu")
 def test_tf32_close_to_reference():
     backend = "triton"
     case = Case((), 1000, 2048, 2, 256, "per_dim", None)
@@ -43,8 +43,7 @@ def test_tf32_close_to_reference():
                                  tol=dict(rtol=5e-3, atol=5e-3), grad_tol=dict(rtol=2e-2, atol=2e-2))
 
 
-@requires("triton", READ)
-@pytest.mark.skipif(not interpreted("triton"), reason="triton runs on a GPU here, which has bfloat16 arithmetic")
+@requires("triton", READ, where="interpreter")
 def test_interpreter_refuses_bfloat16_with_reason():
     q, qs, m, ms, z = make_inputs(Case((), 3, 4, 2, 5, "float", None), dtype=torch.float32,
                                   value_dtype=torch.bfloat16)
@@ -53,9 +52,10 @@ def test_interpreter_refuses_bfloat16_with_reason():
 
 
 @requires("triton", needs="module")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a CUDA device the triton backend is usable")
 def test_unusable_on_cpu_without_interpreter_and_says_why(monkeypatch):
+    """A machine without a GPU, outside the interpreter (run anywhere: no CUDA device is visible)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rows = {r.name: r for r in rk.backends(print_table=False)}
     assert not rows["triton"].usable and "TRITON_INTERPRET=1" in rows["triton"].reason
     q, qs, m, ms, z = make_inputs(Case((), 2, 3, 2, 2, "float", None), dtype=torch.float32)

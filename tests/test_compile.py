@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import resonant_kernels as rk
-from backends import DTYPES, IMPLEMENTS, ON_CPU, device, interpreted, on_gpu, rows, table
+from backends import DTYPES, IMPLEMENTS, ON_CPU, ON_GPU, device, interpreted, on_gpu, rows, table
 from cases import OP_CALLS, op_inputs
 from resonant_kernels import loo, read, sample
 
@@ -178,14 +178,13 @@ def test_validate_false_reads_no_tensor_data(op, backend):
         _assert_same(got, want)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("op", [op for op in OPS if op != "prune_mask"])
-def test_default_path_on_cuda_issues_no_sync(op):
-    q, m, z, key = (t.detach().cuda() for t in op_inputs())
+@pytest.mark.parametrize("op,backend", table([op for op in OPS if op != "prune_mask"], fused=True, backends=ON_GPU))
+def test_default_path_on_cuda_issues_no_sync(op, backend):
+    """Each backend on CUDA tensors (`auto` takes the first of them) with the default validate."""
+    q, m, z, key = (t.detach() for t in op_inputs(device=device(backend)))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        OPS[op](q, m, z, key, "auto")
+        OPS[op](q, m, z, key, backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -1,10 +1,14 @@
 """The backend registry: backends(), which backend `auto` picks, the reasons a backend cannot run a
 call, the dtype rules, and the test table (tests/backends.py) against what the backends register."""
+import importlib.util
+import sys
+
 import pytest
 import torch
 
+import backends
 import resonant_kernels as rk
-from backends import HALF_VALUES, IMPLEMENTS, NAMES, OPS, interpreted, marks, reason
+from backends import HALF_VALUES, IMPLEMENTS, NAMES, OPS, broken, interpreted, marks, reason, skip_unless_usable
 from cases import OP_CALLS, op_inputs
 from resonant_kernels import _registry
 
@@ -32,11 +36,59 @@ def test_the_test_table_lists_what_each_backend_registers(backend):
     assert set(_registry.BACKENDS[backend].ops()) == set(IMPLEMENTS[backend])
 
 
+@pytest.mark.parametrize("backend", NAMES)
+def test_no_backend_is_broken(backend):
+    """Every install has reference and cpu; the others' modules import without their device or
+    extension, lacking at most their optional package (then backends() says so)."""
+    assert broken(backend) is None
+
+
+def _unusable(name, why):
+    return _registry.BackendInfo(name, False, why, (), "")
+
+
+def test_what_this_machine_lacks_skips_a_row_and_a_bug_fails_it(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    # unusable with its module imported: skipped with backends()' reason, and marked gpu
+    monkeypatch.setitem(backends.AVAILABILITY, "cuda", _unusable("cuda", "no CUDA device is visible to torch"))
+    skip, gpu = marks("cuda", "gaussian_read")
+    assert skip.name == "skipif" and skip.args == (True,) and gpu.name == "gpu"
+    assert skip.kwargs["reason"] == "cuda backend cannot run gaussian_read: no CUDA device is visible to torch"
+    # its module failed to import: a bug, the row fails with the cause
+    monkeypatch.delitem(sys.modules, "resonant_kernels.backends.cuda")
+    [fail] = marks("cuda", "gaussian_read")
+    assert fail.name == "backend_broken" and "cuda backend is broken" in fail.kwargs["reason"]
+    # a module that cannot import for want of its optional package (triton): skipped
+    failed = "its module failed to import (ModuleNotFoundError: No module named 'triton')"
+    monkeypatch.setitem(backends.AVAILABILITY, "triton", _unusable("triton", failed))
+    monkeypatch.delitem(sys.modules, "resonant_kernels.backends.triton")
+    skip, *_ = marks("triton", "leave_one_out")
+    assert skip.name == "skipif" and skip.args == (True,) and failed in skip.kwargs["reason"]
+    # a backend every install has that cannot run: the install is broken, the row fails
+    monkeypatch.setitem(backends.AVAILABILITY, "cpu", _unusable("cpu", "the compiled CPU extension ..."))
+    [fail] = marks("cpu", "prune_mask")
+    assert fail.name == "backend_broken" and "every install has the cpu backend" in fail.kwargs["reason"]
+    with pytest.raises(pytest.fail.Exception, match="every install has the cpu backend"):
+        skip_unless_usable("cpu")
+
+
+def test_a_row_marked_backend_broken_fails_at_setup():
+    import conftest
+
+    class Row:
+        @staticmethod
+        def get_closest_marker(name):
+            return pytest.mark.backend_broken(reason="the cause").mark if name == "backend_broken" else None
+
+    with pytest.raises(pytest.fail.Exception, match="the cause"):
+        conftest.pytest_runtest_setup(Row())
+
+
 def test_auto_picks_cpu_for_cpu_tensors_and_triton_for_cuda_tensors():
     assert _registry.select("gaussian_read", "auto", torch.device("cpu"), torch.float32) == "cpu"
-    why = reason("triton")
-    if why:
-        pytest.skip(f"triton backend unusable here: {why}")
+    skip_unless_usable("triton")
     # select() only inspects the device type, so this holds without a GPU too.
     assert _registry.select("gaussian_read", "auto", torch.device("cuda"), torch.float32) == "triton"
 
