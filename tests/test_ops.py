@@ -9,6 +9,7 @@ What only one backend has (cpu's sampling plans and thread counts, triton's allo
 streams and location-dim limit) lives in test_backend_<name>.py; the reference's own maths in
 test_reference.py.
 """
+import dataclasses
 import math
 
 import pytest
@@ -52,8 +53,8 @@ def test_read_matches_reference(backend, case, dtype):
 
 
 def half_cases(backend):
-    if interpreted(backend):
-        return [MULTI_TILE[0]]
+    if interpreted(backend):  # several tiles of each kernel, with and without a threshold
+        return [MULTI_TILE[0], dataclasses.replace(MULTI_TILE[0], threshold=None)]
     awkward = awkward_cases()
     return [awkward[5], awkward[8], MULTI_TILE[0], *TILED, *([LARGE_HALF] if on_gpu(backend) else [])]
 
@@ -163,8 +164,9 @@ def test_read_far_entries_underflow_without_nan(backend):
 def test_read_gradcheck_float64(backend):
     """Finite differences agree with the backward (run twice: gradcheck's reentrancy check), with
     batch rows and a threshold, and with σ given as numbers (no σ gradients)."""
-    # the interpreter runs the forward once per perturbed element: a smaller batch case there
-    case = Case((2,), 2, 4, 2, 2, "per_dim", 2.0) if interpreted(backend) else Case((2,), 4, 6, 3, 3, "per_dim", 2.0)
+    # the interpreter runs the forward once per perturbed element: fewer queries and entries there
+    # (still a batch, a threshold and d = 3, not a power of two: the kernels pad d to a block)
+    case = Case((2,), 2, 3, 3, 2, "per_dim", 2.0) if interpreted(backend) else Case((2,), 4, 6, 3, 3, "per_dim", 2.0)
     inputs = make_inputs(case, requires_grad=True, seed=5, device=device(backend))
     assert torch.autograd.gradcheck(lambda *a: rk.gaussian_read(*a, match_threshold=2.0, backend=backend), inputs)
     q, qs, m, ms, z = make_inputs(Case((), 3, 5, 2, 2, "float", None), requires_grad=True, seed=6,
