@@ -164,7 +164,7 @@ def marks(backend: str, op: Optional[str] = None, needs: str = "usable", where: 
     if where is not None:
         there, message = WHERE[where]
         found.append(pytest.mark.skipif(not there(backend), reason=message.format(backend)))
-    if needs == "usable" and on_gpu(backend) and rule.get("on") in (None, "cuda"):
+    if needs == "usable" and on_gpu(backend):
         found.append(pytest.mark.gpu)
     return found
 
@@ -207,13 +207,12 @@ def _values(axis) -> list:
 
 
 def rows(op: str, *, fused: bool = False, cases: Optional[Callable[[str], Iterable]] = None,
-         backends: Optional[Iterable[str]] = None, on: Optional[str] = None, needs: str = "usable", **axes) -> list:
+         backends: Optional[Iterable[str]] = None, needs: str = "usable", **axes) -> list:
     """pytest params of the table's rows for `op`: (backend, [case], [one value per axis]...).
 
     fused: leave out `reference` (the tests compare against it); cases: the cases of each backend
-    (its size limits); backends: a subset of the table's; on: run every row on this device type
-    (the tests that build CPU tensors); needs: as in `marks`; axes: further parameters, each a list of values, whose
-    dtypes (`dtype`, `value_dtype`) also decide the skip.
+    (its size limits); backends: a subset of the table's; needs: as in `marks`; axes: further
+    parameters, each a list of values, whose dtypes (`dtype`, `value_dtype`) also decide the skip.
     """
     names = [b for b in NAMES if op in IMPLEMENTS[b] and not (fused and b == "reference")]
     if backends is not None:
@@ -229,7 +228,7 @@ def rows(op: str, *, fused: bool = False, cases: Optional[Callable[[str], Iterab
         rule = {k: named[k] for k in ("dtype", "value_dtype") if k in named}
         if "value_dtype" in rule and "dtype" not in rule:
             rule["dtype"] = torch.float32
-        out.append(pytest.param(*vals, marks=marks(vals[0], op, needs, on=on, **rule), id=ident))
+        out.append(pytest.param(*vals, marks=marks(vals[0], op, needs, **rule), id=ident))
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 from scipy import stats
 
 import resonant_kernels as rk
-from backends import DTYPES, HALF, HALF_VALUES, FUSED, device, interpreted, on_gpu, rows
+from backends import DTYPES, FUSED, HALF, HALF_VALUES, ON_GPU, device, interpreted, on_gpu, rows
 from cases import (GRAD_TOL, LARGE, LARGE_HALF, MULTI_TILE, NOTEBOOK_PRUNE, SAMPLE_TILED, TILED, TOL, Case,
                    awkward_cases, batch_broadcast_inputs, check_read_against_reference, chi_square_setup, clone_inputs,
                    grads_of, make_inputs, memory_of, notebook_memory, notebook_reference_keep, prune_cases,
@@ -25,7 +25,6 @@ from cases import (GRAD_TOL, LARGE, LARGE_HALF, MULTI_TILE, NOTEBOOK_PRUNE, SAMP
 
 READ = "gaussian_read"
 INPUT_NAMES = ("query_loc", "query_sd", "mem_loc", "mem_sd", "mem_values")
-GPU_BACKENDS = [b for b in FUSED if on_gpu(b)]
 LOCATION = [pytest.param(True, id="loc"), pytest.param(False, id="noloc")]
 
 
@@ -174,7 +173,7 @@ def test_read_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(lambda a, b, c: rk.gaussian_read(a, qs, b, ms, c, backend=backend), (q, m, z))
 
 
-@pytest.mark.parametrize("backend", rows(READ, fused=True, backends=GPU_BACKENDS))
+@pytest.mark.parametrize("backend", rows(READ, fused=True, backends=ON_GPU))
 def test_read_holds_no_query_by_memory_buffer(backend):
     Q, M, E = 4096, 8192, 64
     q, qs, m, ms, z = make_inputs(Case((), Q, M, 2, E, "per_dim", None), dtype=torch.float32, device=device(backend),
