@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # The Triton kernels run on CPU tensors through Triton's interpreter in CI; the variable must be
@@ -15,3 +16,11 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("long", max_examples=400, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_runtest_setup(item):
+    """A row of a backend that is broken in this install (tests/backends.py, `broken`) fails with
+    the cause: a bug is never a reason to skip."""
+    mark = item.get_closest_marker("backend_broken")
+    if mark is not None:
+        pytest.fail(mark.kwargs["reason"], pytrace=False)

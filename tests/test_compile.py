@@ -12,30 +12,11 @@ import pytest
 import torch
 
 import resonant_kernels as rk
+from backends import DTYPES, IMPLEMENTS, ON_CPU, ON_GPU, device, interpreted, on_gpu, rows, table
+from cases import OP_CALLS, op_inputs
 from resonant_kernels import loo, read, sample
-from resonant_kernels import _registry
 
-KERNEL_BACKENDS = [b for b in ("reference", "cpu", "triton") if _registry.BACKENDS[b].unavailable_reason() is None]
-
-
-def _inputs(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(5, 2, generator=gen, requires_grad=True)
-    m = torch.randn(9, 2, generator=gen, requires_grad=True)
-    z = torch.randn(9, 3, generator=gen, requires_grad=True)
-    key = torch.randn(5, 3, generator=gen)
-    return q, m, z, key
-
-
-OPS = {
-    "gaussian_read": lambda q, m, z, key, b: rk.gaussian_read(q, 0.7, m, 0.5, z, match_threshold=2.0, backend=b),
-    "leave_one_out": lambda q, m, z, key, b: rk.leave_one_out(m, 0.5, z, match_threshold=2.0, backend=b),
-    "prune_mask": lambda q, m, z, key, b: rk.prune_mask(m, 0.5, z, max_error=1.0, max_steps=3, backend=b),
-    "conditional_probs": lambda q, m, z, key, b: rk.conditional_probs(m, 0.5, z, key, search_loc=q, search_sd=0.7,
-                                                                      match_threshold=2.0, backend=b),
-    "conditional_sample": lambda q, m, z, key, b: rk.conditional_sample(
-        m, 0.5, z, key, search_loc=q, search_sd=0.7, num_samples=3, sigma_scale=0.0, backend=b),
-}
+OPS = OP_CALLS
 DIFFERENTIABLE = {"gaussian_read", "conditional_probs"}
 
 
@@ -45,7 +26,7 @@ def _first(out):
 
 def _run(op, backend, compile_backend=None):
     """The op's output, and the gradients of its sum w.r.t. q, m, z when it is differentiable."""
-    q, m, z, key = _inputs()
+    q, m, z, key = op_inputs(device=device(backend))
     fn = OPS[op]
     torch.manual_seed(0)  # conditional_sample draws from the default generator
     if compile_backend:
@@ -73,7 +54,7 @@ def _compiled_matches_eager(op, backend, compile_backend):
     if op == "conditional_sample" and compile_backend == "inductor":
         # inductor draws its own random numbers (Philox), so the draws differ from eager ones;
         # with sigma_scale 0 each must still be the location of an entry
-        _, m, _, _ = _inputs()
+        _, m, _, _ = op_inputs(device=device(backend))
         assert out.shape == eager_out.shape
         assert (out.detach().unsqueeze(-2) == m.detach()).all(-1).any(-1).all()
         return
@@ -82,8 +63,7 @@ def _compiled_matches_eager(op, backend, compile_backend):
         _assert_same(grads, eager_grads)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op,backend", table())
 def test_fullgraph_compile_of_every_op(op, backend):
     _compiled_matches_eager(op, backend, "aot_eager")
 
@@ -100,35 +80,50 @@ def test_every_op_through_inductor(op):
 
 # ---- opcheck: schema, fake (meta) impls, autograd registration, AOT dispatch --------------------
 
-def _kernel_args(backend):
+# The kernel each op's opcheck covers (read_backward runs inside read_forward's autograd check).
+OPCHECKED = {"gaussian_read": ("read_forward",), "leave_one_out": ("loo_errors", "loo_dependencies"),
+             "conditional_probs": ("sample_probs",), "conditional_sample": ("sample_indices",)}
+CUSTOM_OPS = {"read_forward": read.read_forward, "loo_errors": loo.loo_errors,
+              "loo_dependencies": loo.loo_dependencies, "sample_probs": sample.sample_probs,
+              "sample_indices": sample.sample_indices}
+
+
+def _kernel_args(backend, dtype):
+    """The arguments of every kernel `backend` implements, on its device: a batch of 2 and, on a
+    GPU, more entries than one tile (64 for the read, 256 for sampling)."""
     gen = torch.Generator().manual_seed(1)
-    B, Q, M, d, E, S = 2, 3, 9, 2, 4, 5
+    B, Q, M, d, E, S = 2, 3, 300 if on_gpu(backend) else 9, 2, 4, 5
+    where = device(backend)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(where)
 
     def var(*shape):
-        return torch.rand(*shape, generator=gen, dtype=torch.float64) + 0.5
+        return (torch.rand(*shape, generator=gen, dtype=dtype) + 0.5).to(where)
 
     qloc, qvar, mloc, mvar, values, key = randn(B, Q, d), var(B, Q, d), randn(B, M, d), var(B, M, d), randn(B, M, E), \
         randn(B, Q, E)
-    active = torch.ones(B, M, dtype=torch.uint8)
+    active = torch.ones(B, M, dtype=torch.uint8, device=where)
     active[1, 2] = 0
-    error, lse = loo.loo_errors(mloc, mvar, values, active, 1.5, -1.0, backend)[1:]
-    uniforms = torch.rand(B, Q, S, generator=gen, dtype=torch.float64)
+    error, lse = loo.loo_errors(mloc, mvar, values, active, 1.5, -1.0, "reference")[1:]
+    uniforms = torch.rand(B, Q, S, generator=gen, dtype=torch.float64).to(where)
     scalars = (E ** -0.5, 1.0, 1.5, -1.0, backend)
-    return {
-        read.read_forward: (qloc, qvar, mloc, mvar, values, 1.5, -1.0, backend),
-        loo.loo_errors: (mloc, mvar, values, active, 1.5, -1.0, backend),
-        loo.loo_dependencies: (mloc, mvar, active, error, lse, 1.5, -1.0, 0.3, backend),
-        sample.sample_probs: (key, values, qloc, qvar, mloc, mvar, *scalars),
-        sample.sample_indices: (key, values, qloc, qvar, mloc, mvar, uniforms, *scalars),
+    args = {
+        "read_forward": (qloc, qvar, mloc, mvar, values, 1.5, -1.0, backend),
+        "loo_errors": (mloc, mvar, values, active, 1.5, -1.0, backend),
+        "loo_dependencies": (mloc, mvar, active, error, lse, 1.5, -1.0, 0.3, backend),
+        "sample_probs": (key, values, qloc, qvar, mloc, mvar, *scalars),
+        "sample_indices": (key, values, qloc, qvar, mloc, mvar, uniforms, *scalars),
     }
+    kernels = [k for op in IMPLEMENTS[backend] for k in OPCHECKED.get(op, ())]
+    return {CUSTOM_OPS[k]: args[k] for k in kernels}
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_every_kernel_passes_opcheck(backend):
-    for kernel, args in _kernel_args(backend).items():
+# every backend has the read; the interpreter takes float64 only (opcheck runs each kernel a dozen times)
+@pytest.mark.parametrize("backend,dtype", [p for p in rows("gaussian_read", dtype=DTYPES)
+                                           if not (interpreted(p.values[0]) and p.values[1] == torch.float32)])
+def test_every_kernel_passes_opcheck(backend, dtype):
+    for kernel, args in _kernel_args(backend, dtype).items():
         differentiable = kernel in (read.read_forward, sample.sample_probs)
         args = [a.detach().requires_grad_(differentiable and a.is_floating_point()) if isinstance(a, torch.Tensor)
                 else a for a in args]
@@ -160,13 +155,12 @@ class _NoHostReads:
             setattr(torch.Tensor, n, f)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("op", [op for op in OPS if op != "prune_mask"])
+@pytest.mark.parametrize("op,backend", table([op for op in OPS if op != "prune_mask"], backends=ON_CPU))
 def test_validate_false_reads_no_tensor_data(op, backend):
     """What validate=None does on CUDA tensors, checked on CPU: no value check, no uniform-variance
     read of a tensor σ, no unusable-row check reads the data (prune_mask reads one bool per step to
     stop early, its documented exception)."""
-    q, m, z, key = _inputs()
+    q, m, z, key = op_inputs()
     sd = torch.tensor(0.5)  # a tensor σ: its value must not be read either
     calls = {
         "gaussian_read": lambda: rk.gaussian_read(q, sd, m, sd, z, match_threshold=2.0, backend=backend,
@@ -184,14 +178,13 @@ def test_validate_false_reads_no_tensor_data(op, backend):
         _assert_same(got, want)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("op", [op for op in OPS if op != "prune_mask"])
-def test_default_path_on_cuda_issues_no_sync(op):
-    q, m, z, key = (t.detach().cuda() for t in _inputs())
+@pytest.mark.parametrize("op,backend", table([op for op in OPS if op != "prune_mask"], fused=True, backends=ON_GPU))
+def test_default_path_on_cuda_issues_no_sync(op, backend):
+    """Each backend on CUDA tensors (`auto` takes the first of them) with the default validate."""
+    q, m, z, key = (t.detach() for t in op_inputs(device=device(backend)))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        OPS[op](q, m, z, key, "auto")
+        OPS[op](q, m, z, key, backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")

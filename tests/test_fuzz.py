@@ -10,7 +10,8 @@ rounding error of about S·2⁻²⁴, which the softmax turns into relative weig
 
 Profiles (HYPOTHESIS_PROFILE, registered in conftest.py): `ci` (default: derandomized, bounded
 time, part of `make test`) and `long` (many more random examples, run before a release).
-Triton runs under TRITON_INTERPRET=1 on CPU tensors, so its examples are tiny and fewer.
+The examples are CPU tensors: the rows are tests/backends.py's backends that run on CPU tensors
+here (triton under TRITON_INTERPRET=1, with tiny and fewer examples).
 """
 from __future__ import annotations
 
@@ -24,16 +25,15 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import resonant_kernels as rk
-from resonant_kernels import _registry as _backends, reference
+from backends import ON_CPU, interpreted, rows
+from resonant_kernels import reference
 
-FUSED = [b for b in ("cpu", "triton") if _backends.BACKENDS[b].unavailable_reason() is None]
-BACKENDS = ["reference", *FUSED]
 EXAMPLES = settings().max_examples  # from the active profile
 
 
 def examples(backend: str) -> settings:
     # the interpreter runs one Triton program at a time in Python: a fraction of the examples
-    n = max(4, EXAMPLES // 4) if backend == "triton" else EXAMPLES
+    n = max(4, EXAMPLES // 4) if interpreted(backend) else EXAMPLES
     return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -202,10 +202,10 @@ def _read_with_grads(backend, tensors, threshold, cot_seed):
     return out, [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, diff)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", rows("gaussian_read", backends=ON_CPU))
 def test_read_matches_reference_and_float64(backend):
     @examples(backend)
-    @given(calls(tiny=backend == "triton"))
+    @given(calls(tiny=interpreted(backend)))
     def check(c: Call):
         note(str(c))
         q, qs, m, ms, z, _ = make_tensors(c)
@@ -242,10 +242,10 @@ def _loo_log_weights(mem_loc, mem_sd, threshold):
     return logk - torch.where(torch.isfinite(lse), lse, 0.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", rows("leave_one_out", backends=ON_CPU))
 def test_leave_one_out_matches_reference_and_float64(backend):
     @examples(backend)
-    @given(calls(tiny=backend == "triton", loo=True))
+    @given(calls(tiny=interpreted(backend), loo=True))
     def check(c: Call):
         note(str(c))
         _, _, m, ms, z, _ = make_tensors(c)
@@ -266,10 +266,10 @@ def test_leave_one_out_matches_reference_and_float64(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", rows("prune_mask", fused=True, backends=ON_CPU))
 def test_prune_mask_matches_reference(backend):
     @examples(backend)
-    @given(calls(tiny=backend == "triton", loo=True), st.sampled_from([0.05, 0.3, 1.0, 10.0]), st.integers(0, 4))
+    @given(calls(tiny=interpreted(backend), loo=True), st.sampled_from([0.05, 0.3, 1.0, 10.0]), st.integers(0, 4))
     def check(c: Call, max_error, max_steps):
         note(str(c))
         _, _, m, ms, z, _ = make_tensors(c)
@@ -315,10 +315,10 @@ def _logit_conditioning(m, ms, z, key, kw, single) -> float:
     return cond
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", rows("conditional_probs", backends=ON_CPU))
 def test_conditional_probs_matches_reference_and_float64(backend):
     @examples(backend)
-    @given(calls(tiny=backend == "triton", min_m=1), st.booleans(), st.sampled_from([0.5, 1.0, 3.0]))
+    @given(calls(tiny=interpreted(backend), min_m=1), st.booleans(), st.sampled_from([0.5, 1.0, 3.0]))
     def check(c: Call, with_location, temperature):
         note(str(c))
         m, ms, z, key, kw = _sample_args(c, with_location)
@@ -338,10 +338,10 @@ def test_conditional_probs_matches_reference_and_float64(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", rows("conditional_sample", fused=True, backends=ON_CPU))
 def test_conditional_sample_draws_match_reference(backend):
     @examples(backend)
-    @given(calls(tiny=backend == "triton", min_m=1), st.booleans(), st.integers(1, 9))
+    @given(calls(tiny=interpreted(backend), min_m=1), st.booleans(), st.integers(1, 9))
     def check(c: Call, with_location, num_samples):
         note(str(c))
         m, ms, z, key, kw = _sample_args(c, with_location)
@@ -368,11 +368,11 @@ def test_conditional_sample_draws_match_reference(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", rows("conditional_sample", backends=ON_CPU))
 def test_sampling_an_overflowing_call_raises_on_every_backend(backend):
     """Outside the usable range (the logits overflow the dtype) every backend raises the same error."""
     @examples(backend)
-    @given(calls(tiny=backend == "triton", min_m=1, min_e=1, dtypes=(torch.float32,)), st.sampled_from([1e-30, 1e-34]))
+    @given(calls(tiny=interpreted(backend), min_m=1, min_e=1, dtypes=(torch.float32,)), st.sampled_from([1e-30, 1e-34]))
     def check(c: Call, temperature):
         note(str(c))
         m, ms, z, key, kw = _sample_args(c, False)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from resonant_kernels import _registry as _backends
+from backends import requires
 
 RUNNER = Path(__file__).with_name("guard_pages.py")
 
 
-@pytest.mark.skipif(_backends.BACKENDS["cpu"].unavailable_reason() is not None, reason="cpu backend unusable")
+@requires("cpu")
 @pytest.mark.parametrize("group", ["read", "loo", "sample"])
 def test_kernels_stay_inside_their_buffers(group):
     run = subprocess.run([sys.executable, str(RUNNER), group], capture_output=True, text=True, timeout=600)

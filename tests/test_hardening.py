@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import resonant_kernels as rk
-from resonant_kernels import _registry as _backends
+from backends import ON_CPU, interpreted, requires, rows
 
-CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if _backends.BACKENDS[b].unavailable_reason() is None]
+# The tests build CPU tensors: the backends that run on them here (tests/backends.py); each of
+# them has every op.
+CPU_BACKENDS = rows("gaussian_read", backends=ON_CPU)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -51,7 +53,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="cpu backend unusable")
+@requires("cpu", "gaussian_read")
 @pytest.mark.parametrize("threads", [1, 3, 5])
 def test_cpu_read_gradients_are_bitwise_reproducible(threads):
     """Point 6: more threads than cores makes scheduling order vary; the sums must not."""
@@ -70,7 +72,7 @@ def test_default_gradcheck_passes_reentrancy(backend):
     """Point 6: torch.autograd.gradcheck with its default nondet_tol=0 runs the backward twice."""
     gen = torch.Generator().manual_seed(1)
     # several entry blocks for cpu's threads; tiny under the (slow) Triton interpreter
-    Q, M, E = (3, 5, 2) if backend == "triton" else (20, 17, 9)
+    Q, M, E = (3, 5, 2) if interpreted(backend) else (20, 17, 9)
     q = torch.randn(Q, 2, generator=gen, dtype=torch.float64).requires_grad_()
     qs = (torch.rand(Q, 2, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
     m = torch.randn(M, 2, generator=gen, dtype=torch.float64).requires_grad_()
@@ -115,14 +117,14 @@ def test_locations_whose_squared_distances_overflow_are_rejected(backend):
         rk.gaussian_read(m, 1.0, m, 1.0, z * 1e38, backend=backend)
 
 
-def test_far_beyond_every_entry_reads_zero_like_a_masked_query():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_far_beyond_every_entry_reads_zero_like_a_masked_query(backend):
     """The documented edge inside the ranges: a squared standardised distance above the dtype's
     largest number weighs zero on every backend, exactly as if the threshold masked it."""
     m, z = torch.zeros(3, 2), torch.ones(3, 2)
     q = torch.tensor([[1e18, 0.0]])
-    for backend in CPU_BACKENDS:
-        out = rk.gaussian_read(q, 1e-18, m, 1e-18, z, backend=backend)
-        assert torch.equal(out, torch.zeros(1, 2)), backend
+    out = rk.gaussian_read(q, 1e-18, m, 1e-18, z, backend=backend)
+    assert torch.equal(out, torch.zeros(1, 2))
 
 
 # ---- points 4 and 5: logits that overflow, E = 0, huge thresholds ----

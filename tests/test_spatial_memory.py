@@ -20,11 +20,6 @@ def random_memory(M=20, d=2, E=5, seed=0, max_size=None, backend="auto", sd=None
     return memory, loc, sd, values
 
 
-def needs(*ops):
-    missing = [op for op in ops if not hasattr(rk, op)]
-    return pytest.mark.skipif(bool(missing), reason=f"resonant_kernels has no {missing} yet (issues 4/5)")
-
-
 # ---- write / read ------------------------------------------------------------------------------
 
 def test_read_is_gaussian_read_of_the_written_entries():
@@ -197,9 +192,8 @@ def test_regress_fits_the_target_reads_and_matches_the_reference_backend():
     torch.testing.assert_close(torch.tensor(losses["cpu"]), torch.tensor(losses["reference"]), rtol=1e-6, atol=1e-9)
 
 
-# ---- ops of issues 4/5 -------------------------------------------------------------------------
+# ---- leave_one_out, prune_mask, conditional_sample --------------------------------------------
 
-@needs("leave_one_out")
 def test_leave_one_out_is_the_op_on_the_entries():
     memory, loc, sd, values = random_memory()
     got = memory.leave_one_out(match_threshold=1.0)
@@ -208,7 +202,6 @@ def test_leave_one_out_is_the_op_on_the_entries():
         torch.testing.assert_close(g, w)
 
 
-@needs("prune_mask")
 def test_prune_removes_what_prune_mask_drops():
     memory, loc, sd, values = random_memory(M=60, sd=0.3)
     keep = rk.prune_mask(loc, sd, values, max_error=5.0, match_threshold=2.0, max_steps=3, backend="reference")
@@ -219,7 +212,6 @@ def test_prune_removes_what_prune_mask_drops():
     torch.testing.assert_close(memory.values, values[keep])
 
 
-@needs("conditional_sample")
 def test_sample_shapes_and_seeded_reproducibility():
     memory, *_ = random_memory()
     key = torch.randn(5, dtype=F64)
@@ -251,7 +243,7 @@ class BlockingPrune:
 
 def test_background_prune_keeps_everything_written_meanwhile(monkeypatch):
     fake = BlockingPrune()
-    monkeypatch.setattr(rk, "prune_mask", fake, raising=False)
+    monkeypatch.setattr(rk, "prune_mask", fake)
     memory, loc, sd, values = random_memory(M=10, max_size=14)
     handle = memory.prune(0.1, match_threshold=2.0, max_steps=4, background=True)
     assert fake.started.wait(10)
@@ -275,7 +267,7 @@ def test_background_prune_errors_reach_the_caller(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("kernel failed")
 
-    monkeypatch.setattr(rk, "prune_mask", broken, raising=False)
+    monkeypatch.setattr(rk, "prune_mask", broken)
     memory, *_ = random_memory()
     handle = memory.prune(0.1, background=True)
     with pytest.raises(RuntimeError, match="kernel failed"):
@@ -283,7 +275,6 @@ def test_background_prune_errors_reach_the_caller(monkeypatch):
     assert len(memory) == 20
 
 
-@needs("prune_mask")
 def test_real_background_prune_loses_no_concurrent_write():
     memory, loc, sd, values = random_memory(M=200, sd=0.3)
     handle = memory.prune(5.0, match_threshold=2.0, max_steps=10, background=True)
