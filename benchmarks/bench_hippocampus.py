@@ -24,7 +24,6 @@ Writes bench_hippocampus.json (and recall_vs_n.png) to --out (default runs/bench
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform

@@ -34,7 +34,7 @@ def test_case(benchmark, case):
         except Unavailable as exc:
             pytest.skip(str(exc))
         benchmark.group = case.group
-        benchmark.extra_info.update(case.info)
+        benchmark.extra_info.update(case.info, peer=case.peer)
         t0 = time.perf_counter()
         call()
         benchmark.extra_info["first_call_seconds"] = time.perf_counter() - t0
