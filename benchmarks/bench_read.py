@@ -81,8 +81,9 @@ def naive_read(query_loc, mem_loc, mem_values, query_sd, mem_sd, threshold):
     diff = query_loc[:, None, :] - mem_loc[None, :, :]
     dist2 = (diff * diff).sum(-1)
     logk = dist2 * (-0.5 / var) - 0.5 * d * math.log(2 * math.pi * var)
-    if threshold is not None:
-        logk = logk.masked_fill(dist2 > threshold**2, -math.inf)
+    if threshold is None:
+        return torch.softmax(logk, dim=-1) @ mem_values
+    logk = logk.masked_fill(dist2 > threshold**2, -math.inf)
     # a query that matches nothing gets a softmax of NaNs; the op reads zeros there
     return torch.softmax(logk, dim=-1).nan_to_num(0.0) @ mem_values
 
