@@ -275,6 +275,8 @@ def main(argv=None):
     add_out_argument(parser)
     args, rest = parser.parse_known_args(argv)
     if args.device == "cuda":
+        if args.dense:
+            parser.error("--dense is the CPU table; on CUDA, benchmarks/bench_read_gpu.py runs its own dense grid")
         import bench_read_gpu
 
         return bench_read_gpu.main(rest + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []))

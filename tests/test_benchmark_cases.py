@@ -56,3 +56,34 @@ def test_every_benchmark_case_runs_at_smoke_size(tmp_path):
 
     saved = list((tmp_path / "runs" / "pytest-benchmark").glob("*/0001_*.json"))
     assert len(saved) == 1 and not (tmp_path / ".benchmarks").exists()
+
+
+@pytest.mark.parametrize("threshold", [None, 1.5])
+def test_naive_peer_computes_the_read_and_its_gradients(threshold):
+    """benchmarks/bench_read.py's naive_read (what torch.compile compiles there) is the same op as
+    the reference, values and gradients, including queries that match nothing under a threshold."""
+    import torch
+
+    import resonant_kernels as rk
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_read import naive_read
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    gen = torch.Generator().manual_seed(3)
+    query_loc = torch.randn(7, 2, generator=gen, dtype=torch.float64) * 2  # spread out: some match nothing
+    inputs = [query_loc, torch.randn(11, 2, generator=gen, dtype=torch.float64),
+              torch.randn(11, 5, generator=gen, dtype=torch.float64)]
+    grad_out = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    results = []
+    for read in (lambda q, m, z: naive_read(q, m, z, 0.7, 0.5, threshold),
+                 lambda q, m, z: rk.gaussian_read(q, 0.7, m, 0.5, z, match_threshold=threshold, backend="reference")):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = read(*leaves)
+        out.backward(grad_out)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    if threshold is not None:
+        assert (results[1][0] == 0).all(-1).any(), "no query is isolated: the test would miss the empty rows"
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
