@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cu csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.py)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 PYTEST_ARGS ?=
+BENCH_SIZE ?= quick
+BENCH_ARGS ?=
 
-.PHONY: install test test-slow bench bench-full check-cuda clean
+.PHONY: install test test-slow bench bench-full bench-pytest check-cuda clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,12 @@ bench: install
 bench-full: install
 	$(PY) benchmarks/bench_read.py
 	$(PY) benchmarks/bench_prune.py
+
+# Every benchmark case under pytest-benchmark (BENCHMARKS.md): BENCH_SIZE=smoke|quick|full, and
+# BENCH_ARGS for pytest-benchmark's own flags, e.g. BENCH_ARGS=--benchmark-autosave, then
+# BENCH_ARGS=--benchmark-compare (saved runs go to runs/pytest-benchmark/, untracked).
+bench-pytest: install
+	$(PY) -m pytest benchmarks/ --benchmark-only --bench-size $(BENCH_SIZE) $(BENCH_ARGS)
 
 # Compiles every .cu file (no GPU needed) so a CUDA syntax error cannot land; skipped without nvcc,
 # and done already where the install built resonant_kernels._C_cuda (same flags).

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from resonant.cli import build_parser  # noqa: E402
 from resonant.engram.policy import select_actions  # noqa: E402
 from resonant.parallel import AsyncTrainer  # noqa: E402
+from resonant.runs import run_dir, write_text_atomic  # noqa: E402
 from resonant.train_cli import brain_options, build_brain  # noqa: E402
 from resonant.trainer import Trainer  # noqa: E402
 
@@ -118,7 +119,8 @@ def main() -> int:
     p.add_argument("--engines", nargs="+", choices=("local", "ray"), default=["local"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--costs-only", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/async_throughput.json")
+    p.add_argument("--out", default=str(run_dir("benchmarks") / "async_throughput.json"),
+                   help="the JSON results (default: %(default)s, untracked)")
     args = p.parse_args()
     result = {"command": " ".join(sys.argv), "uptime_start": uptime(), "rows": []}
     if not args.costs_only:
@@ -134,9 +136,7 @@ def main() -> int:
         result["rows"] = rows
     result["costs"] = decision_costs(args.seed)
     result["uptime_end"] = uptime()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_text_atomic(args.out, json.dumps(result, indent=1))
     print(f"{'mode':<18} {'engine':<6} {'workers':>7} {'decisions':>9} {'wall s':>8} {'dec/s':>8} {'vs sync':>7} "
           f"{'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
     for r in result["rows"]:

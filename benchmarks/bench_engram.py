@@ -18,9 +18,12 @@ so the rows differ only in how neighbours are found. Writes engram_bench.json to
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ from tqdm import tqdm
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
 import _measure  # noqa: E402
+from _cases import Case, Unavailable  # noqa: E402
 
 from resonant.engram import EngramBrain, Exploration, Scoring, TorchEngramStore  # noqa: E402
 from resonant.engram.scoring import from_neighbours  # noqa: E402
@@ -38,6 +42,23 @@ def engrams(n, d, num_actions, seed=0):
     g = np.random.default_rng(seed)
     return (g.normal(size=(n, d)).astype(np.float32), g.integers(0, num_actions, n),
             g.normal(size=n).astype(np.float32), g.normal(size=n).astype(np.float32))
+
+
+STORES = ("torch-kernel", "torch-kernel-local-linear", "torch-knn", "milvus-lite", "faiss-flat")
+
+
+@dataclass(frozen=True)
+class Setting:
+    engrams: int = 100_000
+    batch: int = 256
+    dim: int = 8
+    actions: int = 4
+    k: int = 50
+    bandwidth: float = 0.5
+    milvus_index: str = "FLAT"
+
+
+SIZES = {"smoke": Setting(engrams=500, batch=8, k=10), "quick": Setting(engrams=5_000, batch=64), "full": Setting()}
 
 
 def faiss_decider(data, k, num_actions, bandwidth):
@@ -60,72 +81,81 @@ def faiss_decider(data, k, num_actions, bandwidth):
     return decide
 
 
+@contextlib.contextmanager
+def decider(store: str, data, setting: Setting):
+    """decide(states) -> greedy actions of `store` holding `data`; closes what it opened. Raises
+    Unavailable when the store's optional package (milvus, faiss) is not installed."""
+    greedy = Exploration(epsilon_start=0.0)
+    if store == "faiss-flat":
+        try:
+            decide = faiss_decider(data, setting.k, setting.actions, setting.bandwidth)
+        except ImportError as exc:
+            raise Unavailable(f"faiss-cpu skipped: {exc}") from exc
+        yield decide
+        return
+    if store == "milvus-lite":
+        try:
+            from resonant.engram.milvus_store import MilvusEngramStore
+        except ImportError as exc:
+            raise Unavailable(f"milvus-lite skipped: {exc}") from exc
+        with tempfile.TemporaryDirectory() as tmp:
+            milvus = MilvusEngramStore(setting.dim, setting.actions, os.path.join(tmp, "bench.db"),
+                                       index_type=setting.milvus_index)
+            try:
+                milvus.add(*data)
+                milvus.flush()
+                brain = EngramBrain(milvus, scoring=Scoring(k=setting.k, bandwidth=setting.bandwidth),
+                                    exploration=greedy)
+                yield lambda q: brain.decide(q, explore=False)
+            finally:
+                milvus.close()
+        return
+    scoring = {"torch-kernel": Scoring(k=None, bandwidth=setting.bandwidth),
+               "torch-kernel-local-linear": Scoring(bandwidth=setting.bandwidth, estimator="local_linear"),
+               "torch-knn": Scoring(k=setting.k, bandwidth=setting.bandwidth)}
+    if store not in scoring:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    torch_store = TorchEngramStore(setting.dim, setting.actions, initial_size=setting.engrams)
+    torch_store.add(*data)
+    brain = EngramBrain(torch_store, scoring=scoring[store], exploration=greedy)
+    yield lambda q: brain.decide(q, explore=False)
+
+
+def states(setting: Setting):
+    return np.random.default_rng(1).normal(size=(setting.batch, setting.dim)).astype(np.float32)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engrams", type=int, default=100_000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dim", type=int, default=8)
-    p.add_argument("--actions", type=int, default=4)
-    p.add_argument("--k", type=int, default=50)
-    p.add_argument("--bandwidth", type=float, default=0.5)
-    p.add_argument("--milvus-index", default="FLAT", choices=("FLAT", "IVF_FLAT", "HNSW"))
+    p.add_argument("--engrams", type=int, default=Setting.engrams)
+    p.add_argument("--batch", type=int, default=Setting.batch)
+    p.add_argument("--dim", type=int, default=Setting.dim)
+    p.add_argument("--actions", type=int, default=Setting.actions)
+    p.add_argument("--k", type=int, default=Setting.k)
+    p.add_argument("--bandwidth", type=float, default=Setting.bandwidth)
+    p.add_argument("--milvus-index", default=Setting.milvus_index, choices=("FLAT", "IVF_FLAT", "HNSW"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="64 states vs 5 000 engrams")
     _measure.add_out_argument(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.engrams, args.batch, args.repeats = 5_000, 64, 3
-    data = engrams(args.engrams, args.dim, args.actions)
-    queries = np.random.default_rng(1).normal(size=(args.batch, args.dim)).astype(np.float32)
+        args.engrams, args.batch, args.repeats = SIZES["quick"].engrams, SIZES["quick"].batch, 3
+    setting = Setting(**{f.name: getattr(args, f.name) for f in fields(Setting)})
+    data = engrams(setting.engrams, setting.dim, setting.actions)
+    queries = states(setting)
     rows = []
-
-    def record(name, decide):
-        seconds = _measure.median_time(lambda: decide(queries), repeats=args.repeats)
-        rows.append({"store": name, "seconds_per_batch": seconds, "decisions_per_second": args.batch / seconds})
-        print(f"{name:26s} {args.batch / seconds:12.0f} decisions/s  ({seconds * 1e3:.2f} ms per batch)", flush=True)
-
-    steps = tqdm(total=4, desc="building stores", unit="store")
-    torch_store = TorchEngramStore(args.dim, args.actions, initial_size=args.engrams)
-    torch_store.add(*data)
-    steps.update()
-    greedy = Exploration(epsilon_start=0.0)
-    kernel = Scoring(k=None, bandwidth=args.bandwidth)
-    knn = Scoring(k=args.k, bandwidth=args.bandwidth)
-    brains = {
-        "torch-kernel": EngramBrain(torch_store, scoring=kernel, exploration=greedy),
-        "torch-kernel-local-linear": EngramBrain(torch_store, scoring=Scoring(bandwidth=args.bandwidth,
-                                                                              estimator="local_linear"),
-                                                 exploration=greedy),
-        "torch-knn": EngramBrain(torch_store, scoring=knn, exploration=greedy),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
+    for store in tqdm(STORES, desc="engram stores", unit="store"):
+        name = f"milvus-lite-{setting.milvus_index.lower()}" if store == "milvus-lite" else store
         try:
-            from resonant.engram.milvus_store import MilvusEngramStore
-
-            milvus = MilvusEngramStore(args.dim, args.actions, os.path.join(tmp, "bench.db"),
-                                       index_type=args.milvus_index)
-            milvus.add(*data)
-            milvus.flush()
-            brains[f"milvus-lite-{args.milvus_index.lower()}"] = EngramBrain(milvus, scoring=knn, exploration=greedy)
-        except ImportError as exc:
-            milvus = None
-            print(f"milvus-lite skipped: {exc}")
-        steps.update()
-        try:
-            faiss_decide = faiss_decider(data, args.k, args.actions, args.bandwidth)
-        except ImportError as exc:
-            faiss_decide = None
-            print(f"faiss-cpu skipped: {exc}")
-        steps.update(2)
-        steps.close()
-        for name, brain in brains.items():
-            record(name, lambda q, b=brain: b.decide(q, explore=False))
-        if faiss_decide is not None:
-            record("faiss-flat", faiss_decide)
-        if milvus is not None:
-            milvus.close()
+            with decider(store, data, setting) as decide:
+                seconds = _measure.median_time(lambda: decide(queries), repeats=args.repeats)
+        except Unavailable as exc:
+            tqdm.write(str(exc))
+            continue
+        rows.append({"store": name, "seconds_per_batch": seconds, "decisions_per_second": setting.batch / seconds})
+        tqdm.write(f"{name:26s} {setting.batch / seconds:12.0f} decisions/s  ({seconds * 1e3:.2f} ms per batch)")
     by = {r["store"]: r["decisions_per_second"] for r in rows}
-    milvus_key = f"milvus-lite-{args.milvus_index.lower()}"
+    milvus_key = f"milvus-lite-{setting.milvus_index.lower()}"
     ratios = {f"{name}_over_{milvus_key}": by[name] / by[milvus_key] for name in ("torch-kernel", "torch-kernel-local-linear", "torch-knn")
               if milvus_key in by}
     for name, ratio in ratios.items():
@@ -134,6 +164,23 @@ def main(argv=None):
     _measure.write_json(path, {"config": {k: v for k, v in vars(args).items() if k != "out"},
                                "machine": _measure.machine_description(), "rows": rows, "ratios": ratios})
     print(f"wrote {path}")
+
+
+# ---- the cases of pytest-benchmark (benchmarks/test_benchmarks.py) ---------------------------
+
+@contextlib.contextmanager
+def _decide_states(store, setting):
+    with decider(store, engrams(setting.engrams, setting.dim, setting.actions), setting) as decide:
+        queries = states(setting)
+        yield lambda: decide(queries)
+
+
+def benchmark_cases(size):
+    """One group (a batch of states against the memory), one row per store."""
+    setting = SIZES[size]
+    group = f"engram decide states={setting.batch} engrams={setting.engrams} d={setting.dim} A={setting.actions}"
+    return [Case(group, store, functools.partial(_decide_states, store, setting), info=asdict(setting))
+            for store in STORES]
 
 
 if __name__ == "__main__":

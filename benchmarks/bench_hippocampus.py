@@ -24,7 +24,6 @@ Writes bench_hippocampus.json (and recall_vs_n.png) to --out (default runs/bench
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -234,7 +233,7 @@ def main() -> int:
         plot_curve(result["recall_vs_n"], out / "recall_vs_n.png")
     result["machine"]["loadavg_after"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - start
-    (out / "bench_hippocampus.json").write_text(json.dumps(result, indent=2))
+    _measure.write_json(str(out / "bench_hippocampus.json"), result)
     print(f"wrote {out / 'bench_hippocampus.json'}")
     return 0
 

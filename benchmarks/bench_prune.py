@@ -27,6 +27,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import resonant_kernels as rk  # noqa: E402
+from _cases import Case, ready  # noqa: E402
 from _measure import (MB, add_out_argument, cuda_peak_extra_mb, machine_description, median_time,  # noqa: E402
                       out_path, peak_extra_rss_mb, write_json)
 
@@ -69,6 +70,10 @@ def measure(M, E, backend, device, repeats):
     return dict(M=M, backend=backend, seconds=seconds, peak_extra_mb=peak, kept=kept)
 
 
+def reference_estimate_mb(M) -> float:
+    return M * M * REFERENCE_BYTES_PER_PAIR / MB
+
+
 def reference_budget_mb(device, limit_gb) -> float:
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
@@ -98,7 +103,7 @@ def main(argv=None):
     jobs = [(M, b) for M in sizes for b in ["reference", *fused]]
     for M, backend in tqdm(jobs, desc="prune_mask", unit="run"):
         if backend == "reference":
-            need_mb = M * M * REFERENCE_BYTES_PER_PAIR / MB
+            need_mb = reference_estimate_mb(M)
             if measured_ref:
                 need_mb = measured_ref[1] * (M / measured_ref[0]) ** 2
             if need_mb > reference_budget_mb(args.device, args.reference_limit_gb):
@@ -131,6 +136,24 @@ def main(argv=None):
     write_json(out, dict(benchmark="prune_mask", E=args.E, dtype=str(DTYPE), sd=SD, threshold=THRESHOLD,
                          max_error=MAX_ERROR, max_steps=MAX_STEPS, machine=machine_description(), rows=rows))
     print(f"wrote {out}")
+
+
+# ---- the cases of pytest-benchmark (benchmarks/test_benchmarks.py) ---------------------------
+
+def benchmark_cases(size):
+    """One group per M (CPU: the reference and the fused `cpu` backend); "full" is the script's table
+    (the reference left out where its M×M tensors would pass CPU_REFERENCE_LIMIT_GB)."""
+    E = 8 if size == "smoke" else 64
+    sizes = {"smoke": [64], "quick": [1024, 2048], "full": [1024, 4096, 16384]}[size]
+    cases = []
+    for M in sizes:
+        for backend in ("reference", "cpu"):
+            skip = None
+            if backend == "reference" and reference_estimate_mb(M) > CPU_REFERENCE_LIMIT_GB * 1024:
+                skip = f"the reference would need ~{reference_estimate_mb(M) / 1024:.1f} GB"
+            cases.append(Case(f"prune_mask M={M} E={E}", backend, ready(make_call, M, E, backend), skip=skip,
+                              info=dict(M=M, E=E, threshold=THRESHOLD, max_error=MAX_ERROR)))
+    return cases
 
 
 if __name__ == "__main__":

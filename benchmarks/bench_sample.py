@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resonant_kernels as rk  # noqa: E402
+from _cases import Case, ready  # noqa: E402
 from _measure import (add_out_argument, add_speedups, cuda_peak_extra_mb, machine_description,  # noqa: E402
                       median_time, out_path, peak_extra_rss_mb, write_json)
 
@@ -55,10 +56,16 @@ def backends_for(device):
     return out
 
 
-def rows_for(args):
-    if args.quick:
+def sized_rows(size):
+    if size == "smoke":
+        return [dict(Q=Q, M=64, E=8, S=4) for Q in (1, 4)]
+    if size == "quick":
         return [dict(Q=Q, M=M, E=64, S=32) for M in (256, 1024) for Q in (1, 16)]
     return [dict(Q=Q, M=M, E=1024, S=256) for M in (1024, 16384) for Q in (1, 256)]
+
+
+def rows_for(args):
+    return sized_rows("quick" if args.quick else "full")
 
 
 def run(args):
@@ -152,6 +159,17 @@ def main(argv=None):
                           spread=SPREAD, results=results))
     plot(results, out_path(args.out, stem + ".png"))
     print(f"\nmachine: {machine_description()}\nwritten: {os.path.relpath(path)} and {stem}.png")
+
+
+# ---- the cases of pytest-benchmark (benchmarks/test_benchmarks.py) ---------------------------
+
+def benchmark_cases(size):
+    """One group per (M, Q, E, S) row of the script's table, one row per CPU backend."""
+    cases = []
+    for row in sized_rows(size):
+        group = "conditional_sample M={M} Q={Q} E={E} S={S}".format(**row)
+        cases += [Case(group, name, ready(build, name, **row), skip=why, info=row) for name, why in backends_for("cpu")]
+    return cases
 
 
 if __name__ == "__main__":

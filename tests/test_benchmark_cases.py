@@ -1,0 +1,89 @@
+"""The benchmarks cannot rot unnoticed: every case of benchmarks/ runs at its smoke size under
+pytest-benchmark, as a user runs it (`pytest benchmarks/ --bench-size smoke`, one round each, in a
+subprocess: `make test` itself never collects benchmarks/), one group per case and one row per
+peer, and a saved run lands under runs/pytest-benchmark/ of the current directory."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from checkout import ROOT
+
+OPTIONAL_PEERS = {"milvus-lite", "faiss-flat"}  # skipped, with the reason, where the extra is not installed
+
+
+def expected_rows() -> dict[str, set[str]]:
+    """group -> the peers that run at the smoke size, from the benchmark modules themselves."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _cases import all_cases
+
+        rows: dict[str, set[str]] = {}
+        for case in all_cases("smoke"):
+            if not case.skip:
+                rows.setdefault(case.group, set()).add(case.peer)
+        return rows
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_every_benchmark_case_runs_at_smoke_size(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--bench-size", "smoke", "--benchmark-only",
+         "--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off", "--benchmark-autosave",
+         f"--benchmark-json={report_path}", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+    measured: dict[str, set[str]] = {}
+    for bench in json.loads(report_path.read_text())["benchmarks"]:
+        assert bench["stats"]["rounds"] >= 1 and bench["stats"]["min"] > 0
+        measured.setdefault(bench["group"], set()).add(bench["extra_info"]["peer"])
+    expected = expected_rows()
+    assert set(measured) == set(expected), "a case group did not run"
+    for group, peers in expected.items():
+        assert measured[group] <= peers and peers - measured[group] <= OPTIONAL_PEERS, (group, measured[group])
+    # every benchmark module contributes: read fwd and fwd+bwd, prune, sampling, engram decisions
+    for family in ("read fwd ", "read fwd+bwd ", "prune_mask ", "conditional_sample ", "engram decide "):
+        assert any(group.startswith(family) for group in measured), family
+    read_peers = measured["read fwd Q=64 M=128 E=32 no-threshold"]
+    assert {"reference", "cpu", "chunked_torch", "compiled_naive", "bare_matmul"} <= read_peers
+
+    saved = list((tmp_path / "runs" / "pytest-benchmark").glob("*/0001_*.json"))
+    assert len(saved) == 1 and not (tmp_path / ".benchmarks").exists()
+
+
+@pytest.mark.parametrize("threshold", [None, 1.5])
+def test_naive_peer_computes_the_read_and_its_gradients(threshold):
+    """benchmarks/bench_read.py's naive_read (what torch.compile compiles there) is the same op as
+    the reference, values and gradients, including queries that match nothing under a threshold."""
+    import torch
+
+    import resonant_kernels as rk
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_read import naive_read
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    gen = torch.Generator().manual_seed(3)
+    query_loc = torch.randn(7, 2, generator=gen, dtype=torch.float64) * 2  # spread out: some match nothing
+    inputs = [query_loc, torch.randn(11, 2, generator=gen, dtype=torch.float64),
+              torch.randn(11, 5, generator=gen, dtype=torch.float64)]
+    grad_out = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    results = []
+    for read in (lambda q, m, z: naive_read(q, m, z, 0.7, 0.5, threshold),
+                 lambda q, m, z: rk.gaussian_read(q, 0.7, m, 0.5, z, match_threshold=threshold, backend="reference")):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = read(*leaves)
+        out.backward(grad_out)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    if threshold is not None:
+        assert (results[1][0] == 0).all(-1).any(), "no query is isolated: the test would miss the empty rows"
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
