@@ -1,0 +1,174 @@
+// Pieces shared by the dense read's forward (read_dense_cpu.cpp) and backward
+// (read_dense_backward_cpu.cpp): the register configuration, how rows are grouped into vector
+// lanes, the geometry of a batch row whose variance every pair shares, the direct scores of a
+// panel of lanes against one point, and the packing of a tile's rows for the micro-kernel.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "gemm.h"
+#include "read_cpu.h"
+
+namespace rk {
+namespace dense {
+
+template <class T>
+struct Cfg {
+  static constexpr int64_t VB = kNativeVectorBytes;
+  using S = Simd<T, VB>;
+  using Vec = typename S::Vec;
+  static constexpr int64_t L = S::L;
+  static constexpr int64_t NR = 2 * L;  // lanes of a panel; value columns of a register block
+  static constexpr int MR = micro_rows(VB);
+};
+
+constexpr int64_t kPanelsPerGroup = 8;  // rows per task: 8 panels (256 floats' lanes with AVX-512)
+constexpr int64_t kGroupsWanted = 8;    // smaller groups where a call would have fewer
+
+// n rows (per batch row) cut into groups of at most max_panels panels of lanes, smaller ones (down
+// to one vector of lanes) where the call would have fewer than kGroupsWanted. Depends on the shapes
+// only, never on the thread count, so no result does.
+struct LaneGroups {
+  int64_t size, count;  // rows per group (the last may have fewer), groups per batch row
+};
+
+template <class T>
+LaneGroups lane_groups(int64_t B, int64_t n, int64_t max_panels) {
+  const int64_t most = max_panels * Cfg<T>::NR;
+  int64_t groups = (n + most - 1) / most;
+  if (B * groups < kGroupsWanted)
+    groups = std::min<int64_t>((kGroupsWanted + B - 1) / B, (n + Cfg<T>::L - 1) / Cfg<T>::L);
+  groups = std::max<int64_t>(groups, 1);
+  const int64_t size = (n + groups - 1) / groups;
+  return {size, (n + size - 1) / size};
+}
+
+// The pair geometry of one batch row whose every pair has the same variance per dimension:
+// log k = −½ · dist · scale + norm with dist = Σ_k w_k (q_k − m_k)².
+template <class T>
+struct Metric {
+  std::vector<T> w;  // 1 / v_k per dimension, or all 1 where every variance is one number (scale = 1 / v)
+  bool unit;         // all weights 1: dist is the plain squared distance
+  T scale, norm;
+  T thr2;            // squared threshold on the plain distance; < 0: none
+
+  Metric(const ReadShape& s, const View3<const T>& qvar, const View3<const T>& mvar, int64_t b) : w(s.d, T(1)) {
+    const auto geo = make_geometry<T, 0>(s.d, s.threshold, s.uniform_var, s.uniform_var_value);
+    thr2 = geo.thr2;
+    unit = s.uniform_var;
+    if (unit) {
+      scale = geo.uniform_inv_var;
+      norm = geo.uniform_norm;
+      return;
+    }
+    scale = T(1);
+    LogProduct log_det;
+    for (int64_t k = 0; k < s.d; ++k) {
+      const T v = qvar(b, 0, k) + mvar(b, 0, k);
+      w[k] = T(1) / v;
+      log_det.multiply(double(v));
+    }
+    norm = T(-0.5 * log_det.log()) + geo.norm_const;
+  }
+
+  // 1 / v_k, the factor of the gradients
+  inline T inv(int64_t k) const { return unit ? scale : w[k]; }
+
+  inline T score_of(T dist, T plain) const {
+    return thr2 >= 0 && plain > thr2 ? neg_inf<T>() : T(-0.5) * dist * scale + norm;
+  }
+
+  // log k of one pair, directly.
+  template <class QL, class ML>
+  inline T score(const QL& q, const ML& m, int64_t d) const {
+    T dist = 0, plain = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const T diff = q(k) - m(k);
+      dist += unit ? diff * diff : diff * diff * w[k];
+      plain += diff * diff;
+    }
+    return score_of(dist, plain);
+  }
+};
+
+// Copies n rows (from r0) of a View3's batch row b into panels [panel][dim][NR], lane i of panel
+// i / NR holding row r0 + i; lanes past n are zero.
+template <class T>
+void pack_lanes(const View3<const T>& rows, int64_t b, int64_t r0, int64_t n, int64_t d, std::vector<T>& panels) {
+  constexpr int64_t NR = Cfg<T>::NR;
+  std::fill(panels.begin(), panels.end(), T(0));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) panels[(i / NR) * d * NR + k * NR + i % NR] = rows(b, r0 + i, k);
+}
+
+// log k between the 2 × L points of a panel ([dim][NR]) and one point p (stride sc), vectorised
+// over the panel's lanes: (s0, s1).
+template <class T, int D, bool Unit>
+inline void lane_scores(const Metric<T>& mt, const T* panel, const T* p, int64_t sc, int64_t d,
+                        typename Cfg<T>::Vec& s0, typename Cfg<T>::Vec& s1) {
+  using S = typename Cfg<T>::S;
+  using Vec = typename Cfg<T>::Vec;
+  constexpr int64_t L = Cfg<T>::L, NR = Cfg<T>::NR;
+  const int64_t n = D > 0 ? D : d;
+  const bool plain_needed = !Unit && mt.thr2 >= 0;
+  Vec dist0{}, dist1{}, plain0{}, plain1{};
+  for (int64_t k = 0; k < n; ++k) {
+    const T pk = p[k * sc];
+    const Vec x0 = S::load(panel + k * NR) - pk, x1 = S::load(panel + k * NR + L) - pk;
+    if (Unit) {
+      dist0 += x0 * x0;
+      dist1 += x1 * x1;
+    } else {
+      dist0 += x0 * x0 * mt.w[k];
+      dist1 += x1 * x1 * mt.w[k];
+      if (plain_needed) {
+        plain0 += x0 * x0;
+        plain1 += x1 * x1;
+      }
+    }
+  }
+  if (Unit || !plain_needed) {
+    plain0 = dist0;
+    plain1 = dist1;
+  }
+  const Vec thr2 = S::splat(mt.thr2 >= 0 ? mt.thr2 : std::numeric_limits<T>::infinity());
+  const Vec ninf = S::splat(neg_inf<T>());
+  s0 = T(-0.5) * dist0 * mt.scale + mt.norm;
+  s1 = T(-0.5) * dist1 * mt.scale + mt.norm;
+  s0 = plain0 > thr2 ? ninf : s0;
+  s1 = plain1 > thr2 ? ninf : s1;
+}
+
+// Packs nt rows (from r0) of E columns of a View3's batch row b into column blocks
+// dst[block][row][NR] (block e0 / NR at dst + e0 · nt), zero past E: each block is one contiguous
+// panel the micro-kernel streams from L1 (rows in place are a large power of two apart for the
+// usual E, so their lines would evict each other), and the rows are read once, in order, which
+// the hardware prefetcher follows.
+template <class T>
+void pack_column_blocks(const View3<const T>& src, int64_t b, int64_t r0, int64_t nt, int64_t E, T* dst) {
+  constexpr int64_t NR = Cfg<T>::NR;
+  const int64_t full = E / NR * NR;
+  for (int64_t j = 0; j < nt; ++j) {
+    const T* z = src.row(b, r0 + j);
+    T* row = dst + j * NR;
+    if (src.sc == 1) {
+      for (int64_t e0 = 0; e0 < full; e0 += NR)
+        for (int64_t e = 0; e < NR; ++e) row[e0 * nt + e] = z[e0 + e];
+    } else {
+      for (int64_t e0 = 0; e0 < full; e0 += NR)
+        for (int64_t e = 0; e < NR; ++e) row[e0 * nt + e] = z[(e0 + e) * src.sc];
+    }
+    if (full < E) {
+      for (int64_t e = full; e < E; ++e) row[full * nt + e - full] = z[e * src.sc];
+      for (int64_t e = E; e < full + NR; ++e) row[full * nt + e - full] = T(0);
+    }
+  }
+}
+
+}  // namespace dense
+}  // namespace rk
