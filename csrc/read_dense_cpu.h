@@ -19,4 +19,14 @@ template <class T>
 void dense_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                             View3<const T> mvar, View3<const T> values, T* out, T* lse);
 
+// The backward of such calls (csrc/read_dense_backward_cpu.cpp), its vector lanes over entries:
+// taken when there are enough entries to fill them.
+template <class T>
+bool dense_read_backward_applies(const ReadShape& s, View3<const T> qvar, View3<const T> mvar);
+
+template <class T>
+void dense_read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                             View3<const T> mvar, View3<const T> values, const T* grad_out, const T* out,
+                             const T* lse, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values);
+
 }  // namespace rk

@@ -1,0 +1,361 @@
+// The read's backward as matrix products on the CPU, for the calls read_dense_cpu.cpp's forward
+// takes (every pair of a batch row shares its variance). With w the weights recomputed from the
+// saved log-sum-exps, g the output's gradient and δ_q = g_q · out_q:
+//   dp[q][m] = g_q · z_m                    (a product over E: g rows × the group's values)
+//   ds = w (dp − δ_q)                         (the softmax's backward)
+//   dL/dz_m = Σ_q w[q][m] g_q                 (a product over the queries)
+//   location and variance gradients from Σ ds (q − m) and Σ ds (q − m)² per dimension.
+// Layout: the SIMD lanes run over entries. A task is a group of entries of one batch row (its
+// locations packed into panels, its values transposed once, [e][lanes]); it streams the queries
+// in tiles of kQueryTile. The entries' gradients are the task's own; the queries' are summed per
+// thread, the tasks dealt round-robin (a static schedule), then over threads in order: the same
+// bits run to run for a given number of threads (design.md §7), the entries' gradients for any.
+// Tiles whose weights are mostly zero (a tight threshold) take one pair at a time instead.
+#include "read_dense_cpu.h"
+
+#include "fast_exp.h"
+#include "gemm.h"
+#include "read_dense_common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace rk {
+namespace {
+
+using dense::Cfg;
+using dense::Metric;
+
+constexpr int64_t kQueryTile = 128;
+constexpr int64_t kGroupValueBytes = int64_t(512) << 10;  // a group's transposed values stay in L2
+constexpr int64_t kDotChunk = 256;  // dp product: value columns per chunk ([256][NR] of the values in L1)
+
+template <class T>
+struct Call {
+  const ReadShape& s;
+  View3<const T> qloc, qvar, mloc, mvar, values;
+  const T *grad_out, *out, *lse, *delta;
+};
+
+// Per-thread working memory of one task (a group of entries) and its query tiles.
+template <class T>
+struct Work {
+  int64_t G_pad, ldw, lda, E_pad, d;
+  std::vector<T> panels;      // the group's locations, [panel][dim][NR]
+  std::vector<T> zt;          // the group's values transposed, [e][ldw] (zero past the group)
+  std::vector<T> w, ds;       // the tile's weights and score gradients, [query][ldw] (+ MR: blocks read past)
+  std::vector<T> gpack;       // the tile's output gradients in column blocks [block][query][NR]
+  std::vector<T> gv;          // Σ_q w g_q per entry, [roundup(G_pad, MR)][lda]
+  std::vector<T> s1, s2, s0;  // per entry: Σ ds (q − m)_k and Σ ds (q − m)_k² ([dim][G_pad]), Σ ds
+  std::vector<T> q1, q2;      // per dimension, the current query's partial sums over the lanes, [dim][L]
+  std::vector<T> zeros;       // an output-gradient row of zeros, for rows past the tile
+  std::vector<T> lane_valid;  // 1 for the group's entries, 0 for padding lanes
+
+  Work(int64_t G, int64_t d_, int64_t E) : d(d_) {
+    using C = Cfg<T>;
+    G_pad = round_up(G, C::NR);
+    E_pad = round_up(E, C::NR);
+    ldw = G_pad + C::L;  // not a large power of two apart (cache sets), as in the forward
+    lda = E_pad + C::L;
+    const int64_t tile_rows = round_up(kQueryTile, C::MR);
+    panels.assign(G_pad * d, T(0));
+    zt.assign(E * ldw, T(0));
+    w.assign(tile_rows * ldw + C::MR, T(0));
+    ds.assign(tile_rows * ldw + C::MR, T(0));
+    gpack.assign(kQueryTile * E_pad, T(0));
+    gv.assign(round_up(G_pad, C::MR) * lda, T(0));
+    s1.assign(d * G_pad, T(0));
+    s2.assign(d * G_pad, T(0));
+    s0.assign(G_pad, T(0));
+    q1.assign(d * C::L, T(0));
+    q2.assign(d * C::L, T(0));
+    zeros.assign(E, T(0));
+    lane_valid.assign(G_pad, T(0));
+  }
+};
+
+template <class T>
+inline T dot(const T* a, const T* b, int64_t sb, int64_t n) {
+  T acc = 0;
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k * sb];
+  return acc;
+}
+
+// w[i][lanes] for the tile's nq queries from q0 (0 for a query that matched nothing and for
+// padding lanes); returns how many are nonzero.
+template <class T, int D, bool Unit>
+int64_t tile_weights(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, int64_t nq, Work<T>& w) {
+  using S = typename Cfg<T>::S;
+  using Vec = typename Cfg<T>::Vec;
+  constexpr int64_t L = Cfg<T>::L, NR = Cfg<T>::NR;
+  const int64_t panels = w.G_pad / NR, d = c.s.d;
+  const Vec zero{}, one = S::splat(T(1));
+  Vec count{};
+  for (int64_t i = 0; i < nq; ++i) {
+    T* row = w.w.data() + i * w.ldw;
+    const T lse = c.lse[b * c.s.Q + q0 + i];
+    if (lse == neg_inf<T>()) {
+      std::fill(row, row + w.G_pad, T(0));
+      continue;
+    }
+    for (int64_t p = 0; p < panels; ++p) {
+      Vec s0, s1;
+      dense::lane_scores<T, D, Unit>(mt, w.panels.data() + p * d * NR, c.qloc.row(b, q0 + i), c.qloc.sc, d, s0, s1);
+      const Vec w0 = exp_nonpositive_lanes(s0 - lse) * S::load(w.lane_valid.data() + p * NR);
+      const Vec w1 = exp_nonpositive_lanes(s1 - lse) * S::load(w.lane_valid.data() + p * NR + L);
+      S::store(row + p * NR, w0);
+      S::store(row + p * NR + L, w1);
+      count += (w0 != zero ? one : zero) + (w1 != zero ? one : zero);
+    }
+  }
+  T total = 0;
+  for (int64_t l = 0; l < L; ++l) total += count[l];
+  return int64_t(total);
+}
+
+// ds[i][lanes] = w (dp − δ_q) with dp[i][l] = g_q · z_{t0+l}, q = q0 + i: a product when the tile
+// is dense, else one dot per nonzero weight.
+template <class T>
+void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t n, int64_t q0, int64_t nq, bool dense_tile,
+                     Work<T>& w) {
+  constexpr int64_t NR = Cfg<T>::NR;
+  constexpr int MR = Cfg<T>::MR;
+  const int64_t E = c.s.E, Q = c.s.Q, panels = w.G_pad / NR;
+  T* dp = w.ds.data();
+  if (dense_tile) {
+    std::fill(dp, dp + round_up(nq, MR) * w.ldw, T(0));
+    for (int64_t e0 = 0; e0 < E; e0 += kDotChunk) {
+      const int64_t K = std::min(kDotChunk, E - e0);
+      for (int64_t p = 0; p < panels; ++p)
+        for (int64_t i0 = 0; i0 < nq; i0 += MR) {
+          const T* rows[MR];
+          for (int r = 0; r < MR; ++r)
+            rows[r] = i0 + r < nq ? c.grad_out + (b * Q + q0 + i0 + r) * E + e0 : w.zeros.data();
+          block_dots<T, Cfg<T>::VB, MR>(RowPointers<T, MR>{rows}, w.zt.data() + e0 * w.ldw + p * NR, w.ldw, K,
+                                        dp + i0 * w.ldw + p * NR, w.ldw);
+        }
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t bq = b * Q + q0 + i;
+    const T* wr = w.w.data() + i * w.ldw;
+    T* row = dp + i * w.ldw;
+    const T delta = c.delta[bq];
+    if (dense_tile) {
+      for (int64_t l = 0; l < w.G_pad; ++l) row[l] = wr[l] * (row[l] - delta);  // vectorised; w = 0 -> 0
+    } else {
+      for (int64_t l = 0; l < w.G_pad; ++l)
+        row[l] = wr[l] == T(0) ? T(0) : wr[l] * (dot(c.grad_out + bq * E, c.values.row(b, t0 + l), c.values.sc, E) - delta);
+    }
+  }
+}
+
+// Σ_q w g_q into the group's value gradients: a product when the tile is dense (the tile's output
+// gradients packed in column blocks), else one row update per nonzero weight.
+template <class T>
+void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t nq, bool dense_tile, Work<T>& w) {
+  constexpr int64_t NR = Cfg<T>::NR;
+  constexpr int MR = Cfg<T>::MR;
+  const int64_t E = c.s.E, Q = c.s.Q;
+  if (dense_tile) {
+    const View3<const T> g{c.grad_out, Q * E, E, 1};
+    dense::pack_column_blocks(g, b, q0, nq, E, w.gpack.data());
+    for (int64_t e0 = 0; e0 < w.E_pad; e0 += NR)
+      for (int64_t m0 = 0; m0 < n; m0 += MR)
+        block_dots<T, Cfg<T>::VB, MR>(Strided<T, 1>{w.w.data() + m0, w.ldw}, w.gpack.data() + e0 * nq, NR, nq,
+                                      w.gv.data() + m0 * w.lda + e0, w.lda);
+    return;
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const T* g = c.grad_out + (b * Q + q0 + i) * E;
+    const T* wr = w.w.data() + i * w.ldw;
+    for (int64_t l = 0; l < n; ++l) {
+      if (wr[l] == T(0)) continue;  // an underflowed or masked weight adds exactly nothing
+      T* a = w.gv.data() + l * w.lda;
+      for (int64_t e = 0; e < E; ++e) a[e] += wr[l] * g[e];
+    }
+  }
+}
+
+// Σ ds (q − m)_k and Σ ds (q − m)_k² per entry lane (s1, s2) and per query (into qsum, the
+// thread's [bq][Σ_k terms d | Σ_k squares d | Σ ds]), and Σ ds per entry (s0).
+template <class T, int D>
+void location_sums(const Call<T>& c, int64_t b, int64_t q0, int64_t nq, Work<T>& w, T* qsum) {
+  using S = typename Cfg<T>::S;
+  using Vec = typename Cfg<T>::Vec;
+  constexpr int64_t L = Cfg<T>::L, NR = Cfg<T>::NR;
+  const int64_t d = D > 0 ? D : c.s.d, panels = w.G_pad / NR;
+  for (int64_t i = 0; i < nq; ++i) {
+    const T* dsr = w.ds.data() + i * w.ldw;
+    const T* q = c.qloc.row(b, q0 + i);
+    std::fill(w.q1.begin(), w.q1.end(), T(0));
+    std::fill(w.q2.begin(), w.q2.end(), T(0));
+    Vec sum_ds{};
+    bool any = false;
+    for (int64_t p = 0; p < panels; ++p) {
+      const Vec ds0 = S::load(dsr + p * NR), ds1 = S::load(dsr + p * NR + L);
+      bool nonzero = false;
+      for (int64_t l = 0; l < L; ++l) nonzero |= ds0[l] != T(0) || ds1[l] != T(0);
+      if (!nonzero) continue;
+      any = true;
+      sum_ds += ds0 + ds1;
+      T* s0 = w.s0.data() + p * NR;
+      S::store(s0, S::load(s0) + ds0);
+      S::store(s0 + L, S::load(s0 + L) + ds1);
+      const T* panel = w.panels.data() + p * d * NR;
+      for (int64_t k = 0; k < d; ++k) {
+        const T qk = q[k * c.qloc.sc];
+        const Vec x0 = qk - S::load(panel + k * NR), x1 = qk - S::load(panel + k * NR + L);
+        const Vec t0 = ds0 * x0, t1 = ds1 * x1, u0 = t0 * x0, u1 = t1 * x1;
+        T* a1 = w.s1.data() + k * w.G_pad + p * NR;
+        T* a2 = w.s2.data() + k * w.G_pad + p * NR;
+        S::store(a1, S::load(a1) + t0);
+        S::store(a1 + L, S::load(a1 + L) + t1);
+        S::store(a2, S::load(a2) + u0);
+        S::store(a2 + L, S::load(a2 + L) + u1);
+        S::store(w.q1.data() + k * L, S::load(w.q1.data() + k * L) + (t0 + t1));
+        S::store(w.q2.data() + k * L, S::load(w.q2.data() + k * L) + (u0 + u1));
+      }
+    }
+    if (!any) continue;
+    T* dst = qsum + (b * c.s.Q + q0 + i) * (2 * d + 1);
+    for (int64_t k = 0; k < d; ++k) {
+      T a = 0, a2 = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        a += w.q1[k * L + l];
+        a2 += w.q2[k * L + l];
+      }
+      dst[k] += a;
+      dst[d + k] += a2;
+    }
+    T total = 0;
+    for (int64_t l = 0; l < L; ++l) total += sum_ds[l];
+    dst[2 * d] += total;
+  }
+}
+
+// One task: the gradients of the group's n entries from t0 of batch row b, and its share of the
+// queries' (into qsum).
+template <class T, int D>
+void group_backward(const Call<T>& c, int64_t b, int64_t t0, int64_t n, Work<T>& w, T* qsum, T* g_mloc,
+                    T* g_mvar, T* g_values) {
+  constexpr int64_t NR = Cfg<T>::NR;
+  const ReadShape& s = c.s;
+  const int64_t d = s.d, E = s.E, M = s.M;
+  const Metric<T> mt(s, c.qvar, c.mvar, b);
+  dense::pack_lanes(c.mloc, b, t0, n, d, w.panels);
+  for (int64_t l = 0; l < w.G_pad; ++l) w.lane_valid[l] = l < n ? T(1) : T(0);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t l = 0; l < w.G_pad; ++l) w.zt[e * w.ldw + l] = l < n ? c.values(b, t0 + l, e) : T(0);
+  std::fill(w.gv.begin(), w.gv.end(), T(0));
+  for (auto* v : {&w.s0, &w.s1, &w.s2}) std::fill(v->begin(), v->end(), T(0));
+  for (int64_t q0 = 0; q0 < s.Q; q0 += kQueryTile) {
+    const int64_t nq = std::min(kQueryTile, s.Q - q0);
+    const int64_t nonzero = mt.unit ? tile_weights<T, D, true>(c, mt, b, q0, nq, w)
+                                    : tile_weights<T, D, false>(c, mt, b, q0, nq, w);
+    if (nonzero == 0) continue;
+    const bool dense_tile = nonzero * 4 > nq * n;
+    score_gradients(c, b, t0, n, q0, nq, dense_tile, w);
+    value_gradients(c, b, n, q0, nq, dense_tile, w);
+    location_sums<T, D>(c, b, q0, nq, w, qsum);
+  }
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t bm = b * M + t0 + l;
+    for (int64_t k = 0; k < d; ++k) {
+      const T inv = mt.inv(k);
+      g_mloc[bm * d + k] = inv * w.s1[k * w.G_pad + l];
+      g_mvar[bm * d + k] = T(0.5) * (inv * inv * w.s2[k * w.G_pad + l] - inv * w.s0[l]);
+    }
+    std::copy(w.gv.begin() + l * w.lda, w.gv.begin() + l * w.lda + E, g_values + bm * E);
+  }
+  (void)NR;
+}
+
+template <class T, int D>
+void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                   View3<const T> mvar, View3<const T> values, const T* grad_out, const T* out, const T* lse,
+                   T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values) {
+  using C = Cfg<T>;
+  const int64_t B = s.B, Q = s.Q, M = s.M, E = s.E, d = s.d, BQ = B * Q;
+  std::vector<T> delta(BQ);  // δ_q = g_q · out_q, the softmax backward's per-row term
+#pragma omp parallel for schedule(static)
+  for (int64_t bq = 0; bq < BQ; ++bq) delta[bq] = dot(grad_out + bq * E, out + bq * E, 1, E);
+  const int64_t max_panels = std::clamp<int64_t>(kGroupValueBytes / (round_up(E, C::NR) * int64_t(sizeof(T)) * C::NR),
+                                                 1, dense::kPanelsPerGroup);
+  const auto [G, groups] = dense::lane_groups<T>(B, M, max_panels);
+  const int64_t tasks = B * groups;
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
+  const int64_t width = 2 * d + 1;
+  std::vector<T> qsums(size_t(threads) * BQ * width, T(0));  // per thread: [bq][Σ terms | Σ squares | Σ ds]
+  const Call<T> c{s, qloc, qvar, mloc, mvar, values, grad_out, out, lse, delta.data()};
+#pragma omp parallel num_threads(threads)
+  {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    Work<T> w(G, d, E);
+#pragma omp for schedule(static, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / groups, t0 = (task % groups) * G;
+      group_backward<T, D>(c, b, t0, std::min(G, M - t0), w, qsums.data() + size_t(tid) * BQ * width, g_mloc, g_mvar,
+                           g_values);
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t bq = 0; bq < BQ; ++bq) {
+    const Metric<T> mt(s, qvar, mvar, bq / Q);
+    T total_ds = 0;
+    for (int t = 0; t < threads; ++t) total_ds += qsums[(size_t(t) * BQ + bq) * width + 2 * d];
+    for (int64_t k = 0; k < d; ++k) {
+      T terms = 0, squares = 0;
+      for (int t = 0; t < threads; ++t) {
+        const T* src = qsums.data() + (size_t(t) * BQ + bq) * width;
+        terms += src[k];
+        squares += src[d + k];
+      }
+      const T inv = mt.inv(k);
+      g_qloc[bq * d + k] = -inv * terms;
+      g_qvar[bq * d + k] = T(0.5) * (inv * inv * squares - inv * total_ds);
+    }
+  }
+}
+
+}  // namespace
+
+template <class T>
+bool dense_read_backward_applies(const ReadShape& s, View3<const T> qvar, View3<const T> mvar) {
+  // the lanes run over entries here
+  const bool shared = s.uniform_var || ((qvar.sr == 0 || s.Q <= 1) && (mvar.sr == 0 || s.M <= 1));
+  return shared && s.E >= 1 && s.M >= Cfg<T>::L && s.Q >= 1;
+}
+
+template <class T>
+void dense_read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                             View3<const T> mvar, View3<const T> values, const T* grad_out, const T* out,
+                             const T* lse, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values) {
+  dispatch_dim(s.d, [&]<int D>() {
+    backward_impl<T, D>(s, qloc, qvar, mloc, mvar, values, grad_out, out, lse, g_qloc, g_qvar, g_mloc, g_mvar,
+                        g_values);
+  });
+}
+
+#define RK_INSTANTIATE(T)                                                                                      \
+  template bool dense_read_backward_applies<T>(const ReadShape&, View3<const T>, View3<const T>);             \
+  template void dense_read_backward_cpu<T>(const ReadShape&, View3<const T>, View3<const T>, View3<const T>, \
+                                           View3<const T>, View3<const T>, const T*, const T*, const T*, T*,  \
+                                           T*, T*, T*, T*);
+RK_INSTANTIATE(float)
+RK_INSTANTIATE(double)
+#undef RK_INSTANTIATE
+
+}  // namespace rk
