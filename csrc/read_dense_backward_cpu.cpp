@@ -106,8 +106,14 @@ int64_t tile_weights(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q
     for (int64_t p = 0; p < panels; ++p) {
       Vec s0, s1;
       dense::lane_scores<T, D, Unit>(mt, w.panels.data() + p * d * NR, c.qloc.row(b, q0 + i), c.qloc.sc, d, s0, s1);
-      const Vec w0 = exp_nonpositive_lanes(s0 - lse) * S::load(w.lane_valid.data() + p * NR);
-      const Vec w1 = exp_nonpositive_lanes(s1 - lse) * S::load(w.lane_valid.data() + p * NR + L);
+      // s ≤ lse up to rounding; a padding lane (a point at the origin) may score far above it, so
+      // it is cleared by a select (its exp may be inf; inf · 0 would be NaN)
+      Vec x0 = s0 - lse, x1 = s1 - lse;
+      x0 = x0 < zero ? x0 : zero;
+      x1 = x1 < zero ? x1 : zero;
+      const Vec valid0 = S::load(w.lane_valid.data() + p * NR), valid1 = S::load(w.lane_valid.data() + p * NR + L);
+      const Vec w0 = valid0 != zero ? exp_nonpositive_lanes(x0) : zero;
+      const Vec w1 = valid1 != zero ? exp_nonpositive_lanes(x1) : zero;
       S::store(row + p * NR, w0);
       S::store(row + p * NR + L, w1);
       count += (w0 != zero ? one : zero) + (w1 != zero ? one : zero);
