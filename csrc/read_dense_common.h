@@ -28,7 +28,7 @@ struct Cfg {
 };
 
 constexpr int64_t kPanelsPerGroup = 8;  // rows per task: 8 panels (256 floats' lanes with AVX-512)
-constexpr int64_t kGroupsWanted = 8;    // smaller groups where a call would have fewer
+constexpr int64_t kGroupsWanted = 2;    // smaller groups where a call would have fewer
 
 // n rows (per batch row) cut into groups of at most max_panels panels of lanes, smaller ones (down
 // to one vector of lanes) where the call would have fewer than kGroupsWanted. Depends on the shapes

@@ -189,6 +189,15 @@ void pack_entries(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t t0, 
   }
 }
 
+// Recomputes directly the scores of the n queries from q (lanes) against entry t that the product
+// form rejected (rare: out of line, so that the vectoriser does not compute it for every lane).
+template <class T, class Mask>
+__attribute__((noinline)) void recompute(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q, int64_t n,
+                                         int64_t t, const Mask& ok, T* scores) {
+  for (int64_t l = 0; l < n; ++l)
+    if (!ok[l]) scores[l] = mt.score(row_ref(c.qloc, b, q + l), row_ref(c.mloc, b, t), c.s.d);
+}
+
 // Product-form scores of the tile (see the top of the file), every pair whose product form is not
 // exact enough recomputed directly; tile_max[lanes] their maxima.
 template <class T>
@@ -238,8 +247,9 @@ void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0
       Vec sc = half_scale * dist * scale + norm;
       sc = dist > thr2 ? ninf : sc;
       S::store(row + l0, sc);
-      for (int64_t l = 0; l < L; ++l)
-        if (!ok[l] && l0 + l < n) row[l0 + l] = mt.score(row_ref(c.qloc, b, q0 + l0 + l), row_ref(c.mloc, b, t0 + j), d);
+      bool rejected = false;
+      for (int64_t l = 0; l < L; ++l) rejected |= !ok[l] && l0 + l < n;
+      if (rejected) recompute(c, mt, b, q0 + l0, std::min(L, n - l0), t0 + j, ok, row + l0);
       const Vec now = S::load(row + l0), before = S::load(tmax + l0);
       S::store(tmax + l0, now > before ? now : before);
     }
