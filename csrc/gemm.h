@@ -20,6 +20,8 @@ constexpr int64_t kNativeVectorBytes = 16;  // every 64-bit target has 16-byte v
 constexpr int kVectorRegisters = 16;
 #endif
 
+constexpr int64_t round_up_const(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 // One vector of VB bytes of T. The element-aligned type makes each load and store one full-width
 // unaligned move (a memcpy into a vector was compiled as half-width copies through the stack,
 // which stall store-to-load forwarding).
@@ -52,6 +54,38 @@ struct Strided {
   inline T operator()(int r, int64_t k) const { return p[k * k_step + r * RS]; }
 };
 
+// A's element (r, k) of a packed micro-panel (pack_lanes below): p[k · MR + r], MR consecutive
+// numbers per k, so the K × MR panel is one stream the prefetcher follows.
+template <class T, int MR>
+struct Packed {
+  const T* p;
+  inline T operator()(int r, int64_t k) const { return p[k * MR + r]; }
+};
+
+// Copies the lanes [0, n) (n rounded up to a multiple of MR) of K rows (row k at src + k · ld) into
+// micro-panels of MR lanes, panel i0 / MR at dst + (i0 / MR) · packed_stride(K) holding [k][MR]:
+// the layout Packed reads. Read in place, the MR numbers of one k sit in a row of their own, K rows
+// far apart, a cache line (and often a TLB entry) per k that the micro-kernel would wait for. Each
+// source row is read once, in order. Whole vectors of VB bytes are copied: lanes up to
+// pack_reach() past a panel's first are read, and written past its last k (into the gap between
+// panels, and past the last panel: dst needs that slack).
+template <class T, int64_t VB, int MR>
+constexpr int64_t pack_reach() { return round_up_const(MR, Simd<T, VB>::L); }
+
+template <class T, int64_t VB, int MR>
+constexpr int64_t packed_stride(int64_t K) { return K * MR + pack_reach<T, VB, MR>() - MR; }
+
+template <class T, int64_t VB, int MR>
+inline void pack_lanes(const T* src, int64_t ld, int64_t n, int64_t K, T* dst) {
+  using S = Simd<T, VB>;
+  constexpr int64_t L = S::L, NV = pack_reach<T, VB, MR>() / L;
+  const int64_t stride = packed_stride<T, VB, MR>(K);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i0 = 0; i0 < n; i0 += MR)
+      for (int64_t v = 0; v < NV; ++v)
+        S::store(dst + (i0 / MR) * stride + k * MR + v * L, S::load(src + k * ld + i0 + v * L));
+}
+
 // c[r · ldc + j] += Σ_{k < K} a(r, k) · b[k · ldb + j] for r < MR, j < 2L (L lanes of VB bytes).
 // Each c element is one chain of fused multiply-adds in k order, so the result does not depend on
 // how the caller blocks rows or columns.
@@ -79,6 +113,6 @@ inline void block_dots(const A& a, const T* b, int64_t ldb, int64_t K, T* c, int
   }
 }
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t round_up(int64_t x, int64_t m) { return round_up_const(x, m); }
 
 }  // namespace rk

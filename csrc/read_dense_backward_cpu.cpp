@@ -7,10 +7,12 @@
 //   location and variance gradients from Σ ds (q − m) and Σ ds (q − m)² per dimension.
 // Layout: the SIMD lanes run over entries. A task is a group of entries of one batch row (its
 // locations packed into panels, its values transposed once, [e][lanes]); it streams the queries
-// in tiles of kQueryTile. The entries' gradients are the task's own; the queries' are summed per
-// thread, the tasks dealt round-robin (a static schedule), then over threads in order: the same
-// bits run to run for a given number of threads (design.md §7), the entries' gradients for any.
-// Tiles whose weights are mostly zero (a tight threshold) take one pair at a time instead.
+// in tiles of kQueryTile. (Packing the output gradients once per call, as micro-panels for dp and
+// in column blocks for dL/dz, was slower at the shapes: the page faults of two fresh
+// Q × E buffers cost more than the packing they save.) The entries' gradients are the task's own; the queries' are summed per thread, the tasks dealt round-robin
+// (a static schedule), then over threads in order: the same bits run to run for a given number of
+// threads (design.md §7), the entries' gradients for any. Tiles whose weights are mostly zero (a
+// tight threshold) take one pair at a time instead.
 #include "read_dense_cpu.h"
 
 #include "fast_exp.h"
@@ -31,7 +33,9 @@ namespace {
 using dense::Cfg;
 using dense::Metric;
 
-constexpr int64_t kQueryTile = 128;
+constexpr int64_t kQueryTile = 120;  // a multiple of every MR (6, 12): the packed output gradients' blocks
+static_assert(kQueryTile % Cfg<float>::MR == 0 && kQueryTile % Cfg<double>::MR == 0);
+constexpr int64_t kDimChunk = 4;  // location sums: dimensions whose entry sums stay in registers at once
 constexpr int64_t kGroupValueBytes = int64_t(512) << 10;  // a group's transposed values stay in L2
 constexpr int64_t kDotChunk = 256;  // dp product: value columns per chunk ([256][NR] of the values in L1)
 
@@ -49,11 +53,13 @@ struct Work {
   std::vector<T> panels;      // the group's locations, [panel][dim][NR]
   std::vector<T> zt;          // the group's values transposed, [e][ldw] (zero past the group)
   std::vector<T> w, ds;       // the tile's weights and score gradients, [query][ldw] (+ MR: blocks read past)
+  std::vector<T> apack;       // the tile's weights as micro-panels [block of MR entries][query][MR]
   std::vector<T> gpack;       // the tile's output gradients in column blocks [block][query][NR]
   std::vector<T> gv;          // Σ_q w g_q per entry, [roundup(G_pad, MR)][lda]
   std::vector<T> s1, s2, s0;  // per entry: Σ ds (q − m)_k and Σ ds (q − m)_k² ([dim][G_pad]), Σ ds
-  std::vector<T> q1, q2;      // per dimension, the current query's partial sums over the lanes, [dim][L]
   std::vector<T> zeros;       // an output-gradient row of zeros, for rows past the tile
+  std::vector<T> qterms;      // per query of the tile, Σ over the group's lanes of ds (q − m)_k and ds (q − m)_k²
+                              // per lane, [query][2 · dim][L], and of ds, [query][L] after them
   std::vector<T> lane_valid;  // 1 for the group's entries, 0 for padding lanes
 
   Work(int64_t G, int64_t d_, int64_t E) : d(d_) {
@@ -65,16 +71,17 @@ struct Work {
     const int64_t tile_rows = round_up(kQueryTile, C::MR);
     panels.assign(G_pad * d, T(0));
     zt.assign(E * ldw, T(0));
-    w.assign(tile_rows * ldw + C::MR, T(0));
+    constexpr int64_t reach = pack_reach<T, C::VB, C::MR>();
+    w.assign(tile_rows * ldw + std::max<int64_t>(C::MR, reach), T(0));
+    apack.assign(round_up(G_pad, C::MR) / C::MR * packed_stride<T, C::VB, C::MR>(kQueryTile) + reach, T(0));
     ds.assign(tile_rows * ldw + C::MR, T(0));
     gpack.assign(kQueryTile * E_pad, T(0));
     gv.assign(round_up(G_pad, C::MR) * lda, T(0));
     s1.assign(d * G_pad, T(0));
     s2.assign(d * G_pad, T(0));
     s0.assign(G_pad, T(0));
-    q1.assign(d * C::L, T(0));
-    q2.assign(d * C::L, T(0));
-    zeros.assign(E, T(0));
+    zeros.assign(kDotChunk, T(0));
+    qterms.assign(kQueryTile * (2 * d + 1) * C::L, T(0));
     lane_valid.assign(G_pad, T(0));
   }
 };
@@ -127,8 +134,7 @@ int64_t tile_weights(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q
 // ds[i][lanes] = w (dp − δ_q) with dp[i][l] = g_q · z_{t0+l}, q = q0 + i: a product when the tile
 // is dense, else one dot per nonzero weight.
 template <class T>
-void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t n, int64_t q0, int64_t nq, bool dense_tile,
-                     Work<T>& w) {
+void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t q0, int64_t nq, bool dense_tile, Work<T>& w) {
   constexpr int64_t NR = Cfg<T>::NR;
   constexpr int MR = Cfg<T>::MR;
   const int64_t E = c.s.E, Q = c.s.Q, panels = w.G_pad / NR;
@@ -162,7 +168,8 @@ void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t n, int64_t
 }
 
 // Σ_q w g_q into the group's value gradients: a product when the tile is dense (the tile's output
-// gradients packed in column blocks), else one row update per nonzero weight.
+// gradients packed in column blocks, its weights in micro-panels), else one row update per
+// nonzero weight.
 template <class T>
 void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t nq, bool dense_tile, Work<T>& w) {
   constexpr int64_t NR = Cfg<T>::NR;
@@ -170,10 +177,13 @@ void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t
   const int64_t E = c.s.E, Q = c.s.Q;
   if (dense_tile) {
     const View3<const T> g{c.grad_out, Q * E, E, 1};
+    const T* gpack = w.gpack.data();
     dense::pack_column_blocks(g, b, q0, nq, E, w.gpack.data());
+    pack_lanes<T, Cfg<T>::VB, MR>(w.w.data(), w.ldw, n, nq, w.apack.data());
     for (int64_t e0 = 0; e0 < w.E_pad; e0 += NR)
       for (int64_t m0 = 0; m0 < n; m0 += MR)
-        block_dots<T, Cfg<T>::VB, MR>(Strided<T, 1>{w.w.data() + m0, w.ldw}, w.gpack.data() + e0 * nq, NR, nq,
+        block_dots<T, Cfg<T>::VB, MR>(Packed<T, MR>{w.apack.data() + m0 / MR * packed_stride<T, Cfg<T>::VB, MR>(nq)},
+                                      gpack + e0 * nq, NR, nq,
                                       w.gv.data() + m0 * w.lda + e0, w.lda);
     return;
   }
@@ -189,59 +199,84 @@ void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t
 }
 
 // Σ ds (q − m)_k and Σ ds (q − m)_k² per entry lane (s1, s2) and per query (into qsum, the
-// thread's [bq][Σ_k terms d | Σ_k squares d | Σ ds]), and Σ ds per entry (s0).
+// thread's [bq][Σ_k terms d | Σ_k squares d | Σ ds]), and Σ ds per entry (s0). Panel by panel,
+// kDimChunk dimensions at a time: the panel's sums stay in registers while the tile's queries
+// stream past; each query's share is kept per lane ([query][·][L]) and summed over the lanes at
+// the end, in lane order.
 template <class T, int D>
 void location_sums(const Call<T>& c, int64_t b, int64_t q0, int64_t nq, Work<T>& w, T* qsum) {
   using S = typename Cfg<T>::S;
   using Vec = typename Cfg<T>::Vec;
   constexpr int64_t L = Cfg<T>::L, NR = Cfg<T>::NR;
-  const int64_t d = D > 0 ? D : c.s.d, panels = w.G_pad / NR;
+  constexpr int KC = D > 0 && D < kDimChunk ? D : kDimChunk;
+  const int64_t d = D > 0 ? D : c.s.d, panels = w.G_pad / NR, width = (2 * d + 1) * L;
+  T* qt = w.qterms.data();
+  std::fill(qt, qt + nq * width, T(0));
+  const Vec zero{};
+  for (int64_t p = 0; p < panels; ++p) {
+    const T* panel = w.panels.data() + p * d * NR;
+    for (int64_t k0 = 0; k0 < d; k0 += KC) {
+      const int nk = int(std::min<int64_t>(KC, d - k0));
+      Vec m0[KC], m1[KC], a10[KC], a11[KC], a20[KC], a21[KC];
+      for (int kk = 0; kk < KC; ++kk) {
+        if (kk >= nk) break;
+        const int64_t k = k0 + kk;
+        m0[kk] = S::load(panel + k * NR);
+        m1[kk] = S::load(panel + k * NR + L);
+        a10[kk] = S::load(w.s1.data() + k * w.G_pad + p * NR);
+        a11[kk] = S::load(w.s1.data() + k * w.G_pad + p * NR + L);
+        a20[kk] = S::load(w.s2.data() + k * w.G_pad + p * NR);
+        a21[kk] = S::load(w.s2.data() + k * w.G_pad + p * NR + L);
+      }
+      Vec a00 = S::load(w.s0.data() + p * NR), a01 = S::load(w.s0.data() + p * NR + L);
+      for (int64_t i = 0; i < nq; ++i) {
+        const T* dsr = w.ds.data() + i * w.ldw + p * NR;
+        const Vec ds0 = S::load(dsr), ds1 = S::load(dsr + L);
+        const auto nonzero = (ds0 != zero) | (ds1 != zero);
+        bool any = false;
+        for (int64_t l = 0; l < L; ++l) any |= nonzero[l] != 0;
+        if (!any) continue;  // thresholded out (or underflowed): adds nothing
+        const T* q = c.qloc.row(b, q0 + i);
+        T* qi = qt + i * width;
+        if (k0 == 0) {
+          a00 += ds0;
+          a01 += ds1;
+          S::store(qi + 2 * d * L, S::load(qi + 2 * d * L) + (ds0 + ds1));
+        }
+        for (int kk = 0; kk < KC; ++kk) {
+          if (kk >= nk) break;
+          const int64_t k = k0 + kk;
+          const T qk = q[k * c.qloc.sc];
+          const Vec x0 = qk - m0[kk], x1 = qk - m1[kk];
+          const Vec t0 = ds0 * x0, t1 = ds1 * x1, u0 = t0 * x0, u1 = t1 * x1;
+          a10[kk] += t0;
+          a11[kk] += t1;
+          a20[kk] += u0;
+          a21[kk] += u1;
+          S::store(qi + k * L, S::load(qi + k * L) + (t0 + t1));
+          S::store(qi + (d + k) * L, S::load(qi + (d + k) * L) + (u0 + u1));
+        }
+      }
+      for (int kk = 0; kk < KC; ++kk) {
+        if (kk >= nk) break;
+        const int64_t k = k0 + kk;
+        S::store(w.s1.data() + k * w.G_pad + p * NR, a10[kk]);
+        S::store(w.s1.data() + k * w.G_pad + p * NR + L, a11[kk]);
+        S::store(w.s2.data() + k * w.G_pad + p * NR, a20[kk]);
+        S::store(w.s2.data() + k * w.G_pad + p * NR + L, a21[kk]);
+      }
+      S::store(w.s0.data() + p * NR, a00);
+      S::store(w.s0.data() + p * NR + L, a01);
+    }
+  }
   for (int64_t i = 0; i < nq; ++i) {
-    const T* dsr = w.ds.data() + i * w.ldw;
-    const T* q = c.qloc.row(b, q0 + i);
-    std::fill(w.q1.begin(), w.q1.end(), T(0));
-    std::fill(w.q2.begin(), w.q2.end(), T(0));
-    Vec sum_ds{};
-    bool any = false;
-    for (int64_t p = 0; p < panels; ++p) {
-      const Vec ds0 = S::load(dsr + p * NR), ds1 = S::load(dsr + p * NR + L);
-      bool nonzero = false;
-      for (int64_t l = 0; l < L; ++l) nonzero |= ds0[l] != T(0) || ds1[l] != T(0);
-      if (!nonzero) continue;
-      any = true;
-      sum_ds += ds0 + ds1;
-      T* s0 = w.s0.data() + p * NR;
-      S::store(s0, S::load(s0) + ds0);
-      S::store(s0 + L, S::load(s0 + L) + ds1);
-      const T* panel = w.panels.data() + p * d * NR;
-      for (int64_t k = 0; k < d; ++k) {
-        const T qk = q[k * c.qloc.sc];
-        const Vec x0 = qk - S::load(panel + k * NR), x1 = qk - S::load(panel + k * NR + L);
-        const Vec t0 = ds0 * x0, t1 = ds1 * x1, u0 = t0 * x0, u1 = t1 * x1;
-        T* a1 = w.s1.data() + k * w.G_pad + p * NR;
-        T* a2 = w.s2.data() + k * w.G_pad + p * NR;
-        S::store(a1, S::load(a1) + t0);
-        S::store(a1 + L, S::load(a1 + L) + t1);
-        S::store(a2, S::load(a2) + u0);
-        S::store(a2 + L, S::load(a2 + L) + u1);
-        S::store(w.q1.data() + k * L, S::load(w.q1.data() + k * L) + (t0 + t1));
-        S::store(w.q2.data() + k * L, S::load(w.q2.data() + k * L) + (u0 + u1));
-      }
-    }
-    if (!any) continue;
     T* dst = qsum + (b * c.s.Q + q0 + i) * (2 * d + 1);
-    for (int64_t k = 0; k < d; ++k) {
-      T a = 0, a2 = 0;
-      for (int64_t l = 0; l < L; ++l) {
-        a += w.q1[k * L + l];
-        a2 += w.q2[k * L + l];
-      }
-      dst[k] += a;
-      dst[d + k] += a2;
+    const T* qi = qt + i * width;
+    for (int64_t k = 0; k < 2 * d + 1; ++k) {
+      T total = 0;
+      for (int64_t l = 0; l < L; ++l) total += qi[k * L + l];
+      dst[k] += total;
     }
-    T total = 0;
-    for (int64_t l = 0; l < L; ++l) total += sum_ds[l];
-    dst[2 * d] += total;
   }
 }
 
@@ -266,7 +301,7 @@ void group_backward(const Call<T>& c, int64_t b, int64_t t0, int64_t n, Work<T>&
                                     : tile_weights<T, D, false>(c, mt, b, q0, nq, w);
     if (nonzero == 0) continue;
     const bool dense_tile = nonzero * 4 > nq * n;
-    score_gradients(c, b, t0, n, q0, nq, dense_tile, w);
+    score_gradients(c, b, t0, q0, nq, dense_tile, w);
     value_gradients(c, b, n, q0, nq, dense_tile, w);
     location_sums<T, D>(c, b, q0, nq, w, qsum);
   }

@@ -5,14 +5,22 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "common.h"
 #include "gemm.h"
 #include "read_cpu.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace rk {
 namespace dense {
@@ -169,6 +177,97 @@ void pack_column_blocks(const View3<const T>& src, int64_t b, int64_t r0, int64_
     }
   }
 }
+
+// Uninitialised memory for one call's packed operands. Buffers of kHugeFrom bytes or more are
+// aligned to 2 MiB and, on Linux, offered to transparent huge pages (honoured where THP is
+// "always" or "madvise"): fresh memory costs a page fault per page on first touch, and a 40 MB
+// buffer in 4 KiB pages took 17 ms of faults, in 2 MiB pages 3 ms (runs/fault.cpp), against a
+// backward of about 500 ms that it speeds up.
+template <class T>
+class Scratch {
+ public:
+  static constexpr size_t kHugeFrom = size_t(1) << 20, kHugePage = size_t(2) << 20;
+
+  explicit Scratch(size_t n) {
+    const size_t bytes = std::max<size_t>(n, 1) * sizeof(T);
+    if (bytes < kHugeFrom) {
+      p_ = static_cast<T*>(::operator new(bytes));
+      return;
+    }
+    const size_t whole = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    p_ = static_cast<T*>(std::aligned_alloc(kHugePage, whole));
+    if (!p_) throw std::bad_alloc();
+    aligned_ = true;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p_, whole, MADV_HUGEPAGE);  // advice only: nothing to do if it is refused
+#endif
+  }
+  ~Scratch() {
+    if (aligned_) std::free(p_);
+    else ::operator delete(p_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  T* data() const { return p_; }
+
+ private:
+  T* p_ = nullptr;
+  bool aligned_ = false;
+};
+
+// Tiles of rows (one batch row's rows t0 .. t0 + nt, tile t0 / kc) packed once per call for every
+// task that streams them (pack_column_blocks: the forward's values, the backward's output
+// gradients), instead of once per task: with many tasks per batch row the packing was a tenth of
+// the product's time. The first task to need a tile packs it into the shared copy; one that finds
+// it being packed packs into its own buffer instead of waiting. The packed numbers are the same
+// either way, so nothing depends on who packed. Not used (tasks pack their own) where a batch row
+// has one task, or where the shared copy would exceed kSharedPanelBytes.
+constexpr int64_t kSharedPanelBytes = int64_t(64) << 20;
+
+template <class T>
+class SharedPanels {
+ public:
+  // rows per batch row, tile rows kc, panel_size numbers per tile; batches: 1 where every batch
+  // row reads the same rows (batch stride 0)
+  SharedPanels(int64_t batches, int64_t rows, int64_t kc, int64_t panel_size)
+      : tiles_((rows + kc - 1) / kc), panel_size_(panel_size), one_batch_(batches == 1) {
+    const int64_t n = batches * tiles_;
+    if (n == 0 || n * panel_size * int64_t(sizeof(T)) > kSharedPanelBytes) return;
+    data_ = std::make_unique<Scratch<T>>(size_t(n * panel_size));  // every panel is written before it is read
+    state_.reset(new std::atomic<uint8_t>[size_t(n)]);
+    for (int64_t i = 0; i < n; ++i) state_[i].store(kEmpty, std::memory_order_relaxed);
+  }
+
+  bool enabled() const { return bool(data_); }
+
+  // The packed tile `tile` of batch row b: pack(dst) fills a panel.
+  template <class Pack>
+  const T* get(int64_t b, int64_t tile, T* own, const Pack& pack) {
+    if (!data_) {
+      pack(own);
+      return own;
+    }
+    const int64_t i = (one_batch_ ? 0 : b) * tiles_ + tile;
+    T* shared = data_->data() + i * panel_size_;
+    uint8_t st = state_[i].load(std::memory_order_acquire);
+    if (st == kReady) return shared;
+    if (st == kEmpty && state_[i].compare_exchange_strong(st, kPacking, std::memory_order_acq_rel)) {
+      pack(shared);
+      state_[i].store(kReady, std::memory_order_release);
+      return shared;
+    }
+    pack(own);
+    return own;
+  }
+
+ private:
+  static constexpr uint8_t kEmpty = 0, kPacking = 1, kReady = 2;
+  int64_t tiles_, panel_size_;
+  bool one_batch_;
+  std::unique_ptr<Scratch<T>> data_;
+  std::unique_ptr<std::atomic<uint8_t>[]> state_;
+};
 
 }  // namespace dense
 }  // namespace rk

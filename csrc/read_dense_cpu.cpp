@@ -71,6 +71,7 @@ std::vector<T> centre(const View3<const T>& mloc, int64_t b, int64_t M, int64_t 
 // Per-thread working memory of one task (a group of queries) and its tiles.
 template <class T>
 struct Work {
+  static constexpr int64_t kPackReach = pack_reach<T, Cfg<T>::VB, Cfg<T>::MR>();
   int64_t G_pad, rows, E_pad, d;
   int64_t ldw, lda;  // row strides of weights and acc: one vector more than G_pad and E_pad, so that the
                      // rows a micro-kernel walks down are not a large power of two apart (their cache
@@ -79,10 +80,11 @@ struct Work {
   std::vector<T> qnorm;   // product form: a per lane
   std::vector<T> center;  // product form: c (centre()) of batch row center_row
   int64_t center_row = -1;
-  std::vector<T> weights; // the tile's scores, then weights: [entry][ldw] (+ MR: the last block reads past)
+  std::vector<T> weights; // the tile's scores, then weights: [entry][ldw] (+ kPackReach: pack_lanes reads past)
   std::vector<T> mem;     // product form: the tile's centred entries, [chunk][rows][kScoreChunk]
   std::vector<T> mnorm;   // product form: b per entry
   std::vector<T> panel;   // the tile's values, packed [column block][entry][NR] (zero past E)
+  std::vector<T> apack;   // the tile's weights as micro-panels [block of MR queries][entry][MR]
   std::vector<T> acc;     // Σ w · values per query, [roundup(G_pad, MR)][lda]
   std::vector<T> run_max, run_sum, tile_max;  // per lane
   std::vector<T> lane_valid;                   // 1 for the group's queries, 0 for padding lanes
@@ -95,7 +97,7 @@ struct Work {
     ldw = G_pad + C::L;
     lda = E_pad + C::L;
     panels.assign(G_pad * d, T(0));
-    weights.assign(rows * ldw + C::MR, T(0));
+    weights.assign(rows * ldw + kPackReach, T(0));
     acc.assign(round_up(G_pad, C::MR) * lda, T(0));
     for (auto* v : {&run_max, &run_sum, &tile_max, &lane_valid}) v->assign(G_pad, T(0));
     if (product) {
@@ -104,6 +106,7 @@ struct Work {
       mnorm.assign(rows, T(0));
     }
     panel.assign(kc * E_pad, T(0));
+    apack.assign(round_up(G_pad, C::MR) / C::MR * packed_stride<T, C::VB, C::MR>(kc) + kPackReach, T(0));
   }
 };
 
@@ -113,6 +116,7 @@ struct Call {
   View3<const T> qloc, qvar, mloc, mvar, values;
   bool product;  // scores from the product form
   int64_t kc;    // entries per tile
+  dense::SharedPanels<T>* values_packed;  // the tiles' values packed for the micro-kernel, shared by the groups
 };
 
 // Packs the group's n queries (from q0) into panels; product form: centred and weighted, with their
@@ -327,10 +331,14 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
     if (any == T(0)) continue;
     // 3. Σ w · values
     if (int64_t(total) * 4 > n * nt) {
-      dense::pack_column_blocks(c.values, b, t0, nt, E, w.panel.data());
+      const T* panel = c.values_packed->get(b, t0 / c.kc, w.panel.data(), [&](T* dst) {
+        dense::pack_column_blocks(c.values, b, t0, nt, E, dst);
+      });
+      pack_lanes<T, C::VB, MR>(x, w.ldw, n, nt, w.apack.data());
       for (int64_t e0 = 0; e0 < E_pad; e0 += NR)
         for (int64_t i0 = 0; i0 < n; i0 += MR)
-          block_dots<T, C::VB, MR>(Strided<T, 1>{x + i0, w.ldw}, w.panel.data() + e0 * nt, NR, nt,
+          block_dots<T, C::VB, MR>(Packed<T, MR>{w.apack.data() + i0 / MR * packed_stride<T, C::VB, MR>(nt)},
+                                   panel + e0 * nt, NR, nt,
                                    w.acc.data() + i0 * w.lda + e0, w.lda);
     } else {
       for (int64_t j = 0; j < nt; ++j) {
@@ -387,7 +395,8 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
   const int64_t E_pad = round_up(E, C::NR);
   const int64_t per_entry = int64_t(sizeof(T)) * (E_pad + kLanesForTile + (product ? round_up(d, C::L) : 0));
   const int64_t kc = std::clamp<int64_t>(kTileBytes / per_entry / C::MR * C::MR, C::MR, kTileEntries);
-  const Call<T> c{s, qloc, qvar, mloc, mvar, values, product, kc};
+  dense::SharedPanels<T> values_packed(groups > 1 ? (values.sb == 0 ? 1 : B) : 0, M, kc, kc * E_pad);
+  const Call<T> c{s, qloc, qvar, mloc, mvar, values, product, kc, &values_packed};
   const int64_t tasks = B * groups;
 #pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(threads, tasks))))
   {
