@@ -95,7 +95,7 @@ inline T dot(const T* a, const T* b, int64_t sb, int64_t n) {
 
 // w[i][lanes] for the tile's nq queries from q0 (0 for a query that matched nothing and for
 // padding lanes); returns how many are nonzero.
-template <class T, int D, bool Unit>
+template <class T, int D, bool Unit, bool Thr>
 int64_t tile_weights(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, int64_t nq, Work<T>& w) {
   using S = typename Cfg<T>::S;
   using Vec = typename Cfg<T>::Vec;
@@ -112,7 +112,7 @@ int64_t tile_weights(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q
     }
     for (int64_t p = 0; p < panels; ++p) {
       Vec s0, s1;
-      dense::lane_scores<T, D, Unit>(mt, w.panels.data() + p * d * NR, c.qloc.row(b, q0 + i), c.qloc.sc, d, s0, s1);
+      dense::lane_scores<T, D, Unit, Thr>(mt, w.panels.data() + p * d * NR, c.qloc.row(b, q0 + i), c.qloc.sc, d, s0, s1);
       // s ≤ lse up to rounding; a padding lane (a point at the origin) may score far above it, so
       // it is cleared by a select (its exp may be inf; inf · 0 would be NaN)
       Vec x0 = s0 - lse, x1 = s1 - lse;
@@ -179,12 +179,18 @@ void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t
     const View3<const T> g{c.grad_out, Q * E, E, 1};
     const T* gpack = w.gpack.data();
     dense::pack_column_blocks(g, b, q0, nq, E, w.gpack.data());
-    pack_lanes<T, Cfg<T>::VB, MR>(w.w.data(), w.ldw, n, nq, w.apack.data());
-    for (int64_t e0 = 0; e0 < w.E_pad; e0 += NR)
-      for (int64_t m0 = 0; m0 < n; m0 += MR)
-        block_dots<T, Cfg<T>::VB, MR>(Packed<T, MR>{w.apack.data() + m0 / MR * packed_stride<T, Cfg<T>::VB, MR>(nq)},
-                                      gpack + e0 * nq, NR, nq,
-                                      w.gv.data() + m0 * w.lda + e0, w.lda);
+    if (w.E_pad >= dense::kPackWeightsFromBlocks * NR) {
+      pack_lanes<T, Cfg<T>::VB, MR>(w.w.data(), w.ldw, n, nq, w.apack.data());
+      for (int64_t e0 = 0; e0 < w.E_pad; e0 += NR)
+        for (int64_t m0 = 0; m0 < n; m0 += MR)
+          block_dots<T, Cfg<T>::VB, MR>(Packed<T, MR>{w.apack.data() + m0 / MR * packed_stride<T, Cfg<T>::VB, MR>(nq)},
+                                        gpack + e0 * nq, NR, nq, w.gv.data() + m0 * w.lda + e0, w.lda);
+    } else {
+      for (int64_t e0 = 0; e0 < w.E_pad; e0 += NR)
+        for (int64_t m0 = 0; m0 < n; m0 += MR)
+          block_dots<T, Cfg<T>::VB, MR>(Strided<T, 1>{w.w.data() + m0, w.ldw}, gpack + e0 * nq, NR, nq,
+                                        w.gv.data() + m0 * w.lda + e0, w.lda);
+    }
     return;
   }
   for (int64_t i = 0; i < nq; ++i) {
@@ -297,8 +303,8 @@ void group_backward(const Call<T>& c, int64_t b, int64_t t0, int64_t n, Work<T>&
   for (auto* v : {&w.s0, &w.s1, &w.s2}) std::fill(v->begin(), v->end(), T(0));
   for (int64_t q0 = 0; q0 < s.Q; q0 += kQueryTile) {
     const int64_t nq = std::min(kQueryTile, s.Q - q0);
-    const int64_t nonzero = mt.unit ? tile_weights<T, D, true>(c, mt, b, q0, nq, w)
-                                    : tile_weights<T, D, false>(c, mt, b, q0, nq, w);
+    int64_t nonzero = 0;
+    mt.dispatch_kind([&]<bool Unit, bool Thr>() { nonzero = tile_weights<T, D, Unit, Thr>(c, mt, b, q0, nq, w); });
     if (nonzero == 0) continue;
     const bool dense_tile = nonzero * 4 > nq * n;
     score_gradients(c, b, t0, q0, nq, dense_tile, w);

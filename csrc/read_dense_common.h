@@ -35,6 +35,13 @@ struct Cfg {
   static constexpr int MR = micro_rows(VB);
 };
 
+// The weights operand of the products (weights × values, and the backward's weights × output
+// gradients) is read in place (rows of lanes, one row per entry or query) or first packed into
+// micro-panels (pack_lanes): packing pays where its MR lanes are reused by at least this many
+// column blocks of NR (E ≥ 256 floats with AVX-512); below, the copy costs more than it saves
+// (runs of runs/ab.py at the shapes: within ±4%).
+constexpr int64_t kPackWeightsFromBlocks = 8;
+
 constexpr int64_t kPanelsPerGroup = 8;  // rows per task: 8 panels (256 floats' lanes with AVX-512)
 constexpr int64_t kGroupsWanted = 2;    // smaller groups where a call would have fewer
 
@@ -87,6 +94,19 @@ struct Metric {
   // 1 / v_k, the factor of the gradients
   inline T inv(int64_t k) const { return unit ? scale : w[k]; }
 
+  // f.template operator()<Unit, Thr>() with this metric's kind (unit weights; a threshold) as
+  // compile-time flags, for lane_scores.
+  template <class F>
+  void dispatch_kind(F&& f) const {
+    if (unit) {
+      if (thr2 >= 0) f.template operator()<true, true>();
+      else f.template operator()<true, false>();
+    } else {
+      if (thr2 >= 0) f.template operator()<false, true>();
+      else f.template operator()<false, false>();
+    }
+  }
+
   inline T score_of(T dist, T plain) const {
     return thr2 >= 0 && plain > thr2 ? neg_inf<T>() : T(-0.5) * dist * scale + norm;
   }
@@ -115,41 +135,43 @@ void pack_lanes(const View3<const T>& rows, int64_t b, int64_t r0, int64_t n, in
 }
 
 // log k between the 2 × L points of a panel ([dim][NR]) and one point p (stride sc), vectorised
-// over the panel's lanes: (s0, s1).
-template <class T, int D, bool Unit>
+// over the panel's lanes: (s0, s1). Unit: every weight 1 (Metric::unit); Thr: a threshold masks
+// (Metric::thr2 ≥ 0), as Metric::dispatch_kind passes them.
+template <class T, int D, bool Unit, bool Thr>
 inline void lane_scores(const Metric<T>& mt, const T* panel, const T* p, int64_t sc, int64_t d,
                         typename Cfg<T>::Vec& s0, typename Cfg<T>::Vec& s1) {
   using S = typename Cfg<T>::S;
   using Vec = typename Cfg<T>::Vec;
   constexpr int64_t L = Cfg<T>::L, NR = Cfg<T>::NR;
+  constexpr bool plain_needed = !Unit && Thr;  // the threshold is on the plain distance
   const int64_t n = D > 0 ? D : d;
-  const bool plain_needed = !Unit && mt.thr2 >= 0;
   Vec dist0{}, dist1{}, plain0{}, plain1{};
   for (int64_t k = 0; k < n; ++k) {
     const T pk = p[k * sc];
     const Vec x0 = S::load(panel + k * NR) - pk, x1 = S::load(panel + k * NR + L) - pk;
-    if (Unit) {
+    if constexpr (Unit) {
       dist0 += x0 * x0;
       dist1 += x1 * x1;
     } else {
       dist0 += x0 * x0 * mt.w[k];
       dist1 += x1 * x1 * mt.w[k];
-      if (plain_needed) {
+      if constexpr (plain_needed) {
         plain0 += x0 * x0;
         plain1 += x1 * x1;
       }
     }
   }
-  if (Unit || !plain_needed) {
-    plain0 = dist0;
-    plain1 = dist1;
-  }
-  const Vec thr2 = S::splat(mt.thr2 >= 0 ? mt.thr2 : std::numeric_limits<T>::infinity());
-  const Vec ninf = S::splat(neg_inf<T>());
   s0 = T(-0.5) * dist0 * mt.scale + mt.norm;
   s1 = T(-0.5) * dist1 * mt.scale + mt.norm;
-  s0 = plain0 > thr2 ? ninf : s0;
-  s1 = plain1 > thr2 ? ninf : s1;
+  if constexpr (Thr) {
+    if constexpr (!plain_needed) {
+      plain0 = dist0;
+      plain1 = dist1;
+    }
+    const Vec thr2 = S::splat(mt.thr2), ninf = S::splat(neg_inf<T>());
+    s0 = plain0 > thr2 ? ninf : s0;
+    s1 = plain1 > thr2 ? ninf : s1;
+  }
 }
 
 // Packs nt rows (from r0) of E columns of a View3's batch row b into column blocks

@@ -141,7 +141,7 @@ void pack_queries(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, 
 
 // Direct scores: weights[j][lanes of panel p] = log k for the tile's entries, vectorised over the
 // panel's queries; tile_max[lanes] their maxima.
-template <class T, int D, bool Unit>
+template <class T, int D, bool Unit, bool Thr>
 void direct_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t t0, int64_t nt, int64_t p, Work<T>& w) {
   using C = Cfg<T>;
   using S = typename C::S;
@@ -151,7 +151,7 @@ void direct_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t t0,
   Vec max0 = S::splat(neg_inf<T>()), max1 = max0;
   for (int64_t j = 0; j < nt; ++j) {
     Vec s0, s1;
-    dense::lane_scores<T, D, Unit>(mt, qp, c.mloc.row(b, t0 + j), c.mloc.sc, c.s.d, s0, s1);
+    dense::lane_scores<T, D, Unit, Thr>(mt, qp, c.mloc.row(b, t0 + j), c.mloc.sc, c.s.d, s0, s1);
     T* out = w.weights.data() + j * w.ldw + p * NR;
     S::store(out, s0);
     S::store(out + L, s1);
@@ -288,10 +288,9 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
     if (c.product) {
       product_scores(c, mt, b, q0, n, t0, nt, w);
     } else {
-      for (int64_t p = 0; p < panels; ++p) {
-        if (mt.unit) direct_scores<T, D, true>(c, mt, b, t0, nt, p, w);
-        else direct_scores<T, D, false>(c, mt, b, t0, nt, p, w);
-      }
+      mt.dispatch_kind([&]<bool Unit, bool Thr>() {
+        for (int64_t p = 0; p < panels; ++p) direct_scores<T, D, Unit, Thr>(c, mt, b, t0, nt, p, w);
+      });
     }
     // 2. online softmax per lane: rescale what a lane accumulated when its maximum rises, then
     // the weights exp(s − max) in place, their sums and how many are nonzero
@@ -334,12 +333,18 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
       const T* panel = c.values_packed->get(b, t0 / c.kc, w.panel.data(), [&](T* dst) {
         dense::pack_column_blocks(c.values, b, t0, nt, E, dst);
       });
-      pack_lanes<T, C::VB, MR>(x, w.ldw, n, nt, w.apack.data());
-      for (int64_t e0 = 0; e0 < E_pad; e0 += NR)
-        for (int64_t i0 = 0; i0 < n; i0 += MR)
-          block_dots<T, C::VB, MR>(Packed<T, MR>{w.apack.data() + i0 / MR * packed_stride<T, C::VB, MR>(nt)},
-                                   panel + e0 * nt, NR, nt,
-                                   w.acc.data() + i0 * w.lda + e0, w.lda);
+      if (E_pad >= dense::kPackWeightsFromBlocks * NR) {
+        pack_lanes<T, C::VB, MR>(x, w.ldw, n, nt, w.apack.data());
+        for (int64_t e0 = 0; e0 < E_pad; e0 += NR)
+          for (int64_t i0 = 0; i0 < n; i0 += MR)
+            block_dots<T, C::VB, MR>(Packed<T, MR>{w.apack.data() + i0 / MR * packed_stride<T, C::VB, MR>(nt)},
+                                     panel + e0 * nt, NR, nt, w.acc.data() + i0 * w.lda + e0, w.lda);
+      } else {
+        for (int64_t e0 = 0; e0 < E_pad; e0 += NR)
+          for (int64_t i0 = 0; i0 < n; i0 += MR)
+            block_dots<T, C::VB, MR>(Strided<T, 1>{x + i0, w.ldw}, panel + e0 * nt, NR, nt,
+                                     w.acc.data() + i0 * w.lda + e0, w.lda);
+      }
     } else {
       for (int64_t j = 0; j < nt; ++j) {
         const T* z = c.values.row(b, t0 + j);
