@@ -20,6 +20,7 @@
 #include "read_dense_common.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -49,7 +50,7 @@ struct Call {
 // Per-thread working memory of one task (a group of entries) and its query tiles.
 template <class T>
 struct Work {
-  int64_t G_pad, ldw, lda, E_pad, d;
+  int64_t G_pad = 0, ldw = 0, lda = 0, E_pad = 0, d = 0;
   std::vector<T> panels;      // the group's locations, [panel][dim][NR]
   std::vector<T> zt;          // the group's values transposed, [e][ldw] (zero past the group)
   std::vector<T> w, ds;       // the tile's weights and score gradients, [query][ldw] (+ MR: blocks read past)
@@ -62,8 +63,14 @@ struct Work {
                               // per lane, [query][2 · dim][L], and of ds, [query][L] after them
   std::vector<T> lane_valid;  // 1 for the group's entries, 0 for padding lanes
 
-  Work(int64_t G, int64_t d_, int64_t E) : d(d_) {
+  std::array<std::vector<T>*, 13> buffers() {
+    return {&panels, &zt, &w, &ds, &apack, &gpack, &gv, &s1, &s2, &s0, &zeros, &qterms, &lane_valid};
+  }
+
+  // Sizes every buffer for a call (dense::thread_work keeps them between calls).
+  void reset(int64_t G, int64_t d_, int64_t E) {
     using C = Cfg<T>;
+    d = d_;
     G_pad = round_up(G, C::NR);
     E_pad = round_up(E, C::NR);
     ldw = G_pad + C::L;  // not a large power of two apart (cache sets), as in the forward
@@ -350,13 +357,15 @@ void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
 #ifdef _OPENMP
     tid = omp_get_thread_num();
 #endif
-    Work<T> w(G, d, E);
+    Work<T>& w = dense::thread_work<Work<T>>();
+    w.reset(G, d, E);
 #pragma omp for schedule(static, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / groups, t0 = (task % groups) * G;
       group_backward<T, D>(c, b, t0, std::min(G, M - t0), w, qsums.data() + size_t(tid) * BQ * width, g_mloc, g_mvar,
                            g_values);
     }
+    dense::release_if_large(w);
   }
 #pragma omp parallel for schedule(static)
   for (int64_t bq = 0; bq < BQ; ++bq) {

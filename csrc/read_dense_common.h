@@ -200,6 +200,30 @@ void pack_column_blocks(const View3<const T>& src, int64_t b, int64_t r0, int64_
   }
 }
 
+// The calling thread's instance of W (a kernel's per-thread working memory, std::vector members
+// listed by W::buffers()), kept from one call to the next: its vectors keep their capacity, so a
+// call reuses the pages the previous one faulted in (a fresh page costs a fault and its zeroing,
+// about 0.4 ms per MB: a few percent of a read at the shapes). W::reset sizes it for a
+// call; release_if_large() after the call keeps at most kRetainBytes per thread.
+constexpr size_t kRetainBytes = size_t(16) << 20;
+
+template <class W>
+W& thread_work() {
+  thread_local W w;
+  return w;
+}
+
+template <class W>
+void release_if_large(W& w) {
+  size_t bytes = 0;
+  for (auto* v : w.buffers()) bytes += v->capacity() * sizeof((*v)[0]);
+  if (bytes <= kRetainBytes) return;
+  for (auto* v : w.buffers()) {
+    v->clear();
+    v->shrink_to_fit();
+  }
+}
+
 // Uninitialised memory for one call's packed operands. Buffers of kHugeFrom bytes or more are
 // aligned to 2 MiB and, on Linux, offered to transparent huge pages (honoured where THP is
 // "always" or "madvise"): fresh memory costs a page fault per page on first touch, and a 40 MB

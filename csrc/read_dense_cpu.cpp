@@ -32,6 +32,7 @@
 #include "read_dense_common.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -72,8 +73,8 @@ std::vector<T> centre(const View3<const T>& mloc, int64_t b, int64_t M, int64_t 
 template <class T>
 struct Work {
   static constexpr int64_t kPackReach = pack_reach<T, Cfg<T>::VB, Cfg<T>::MR>();
-  int64_t G_pad, rows, E_pad, d;
-  int64_t ldw, lda;  // row strides of weights and acc: one vector more than G_pad and E_pad, so that the
+  int64_t G_pad = 0, rows = 0, E_pad = 0, d = 0;
+  int64_t ldw = 0, lda = 0;  // row strides of weights and acc: one vector more than G_pad and E_pad, so that the
                      // rows a micro-kernel walks down are not a large power of two apart (their cache
                      // lines would compete for a few sets of L1)
   std::vector<T> panels;  // the group's queries, [panel][dim][NR] (product form: w (q − c), centred)
@@ -89,8 +90,16 @@ struct Work {
   std::vector<T> run_max, run_sum, tile_max;  // per lane
   std::vector<T> lane_valid;                   // 1 for the group's queries, 0 for padding lanes
 
-  Work(int64_t G, int64_t kc, int64_t d_, int64_t E, bool product) : d(d_) {
+  std::array<std::vector<T>*, 13> buffers() {
+    return {&panels, &qnorm, &center, &weights, &mem, &mnorm, &panel, &apack, &acc, &run_max, &run_sum, &tile_max,
+            &lane_valid};
+  }
+
+  // Sizes every buffer for a call (dense::thread_work keeps them between calls).
+  void reset(int64_t G, int64_t kc, int64_t d_, int64_t E, bool product) {
     using C = Cfg<T>;
+    d = d_;
+    center_row = -1;
     G_pad = round_up(G, C::NR);
     rows = round_up(kc, C::MR);
     E_pad = round_up(E, C::NR);
@@ -405,12 +414,14 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
   const int64_t tasks = B * groups;
 #pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(threads, tasks))))
   {
-    Work<T> w(G, kc, d, E, product);
+    Work<T>& w = dense::thread_work<Work<T>>();
+    w.reset(G, kc, d, E, product);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / groups, q0 = (task % groups) * G, n = std::min(G, Q - q0);
       group_read<T, D>(c, Metric<T>(s, qvar, mvar, b), b, q0, n, w, out, lse);
     }
+    dense::release_if_large(w);
   }
 }
 
