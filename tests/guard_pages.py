@@ -142,13 +142,18 @@ def _dense_read_shapes():
     variance and at least one vector of queries, resp. entries): tails of the lanes (16 or 8 floats,
     8 or 4 doubles), panels of two vectors, groups of up to 8 panels, micro-kernel blocks of 6 or 12
     rows, tiles of up to 128 entries (fewer for wide E or d), value columns in blocks of 2 vectors
-    and dot chunks of 256, query tiles of 128 in the backward, and the product-form scores from
-    d = 32 on in chunks of 128 dimensions, up to d = 1024."""
+    and dot chunks of 256, query tiles of 120 in the backward, and the product-form scores from
+    d = 32 on in chunks of 128 dimensions, up to d = 1024. From 8 column blocks of values on
+    (E ≥ 225 with AVX-512) the weights are packed into micro-panels (gemm.h pack_lanes, which
+    copies whole vectors past each panel), and with more than one group of queries per batch row
+    the values are packed once per call and shared (dense::SharedPanels): Q = 300 and 130 > one
+    group of floats resp. doubles, E = 260."""
     shapes = {(1, Q, 9, 2, 5) for Q in (16, 17, 31, 32, 33, 47, 95, 257)}
     shapes |= {(1, 17, M, 2, 5) for M in (16, 33, 127, 128, 129, 257)}
     shapes |= {(1, 17, 17, 2, E) for E in (31, 32, 33, 64, 257)}
     shapes |= {(1, 17, 20, d, 3) for d in (32, 33, 129)}
     shapes |= {(1, 20, 20, 1024, 8), (2, 40, 130, 33, 40), (1, 129, 40, 2, 96)}
+    shapes |= {(1, 300, 40, 2, 260), (2, 130, 33, 3, 257), (1, 300, 20, 40, 260)}
     return shapes
 
 
