@@ -236,7 +236,11 @@ class Scratch {
 
   explicit Scratch(size_t n) {
     const size_t bytes = std::max<size_t>(n, 1) * sizeof(T);
+#if defined(__SANITIZE_ADDRESS__)
+    if (true) {  // the exact size, so that AddressSanitizer sees a read one past the end
+#else
     if (bytes < kHugeFrom) {
+#endif
       p_ = static_cast<T*>(::operator new(bytes));
       return;
     }
