@@ -37,6 +37,10 @@
 #include <limits>
 #include <vector>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -48,12 +52,27 @@ using dense::Cfg;
 using dense::Metric;
 
 constexpr int64_t kTileEntries = 128;   // entries per tile at most
-constexpr int64_t kTileBytes = int64_t(512) << 10;  // a tile's weights, values and packed locations: in L2
-constexpr int64_t kLanesForTile = 256;  // the weights' share of kTileBytes (so the tile does not depend on G)
+constexpr int64_t kLanesForTile = 256;  // the weights' share of tile_bytes() (so the tile does not depend on G)
 constexpr int64_t kScoreChunk = 128;    // score product: dimensions per chunk (a [128][NR] panel stays in L1)
 constexpr int64_t kGemmScoresFromDim = 32;
 constexpr double kCancellation = 4.0;
 constexpr int64_t kCentreSample = 64;
+
+// Bytes of a tile's weights, values and packed locations: half the L2 cache of a core (the other
+// half holds the group's accumulators), from 256 KB to 1 MB (sysconf; 512 KB where unknown). With
+// 2 MB of L2, 1 MB tiles were 6% faster than 512 KB ones at E = d = 1024 (runs/ab.py). The tile
+// size orders each query's sums, so a read's bits depend on the machine (as they do on its vector
+// width), never on the thread count.
+int64_t tile_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = int64_t(sysconf(_SC_LEVEL2_CACHE_SIZE));
+#endif
+    return l2 > 0 ? std::clamp<int64_t>(l2 / 2, int64_t(256) << 10, int64_t(1) << 20) : int64_t(512) << 10;
+  }();
+  return bytes;
+}
 
 // The product form's centre c for batch row b: the mean of up to kCentreSample entries spread over
 // the memory (not of the queries: a query's numbers must not depend on which other queries share
@@ -408,7 +427,7 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
   const bool product = dense_read_product_scores(s);
   const int64_t E_pad = round_up(E, C::NR);
   const int64_t per_entry = int64_t(sizeof(T)) * (E_pad + kLanesForTile + (product ? round_up(d, C::L) : 0));
-  const int64_t kc = std::clamp<int64_t>(kTileBytes / per_entry / C::MR * C::MR, C::MR, kTileEntries);
+  const int64_t kc = std::clamp<int64_t>(tile_bytes() / per_entry / C::MR * C::MR, C::MR, kTileEntries);
   dense::SharedPanels<T> values_packed(groups > 1 ? (values.sb == 0 ? 1 : B) : 0, M, kc, kc * E_pad);
   const Call<T> c{s, qloc, qvar, mloc, mvar, values, product, kc, &values_packed};
   const int64_t tasks = B * groups;
