@@ -34,7 +34,7 @@ namespace {
 using dense::Cfg;
 using dense::Metric;
 
-constexpr int64_t kQueryTile = 120;  // a multiple of every MR (6, 12): the packed output gradients' blocks
+constexpr int64_t kQueryTile = 120;  // a multiple of every MR (6, 12): no partial register block inside a tile
 static_assert(kQueryTile % Cfg<float>::MR == 0 && kQueryTile % Cfg<double>::MR == 0);
 constexpr int64_t kDimChunk = 4;  // location sums: dimensions whose entry sums stay in registers at once
 constexpr int64_t kGroupValueBytes = int64_t(512) << 10;  // a group's transposed values stay in L2

@@ -11,14 +11,16 @@
 //   2. an online softmax per query (lane): the tile's maximum, a rescale of the query's
 //      accumulator row when the maximum rises, then the weights exp(s − max) in place;
 //   3. acc[q][:] += Σ_j w[j][q] · values[j][:]: the micro-kernel with MR queries × NR value
-//      columns in registers, the weights broadcast from the tile, the value rows streamed in place
-//      (or from a packed copy when strided or when E is not a multiple of NR); a tile whose weights
-//      are mostly zero (a tight threshold) adds only its nonzero weights' rows instead.
+//      columns in registers, the weights broadcast (from the tile, or from micro-panels packed
+//      where E is wide enough to reuse them: kPackWeightsFromBlocks), the values streamed from the
+//      tile's column blocks (packed once per call and shared by the groups: dense::SharedPanels);
+//      a tile whose weights are mostly zero (a tight threshold) adds only its nonzero weights'
+//      rows instead.
 // Nothing of size Q × M exists beyond one tile per thread. Tasks share no outputs, so the result
 // does not depend on the number of threads or their scheduling.
 //
-// Scores as a product. With c the mean of the group's queries, a = Σ w (q − c)², b = Σ w (m − c)²
-// and x = Σ w (q − c)(m − c) (the product), the distance is D = a + b − 2x. Its rounding error is
+// Scores as a product. With c the mean of up to kCentreSample entries (centre()), a = Σ w (q − c)²,
+// b = Σ w (m − c)² and x = Σ w (q − c)(m − c) (the product), the distance is D = a + b − 2x. Its rounding error is
 // at most about (d + 4) ε (a + b) (ε: the unit roundoff), against (d + 3) ε D for the direct sum of
 // d squared differences: the product form loses precision where a + b ≫ D (points far from the
 // centre relative to their distance: near-duplicates, or a small σ against a wide spread). Each
