@@ -52,7 +52,9 @@ template <class T>
 struct Work {
   int64_t G_pad = 0, ldw = 0, lda = 0, E_pad = 0, d = 0;
   std::vector<T> panels;      // the group's locations, [panel][dim][NR]
-  std::vector<T> zt;          // the group's values transposed, [e][ldw] (zero past the group)
+  std::vector<T> zt;          // the group's values transposed, a panel of lanes at a time: [panel][e][NR] (zero
+                              // past the group); each panel contiguous, as the micro-kernel streams it (rows
+                              // of all the group's lanes were 5-10% slower: a TLB entry every few rows)
   std::vector<T> w, ds;       // the tile's weights and score gradients, [query][ldw] (+ MR: blocks read past)
   std::vector<T> apack;       // the tile's weights as micro-panels [block of MR entries][query][MR]
   std::vector<T> gpack;       // the tile's output gradients in column blocks [block][query][NR]
@@ -77,7 +79,7 @@ struct Work {
     lda = E_pad + C::L;
     const int64_t tile_rows = round_up(kQueryTile, C::MR);
     panels.assign(G_pad * d, T(0));
-    zt.assign(E * ldw, T(0));
+    zt.assign(E * G_pad, T(0));
     constexpr int64_t reach = pack_reach<T, C::VB, C::MR>();
     w.assign(tile_rows * ldw + std::max<int64_t>(C::MR, reach), T(0));
     apack.assign(round_up(G_pad, C::MR) / C::MR * packed_stride<T, C::VB, C::MR>(kQueryTile) + reach, T(0));
@@ -155,7 +157,7 @@ void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t q0, int64_
           const T* rows[MR];
           for (int r = 0; r < MR; ++r)
             rows[r] = i0 + r < nq ? c.grad_out + (b * Q + q0 + i0 + r) * E + e0 : w.zeros.data();
-          block_dots<T, Cfg<T>::VB, MR>(RowPointers<T, MR>{rows}, w.zt.data() + e0 * w.ldw + p * NR, w.ldw, K,
+          block_dots<T, Cfg<T>::VB, MR>(RowPointers<T, MR>{rows}, w.zt.data() + (p * E + e0) * NR, NR, K,
                                         dp + i0 * w.ldw + p * NR, w.ldw);
         }
     }
@@ -304,8 +306,15 @@ void group_backward(const Call<T>& c, int64_t b, int64_t t0, int64_t n, Work<T>&
   const Metric<T> mt(s, c.qvar, c.mvar, b);
   dense::pack_lanes(c.mloc, b, t0, n, d, w.panels);
   for (int64_t l = 0; l < w.G_pad; ++l) w.lane_valid[l] = l < n ? T(1) : T(0);
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t l = 0; l < w.G_pad; ++l) w.zt[e * w.ldw + l] = l < n ? c.values(b, t0 + l, e) : T(0);
+  for (int64_t l = 0; l < w.G_pad; ++l) {  // each value row read once, in order
+    T* dst = w.zt.data() + (l / NR) * E * NR + l % NR;
+    if (l >= n) {
+      for (int64_t e = 0; e < E; ++e) dst[e * NR] = T(0);
+      continue;
+    }
+    const T* z = c.values.row(b, t0 + l);
+    for (int64_t e = 0; e < E; ++e) dst[e * NR] = z[e * c.values.sc];
+  }
   std::fill(w.gv.begin(), w.gv.end(), T(0));
   for (auto* v : {&w.s0, &w.s1, &w.s2}) std::fill(v->begin(), v->end(), T(0));
   for (int64_t q0 = 0; q0 < s.Q; q0 += kQueryTile) {

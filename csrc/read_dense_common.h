@@ -224,36 +224,79 @@ void release_if_large(W& w) {
   }
 }
 
-// Uninitialised memory for one call's packed operands. Buffers of kHugeFrom bytes or more are
-// aligned to 2 MiB and, on Linux, offered to transparent huge pages (honoured where THP is
-// "always" or "madvise"): fresh memory costs a page fault per page on first touch, and a 40 MB
-// buffer in 4 KiB pages took 17 ms of faults, in 2 MiB pages 3 ms (runs/fault.cpp), against a
-// backward of about 500 ms that it speeds up.
+// Uninitialised memory for one call's packed operands (M × E or Q × E numbers). Fresh memory costs
+// a page fault and the zeroing of each page on first touch: a 40 MB buffer in 4 KiB pages took
+// 17 ms of faults, in 2 MiB pages 3 ms (runs/fault.cpp), and zeroing fresh huge pages still cost
+// the backward at Q = 3000, M = 1500, E = 512 a tenth of a matrix product's time per call. So the
+// calling thread keeps one block of up to kScratchRetainBytes from call to call (grown to the
+// largest request, aligned to 2 MiB and offered to transparent huge pages on Linux); a larger
+// request, or a second one while the block is in use, gets memory of its own, freed at the end.
+constexpr size_t kScratchRetainBytes = size_t(64) << 20;
+
+class ScratchBlock {
+ public:
+  static constexpr size_t kHugePage = size_t(2) << 20;
+
+  // bytes of memory aligned to 2 MiB, offered to huge pages (Linux)
+  static void* allocate(size_t bytes, size_t& allocated) {
+    allocated = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = std::aligned_alloc(kHugePage, allocated);
+    if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, allocated, MADV_HUGEPAGE);  // advice only: nothing to do if it is refused
+#endif
+    return p;
+  }
+
+  // The calling thread's block, at least `bytes` long, or nullptr if it is in use or that would
+  // exceed kScratchRetainBytes.
+  static void* acquire(size_t bytes) {
+    ScratchBlock& b = mine();
+    if (b.busy_ || bytes > kScratchRetainBytes) return nullptr;
+    if (b.bytes_ < bytes) {
+      std::free(b.p_);
+      b.p_ = nullptr;
+      b.bytes_ = 0;
+      b.p_ = allocate(bytes, b.bytes_);
+    }
+    b.busy_ = true;
+    return b.p_;
+  }
+  static void release() { mine().busy_ = false; }
+
+  ~ScratchBlock() { std::free(p_); }
+
+ private:
+  static ScratchBlock& mine() {
+    thread_local ScratchBlock block;
+    return block;
+  }
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+  bool busy_ = false;
+};
+
 template <class T>
 class Scratch {
  public:
-  static constexpr size_t kHugeFrom = size_t(1) << 20, kHugePage = size_t(2) << 20;
-
   explicit Scratch(size_t n) {
     const size_t bytes = std::max<size_t>(n, 1) * sizeof(T);
 #if defined(__SANITIZE_ADDRESS__)
-    if (true) {  // the exact size, so that AddressSanitizer sees a read one past the end
-#else
-    if (bytes < kHugeFrom) {
+    p_ = static_cast<T*>(::operator new(bytes));  // the exact size: AddressSanitizer sees a read past the end
+    return;
 #endif
-      p_ = static_cast<T*>(::operator new(bytes));
+    p_ = static_cast<T*>(ScratchBlock::acquire(bytes));
+    if (p_) {
+      cached_ = true;
       return;
     }
-    const size_t whole = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    p_ = static_cast<T*>(std::aligned_alloc(kHugePage, whole));
-    if (!p_) throw std::bad_alloc();
+    size_t allocated;
+    p_ = static_cast<T*>(ScratchBlock::allocate(bytes, allocated));
     aligned_ = true;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p_, whole, MADV_HUGEPAGE);  // advice only: nothing to do if it is refused
-#endif
   }
   ~Scratch() {
-    if (aligned_) std::free(p_);
+    if (cached_) ScratchBlock::release();
+    else if (aligned_) std::free(p_);
     else ::operator delete(p_);
   }
   Scratch(const Scratch&) = delete;
@@ -263,7 +306,7 @@ class Scratch {
 
  private:
   T* p_ = nullptr;
-  bool aligned_ = false;
+  bool cached_ = false, aligned_ = false;
 };
 
 // Tiles of rows (one batch row's rows t0 .. t0 + nt, tile t0 / kc) packed once per call for every
