@@ -217,9 +217,10 @@ void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t
 // thread's [bq][Σ_k terms d | Σ_k squares d | Σ ds]), and Σ ds per entry (s0). Panel by panel,
 // kDimChunk dimensions at a time: the panel's sums stay in registers while the tile's queries
 // stream past; each query's share is kept per lane ([query][·][L]) and summed over the lanes at
-// the end, in lane order.
+// the end, in lane order. In a sparse tile (mostly zero weights) the queries whose ds are all zero
+// for a panel are skipped (the test costs more than it saves in a dense one).
 template <class T, int D>
-void location_sums(const Call<T>& c, int64_t b, int64_t q0, int64_t nq, Work<T>& w, T* qsum) {
+void location_sums(const Call<T>& c, int64_t b, int64_t q0, int64_t nq, bool sparse_tile, Work<T>& w, T* qsum) {
   using S = typename Cfg<T>::S;
   using Vec = typename Cfg<T>::Vec;
   constexpr int64_t L = Cfg<T>::L, NR = Cfg<T>::NR;
@@ -247,10 +248,12 @@ void location_sums(const Call<T>& c, int64_t b, int64_t q0, int64_t nq, Work<T>&
       for (int64_t i = 0; i < nq; ++i) {
         const T* dsr = w.ds.data() + i * w.ldw + p * NR;
         const Vec ds0 = S::load(dsr), ds1 = S::load(dsr + L);
-        const auto nonzero = (ds0 != zero) | (ds1 != zero);
-        bool any = false;
-        for (int64_t l = 0; l < L; ++l) any |= nonzero[l] != 0;
-        if (!any) continue;  // thresholded out (or underflowed): adds nothing
+        if (sparse_tile) {  // skip the pairs thresholded out (or underflowed): they add nothing
+          const auto nonzero = (ds0 != zero) | (ds1 != zero);
+          bool any = false;
+          for (int64_t l = 0; l < L; ++l) any |= nonzero[l] != 0;
+          if (!any) continue;
+        }
         const T* q = c.qloc.row(b, q0 + i);
         T* qi = qt + i * width;
         if (k0 == 0) {
@@ -325,7 +328,7 @@ void group_backward(const Call<T>& c, int64_t b, int64_t t0, int64_t n, Work<T>&
     const bool dense_tile = nonzero * 4 > nq * n;
     score_gradients(c, b, t0, q0, nq, dense_tile, w);
     value_gradients(c, b, n, q0, nq, dense_tile, w);
-    location_sums<T, D>(c, b, q0, nq, w, qsum);
+    location_sums<T, D>(c, b, q0, nq, !dense_tile, w, qsum);
   }
   for (int64_t l = 0; l < n; ++l) {
     const int64_t bm = b * M + t0 + l;
