@@ -54,7 +54,7 @@ struct Strided {
   inline T operator()(int r, int64_t k) const { return p[k * k_step + r * RS]; }
 };
 
-// A's element (r, k) of a packed micro-panel (pack_lanes below): p[k · MR + r], MR consecutive
+// A's element (r, k) of a packed micro-panel (pack_micro_panels below): p[k · MR + r], MR consecutive
 // numbers per k, so the K × MR panel is one stream the prefetcher follows.
 template <class T, int MR>
 struct Packed {
@@ -76,7 +76,7 @@ template <class T, int64_t VB, int MR>
 constexpr int64_t packed_stride(int64_t K) { return K * MR + pack_reach<T, VB, MR>() - MR; }
 
 template <class T, int64_t VB, int MR>
-inline void pack_lanes(const T* src, int64_t ld, int64_t n, int64_t K, T* dst) {
+inline void pack_micro_panels(const T* src, int64_t ld, int64_t n, int64_t K, T* dst) {
   using S = Simd<T, VB>;
   constexpr int64_t L = S::L, NV = pack_reach<T, VB, MR>() / L;
   const int64_t stride = packed_stride<T, VB, MR>(K);

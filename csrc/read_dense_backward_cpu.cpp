@@ -189,7 +189,7 @@ void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t
     const T* gpack = w.gpack.data();
     dense::pack_column_blocks(g, b, q0, nq, E, w.gpack.data());
     if (w.E_pad >= dense::kPackWeightsFromBlocks * NR) {
-      pack_lanes<T, Cfg<T>::VB, MR>(w.w.data(), w.ldw, n, nq, w.apack.data());
+      pack_micro_panels<T, Cfg<T>::VB, MR>(w.w.data(), w.ldw, n, nq, w.apack.data());
       for (int64_t e0 = 0; e0 < w.E_pad; e0 += NR)
         for (int64_t m0 = 0; m0 < n; m0 += MR)
           block_dots<T, Cfg<T>::VB, MR>(Packed<T, MR>{w.apack.data() + m0 / MR * packed_stride<T, Cfg<T>::VB, MR>(nq)},

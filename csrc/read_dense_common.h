@@ -37,7 +37,7 @@ struct Cfg {
 
 // The weights operand of the products (weights × values, and the backward's weights × output
 // gradients) is read in place (rows of lanes, one row per entry or query) or first packed into
-// micro-panels (pack_lanes): packing pays where its MR lanes are reused by at least this many
+// micro-panels (pack_micro_panels): packing pays where its MR lanes are reused by at least this many
 // column blocks of NR (E ≥ 256 floats with AVX-512); below, the copy costs more than it saves
 // (runs of runs/ab.py at the shapes: within ±4%).
 constexpr int64_t kPackWeightsFromBlocks = 8;

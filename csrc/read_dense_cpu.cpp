@@ -102,7 +102,7 @@ struct Work {
   std::vector<T> qnorm;   // product form: a per lane
   std::vector<T> center;  // product form: c (centre()) of batch row center_row
   int64_t center_row = -1;
-  std::vector<T> weights; // the tile's scores, then weights: [entry][ldw] (+ kPackReach: pack_lanes reads past)
+  std::vector<T> weights; // the tile's scores, then weights: [entry][ldw] (+ kPackReach: pack_micro_panels reads past)
   std::vector<T> mem;     // product form: the tile's centred entries, [chunk][rows][kScoreChunk]
   std::vector<T> mnorm;   // product form: b per entry
   std::vector<T> panel;   // the tile's values, packed [column block][entry][NR] (zero past E)
@@ -364,7 +364,7 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
         dense::pack_column_blocks(c.values, b, t0, nt, E, dst);
       });
       if (E_pad >= dense::kPackWeightsFromBlocks * NR) {
-        pack_lanes<T, C::VB, MR>(x, w.ldw, n, nt, w.apack.data());
+        pack_micro_panels<T, C::VB, MR>(x, w.ldw, n, nt, w.apack.data());
         for (int64_t e0 = 0; e0 < E_pad; e0 += NR)
           for (int64_t i0 = 0; i0 < n; i0 += MR)
             block_dots<T, C::VB, MR>(Packed<T, MR>{w.apack.data() + i0 / MR * packed_stride<T, C::VB, MR>(nt)},

@@ -144,7 +144,7 @@ def _dense_read_shapes():
     rows, tiles of up to 128 entries (fewer for wide E or d), value columns in blocks of 2 vectors
     and dot chunks of 256, query tiles of 120 in the backward, and the product-form scores from
     d = 32 on in chunks of 128 dimensions, up to d = 1024. From 8 column blocks of values on
-    (E ≥ 225 with AVX-512) the weights are packed into micro-panels (gemm.h pack_lanes, which
+    (E ≥ 225 with AVX-512) the weights are packed into micro-panels (gemm.h pack_micro_panels, which
     copies whole vectors past each panel), and with more than one group of queries per batch row
     the values are packed once per call and shared (dense::SharedPanels): Q = 300 and 130 > one
     group of floats resp. doubles, E = 260."""
