@@ -57,6 +57,12 @@ void read_backward(const std::string& dtype, const rk::ReadShape& s, const Arr& 
   });
 }
 
+std::string read_forward_path(const std::string& dtype, const rk::ReadShape& s, const Arr& qvar, const Arr& mvar) {
+  std::string path;
+  by_dtype(dtype, [&]<class T>() { path = rk::read_forward_path<T>(s, view<T>(qvar), view<T>(mvar)); });
+  return path;
+}
+
 void loo_errors(const std::string& dtype, const rk::LooShape& s, const Arr& mloc, const Arr& mvar,
                 const Arr& values, uintptr_t active, uintptr_t estimate, uintptr_t error, uintptr_t lse) {
   by_dtype(dtype, [&]<class T>() {
@@ -106,6 +112,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("uniform_var"), py::arg("uniform_var_value"));
   m.def("read_forward", &read_forward, py::call_guard<py::gil_scoped_release>());
   m.def("read_backward", &read_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("read_forward_path", &read_forward_path);
   py::class_<rk::LooShape>(m, "LooShape")
       .def(py::init([](int64_t B, int64_t M, int64_t d, int64_t E, double threshold, bool uniform_var,
                        double uniform_var_value) {

@@ -2,6 +2,7 @@
 // values accumulated in a per-thread row of E numbers. Nothing of size Q×M is ever allocated.
 #include "read_cpu.h"
 #include "fast_exp.h"
+#include "read_dense_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -292,13 +293,23 @@ void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
 template <class T>
 void read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                       View3<const T> mvar, View3<const T> values, T* out, T* lse) {
+  if (dense_read_applies<T>(s, qvar, mvar)) return dense_read_forward_cpu<T>(s, qloc, qvar, mloc, mvar, values, out, lse);
   dispatch_dim(s.d, [&]<int D>() { forward_impl<T, D>(s, qloc, qvar, mloc, mvar, values, out, lse); });
+}
+
+template <class T>
+const char* read_forward_path(const ReadShape& s, View3<const T> qvar, View3<const T> mvar) {
+  if (!dense_read_applies<T>(s, qvar, mvar)) return "per-pair";
+  return dense_read_product_scores(s) ? "dense-product" : "dense";
 }
 
 template <class T>
 void read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                        View3<const T> mvar, View3<const T> values, const T* grad_out, const T* out,
                        const T* lse, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values) {
+  if (dense_read_backward_applies<T>(s, qvar, mvar))
+    return dense_read_backward_cpu<T>(s, qloc, qvar, mloc, mvar, values, grad_out, out, lse, g_qloc, g_qvar, g_mloc,
+                                      g_mvar, g_values);
   dispatch_dim(s.d, [&]<int D>() {
     backward_impl<T, D>(s, qloc, qvar, mloc, mvar, values, grad_out, out, lse, g_qloc, g_qvar, g_mloc, g_mvar,
                         g_values);
@@ -311,6 +322,8 @@ template void read_forward_cpu<float>(const ReadShape&, View3<const float>, View
 template void read_forward_cpu<double>(const ReadShape&, View3<const double>, View3<const double>,
                                        View3<const double>, View3<const double>, View3<const double>, double*,
                                        double*);
+template const char* read_forward_path<float>(const ReadShape&, View3<const float>, View3<const float>);
+template const char* read_forward_path<double>(const ReadShape&, View3<const double>, View3<const double>);
 template void read_backward_cpu<float>(const ReadShape&, View3<const float>, View3<const float>,
                                        View3<const float>, View3<const float>, View3<const float>,
                                        const float*, const float*, const float*, float*, float*, float*, float*,

@@ -16,6 +16,12 @@ template <class T>
 void read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                       View3<const T> mvar, View3<const T> values, T* out, T* lse);
 
+// Which forward kernel takes the call: "dense-product" (csrc/read_dense_cpu.cpp, scores as a matrix
+// product), "dense" (the same, direct scores) or "per-pair" (csrc/read_cpu.cpp). For tests and
+// benchmarks.
+template <class T>
+const char* read_forward_path(const ReadShape& s, View3<const T> qvar, View3<const T> mvar);
+
 // Gradients w.r.t. the five inputs, all contiguous (B, ·, ·); variances' gradients are w.r.t.
 // the variances themselves (the caller chains through σ²).
 template <class T>

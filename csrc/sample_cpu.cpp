@@ -29,6 +29,7 @@
 #include "sample_cpu.h"
 
 #include "fast_exp.h"
+#include "gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -43,16 +44,12 @@
 namespace rk {
 namespace {
 
-// One SIMD register: a ymm where the build targets AVX (-march=native here), else the 16 bytes
-// every 64-bit target has (32-byte vectors without AVX compile to spills through the stack).
-#if defined(__AVX__)
-constexpr int64_t kVectorBytes = 32;
-#else
-constexpr int64_t kVectorBytes = 16;
-#endif
+// One SIMD register of the drive term's GEMM (csrc/gemm.h): a ymm where the build targets AVX or
+// wider (the blocking below was tuned for it), else the 16 bytes every 64-bit target has.
+constexpr int64_t kVectorBytes = kNativeVectorBytes >= 32 ? 32 : 16;
 
 template <class T>
-constexpr int64_t lanes() { return kVectorBytes / int64_t(sizeof(T)); }
+constexpr int64_t lanes() { return Simd<T, kVectorBytes>::L; }
 
 template <class T>
 constexpr int64_t query_block() { return 2 * lanes<T>(); }  // queries per register block (a key panel)
@@ -199,31 +196,6 @@ void pack_keys(const Call<T, D>& c, int64_t b, int64_t q0, int64_t G, int64_t u,
   }
 }
 
-// acc[r][q] += Σ_k rows[r][k] · panel[k][q] over K columns, r < kNE, q < query_block.
-// Explicit vectors (GCC/Clang extension) keep all of acc in registers; the element-aligned vector
-// type makes each load and store of acc one full-width move (a memcpy into the vectors was
-// compiled as half-width copies through the stack, which stall store-to-load forwarding).
-template <class T>
-inline void block_dots(const T* const* rows, const T* panel, int64_t K, T* acc) {
-  typedef T Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(T))));
-  constexpr int64_t L = lanes<T>(), QB = query_block<T>();
-  Vec sum[kNE][2];
-  for (int64_t r = 0; r < kNE; ++r)
-    for (int64_t c = 0; c < 2; ++c) sum[r][c] = *reinterpret_cast<const Vec*>(acc + r * QB + c * L);
-  const T *z0 = rows[0], *z1 = rows[1], *z2 = rows[2], *z3 = rows[3], *z4 = rows[4], *z5 = rows[5];
-  for (int64_t k = 0; k < K; ++k) {
-    const Vec y0 = *reinterpret_cast<const Vec*>(panel + k * QB);
-    const Vec y1 = *reinterpret_cast<const Vec*>(panel + k * QB + L);
-    const T z[kNE] = {z0[k], z1[k], z2[k], z3[k], z4[k], z5[k]};
-    for (int64_t r = 0; r < kNE; ++r) {
-      sum[r][0] += z[r] * y0;
-      sum[r][1] += z[r] * y1;
-    }
-  }
-  for (int64_t r = 0; r < kNE; ++r)
-    for (int64_t c = 0; c < 2; ++c) *reinterpret_cast<Vec*>(acc + r * QB + c * L) = sum[r][c];
-}
-
 // Adds the drive term of a group's G queries (keys packed by pack_keys) for the entries of pass
 // `pass` to their logits (rows of stride M), leaving masked (-inf) logits alone. Passes write
 // disjoint columns, so threads may run different passes of one group at once.
@@ -280,7 +252,8 @@ void drive_pass(const Call<T, D>& c, int64_t b, int64_t G, const T* keys, int64_
           const int64_t j = blk * kNE + r;
           rows[r] = j >= nt ? w.zeros.data() : contiguous ? values.row(b, t0 + j) + k0 : w.rows.data() + j * kKC;
         }
-        block_dots<T>(rows, panel, K, w.acc.data() + (blk * panels + p) * kNE * QB);
+        block_dots<T, kVectorBytes, kNE>(RowPointers<T, kNE>{rows}, panel, QB, K,
+                                                   w.acc.data() + (blk * panels + p) * kNE * QB, QB);
       }
     }
   }

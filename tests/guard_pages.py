@@ -9,7 +9,8 @@ instead of the whole session):
 
 Each case is printed before it runs; the last line printed names the case that crashed.
 Shapes cover the tails of every block size of the kernels (csrc/read_cpu.cpp: 8-query and 8-entry
-blocks, 64-wide tiles, 32-byte vectors over E; csrc/sample_cpu.cpp: 6-entry register blocks,
+blocks, 64-wide tiles, 32-byte vectors over E; csrc/read_dense_cpu.cpp and
+read_dense_backward_cpu.cpp: see _dense_read_shapes; csrc/sample_cpu.cpp: 6-entry register blocks,
 8/16-query panels, passes of 48/96 entries, 256-column chunks, 16-entry CDF blocks, batches of 8
 draws), with contiguous, transposed, row-broadcast (stride 0) and batch-broadcast inputs.
 """
@@ -131,7 +132,29 @@ def _shapes(group):
     for d in (1, 3, 4, 7):
         seen.add((2, 9, 9, d, 3))
     seen.add((3, qs[-1], ms[-1], 2, es[-1]))
+    if group == "read":
+        seen.update(_dense_read_shapes())
     return sorted(seen)
+
+
+def _dense_read_shapes():
+    """The dense read (csrc/read_dense_cpu.cpp, read_dense_backward_cpu.cpp; taken with a shared
+    variance and at least one vector of queries, resp. entries): tails of the lanes (16 or 8 floats,
+    8 or 4 doubles), panels of two vectors, groups of up to 8 panels, micro-kernel blocks of 6 or 12
+    rows, tiles of up to 128 entries (fewer for wide E or d), value columns in blocks of 2 vectors
+    and dot chunks of 256, query tiles of 120 in the backward, and the product-form scores from
+    d = 32 on in chunks of 128 dimensions, up to d = 1024. From 8 column blocks of values on
+    (E ≥ 225 with AVX-512) the weights are packed into micro-panels (gemm.h pack_micro_panels, which
+    copies whole vectors past each panel), and with more than one group of queries per batch row
+    the values are packed once per call and shared (dense::SharedPanels): Q = 300 and 130 > one
+    group of floats resp. doubles, E = 260."""
+    shapes = {(1, Q, 9, 2, 5) for Q in (16, 17, 31, 32, 33, 47, 95, 257)}
+    shapes |= {(1, 17, M, 2, 5) for M in (16, 33, 127, 128, 129, 257)}
+    shapes |= {(1, 17, 17, 2, E) for E in (31, 32, 33, 64, 257)}
+    shapes |= {(1, 17, 20, d, 3) for d in (32, 33, 129)}
+    shapes |= {(1, 20, 20, 1024, 8), (2, 40, 130, 33, 40), (1, 129, 40, 2, 96)}
+    shapes |= {(1, 300, 40, 2, 260), (2, 130, 33, 3, 257), (1, 300, 20, 40, 260)}
+    return shapes
 
 
 def run_read(C, shape, dtype, layouts, threshold, uniform, at_end):
@@ -142,6 +165,8 @@ def run_read(C, shape, dtype, layouts, threshold, uniform, at_end):
     qloc, qvar, mloc, mvar, values = (guarded_like(t, lay, at_end) for t, lay in zip(x, layouts))
     s = C.ReadShape(B, Q, M, d, E, -1.0 if threshold is None else threshold, uniform, 1.0 if uniform else 0.0)
     name = DTYPES[dtype]
+    path = C.read_forward_path(name, s, arr(qvar), arr(mvar))
+    PATHS[path] = PATHS.get(path, 0) + 1
     out, lse = out_buffer((B, Q, E), dtype, at_end), out_buffer((B, Q), dtype, at_end)
     C.read_forward(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), arr(values), out.data_ptr(), lse.data_ptr())
     grad_out = guarded_like(torch.randn(B, Q, E, dtype=dtype), "contiguous", at_end)
@@ -201,6 +226,7 @@ def run_sample(C, shape, dtype, layouts, threshold, uniform, at_end):
                 raise AssertionError(f"draws out of range: {idx.min()}..{idx.max()} with M={M}")
 
 
+PATHS = {}  # read forward kernel -> runs (csrc/read_cpu.h: read_forward_path)
 RUNNERS = {"read": run_read, "loo": run_loo, "sample": run_sample}
 N_INPUTS = {"read": 5, "loo": 3, "sample": 3}
 
@@ -226,7 +252,8 @@ def main(groups) -> int:
             RUNNERS[group](_C, shape, dtype, layouts, threshold, uniform, at_end)
             release()
             count += 1
-    print(f"ok: {count} guarded kernel runs", flush=True)
+    paths = ", ".join(f"{k} {v}" for k, v in sorted(PATHS.items()))
+    print(f"ok: {count} guarded kernel runs" + (f" (read forward: {paths})" if paths else ""), flush=True)
     return 0
 
 

@@ -1,0 +1,479 @@
+// The Gaussian-kernel read as matrix products on the CPU, for calls whose variance is the same for
+// every (query, entry) pair of a batch row (read_dense_cpu.h): the weights × values product, and for
+// many dimensions the scores too, run on the register-blocked micro-kernel of csrc/gemm.h.
+//
+// Layout: the SIMD lanes run over queries. A task is a group of up to kPanelsPerGroup × NR queries
+// of one batch row (NR = two vectors of lanes), its queries packed once into panels [dim][NR]; it
+// streams the memory in tiles of nt entries, each tile once:
+//   1. scores s[j][q] of the tile (row j: every query of the group), either directly (Σ_k w_k
+//      (q_k − m_k)², vectorised over the queries) or, from kGemmScoresFromDim dimensions on, as
+//      ‖q‖² + ‖m‖² − 2 q·m on centred coordinates with the cross term a matrix product (below);
+//   2. an online softmax per query (lane): the tile's maximum, a rescale of the query's
+//      accumulator row when the maximum rises, then the weights exp(s − max) in place;
+//   3. acc[q][:] += Σ_j w[j][q] · values[j][:]: the micro-kernel with MR queries × NR value
+//      columns in registers, the weights broadcast (from the tile, or from micro-panels packed
+//      where E is wide enough to reuse them: kPackWeightsFromBlocks), the values streamed from the
+//      tile's column blocks (packed once per call and shared by the groups: dense::SharedPanels);
+//      a tile whose weights are mostly zero (a tight threshold) adds only its nonzero weights'
+//      rows instead.
+// Nothing of size Q × M exists beyond one tile per thread. Tasks share no outputs, so the result
+// does not depend on the number of threads or their scheduling.
+//
+// Scores as a product. With c the mean of up to kCentreSample entries (centre()), a = Σ w (q − c)²,
+// b = Σ w (m − c)² and x = Σ w (q − c)(m − c) (the product), the distance is D = a + b − 2x. Its rounding error is
+// at most about (d + 4) ε (a + b) (ε: the unit roundoff), against (d + 3) ε D for the direct sum of
+// d squared differences: the product form loses precision where a + b ≫ D (points far from the
+// centre relative to their distance: near-duplicates, or a small σ against a wide spread). Each
+// pair's product-form distance is kept only where a + b ≤ kCancellation · D + slack, i.e. where its
+// worst-case error is within kCancellation of the direct form's, and where a threshold's decision
+// (D vs θ²) cannot flip within that error; every other pair is recomputed directly.
+#include "read_dense_cpu.h"
+
+#include "fast_exp.h"
+#include "gemm.h"
+#include "read_dense_common.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace rk {
+namespace {
+
+using dense::Cfg;
+using dense::Metric;
+
+constexpr int64_t kTileEntries = 128;   // entries per tile at most
+constexpr int64_t kLanesForTile = 256;  // the weights' share of tile_bytes() (so the tile does not depend on G)
+constexpr int64_t kScoreChunk = 128;    // score product: dimensions per chunk (a [128][NR] panel stays in L1)
+constexpr int64_t kGemmScoresFromDim = 32;
+constexpr double kCancellation = 4.0;
+constexpr int64_t kCentreSample = 64;
+
+// Bytes of a tile's weights, values and packed locations: half the L2 cache of a core (the other
+// half holds the group's accumulators), from 256 KB to 1 MB (sysconf; 512 KB where unknown). With
+// 2 MB of L2, 1 MB tiles were 6% faster than 512 KB ones at E = d = 1024 (runs/ab.py). The tile
+// size orders each query's sums, so a read's bits depend on the machine (as they do on its vector
+// width), never on the thread count.
+int64_t tile_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = int64_t(sysconf(_SC_LEVEL2_CACHE_SIZE));
+#endif
+    return l2 > 0 ? std::clamp<int64_t>(l2 / 2, int64_t(256) << 10, int64_t(1) << 20) : int64_t(512) << 10;
+  }();
+  return bytes;
+}
+
+// The product form's centre c for batch row b: the mean of up to kCentreSample entries spread over
+// the memory (not of the queries: a query's numbers must not depend on which other queries share
+// its call).
+template <class T>
+std::vector<T> centre(const View3<const T>& mloc, int64_t b, int64_t M, int64_t d) {
+  const int64_t n = std::min(M, kCentreSample);
+  std::vector<double> sum(d, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) sum[k] += double(mloc(b, i * M / n, k));
+  std::vector<T> c(d);
+  for (int64_t k = 0; k < d; ++k) c[k] = T(sum[k] / double(n));
+  return c;
+}
+
+// Per-thread working memory of one task (a group of queries) and its tiles.
+template <class T>
+struct Work {
+  static constexpr int64_t kPackReach = pack_reach<T, Cfg<T>::VB, Cfg<T>::MR>();
+  int64_t G_pad = 0, rows = 0, E_pad = 0, d = 0;
+  int64_t ldw = 0, lda = 0;  // row strides of weights and acc: one vector more than G_pad and E_pad, so that the
+                     // rows a micro-kernel walks down are not a large power of two apart (their cache
+                     // lines would compete for a few sets of L1)
+  std::vector<T> panels;  // the group's queries, [panel][dim][NR] (product form: w (q − c), centred)
+  std::vector<T> qnorm;   // product form: a per lane
+  std::vector<T> center;  // product form: c (centre()) of batch row center_row
+  int64_t center_row = -1;
+  std::vector<T> weights; // the tile's scores, then weights: [entry][ldw] (+ kPackReach: pack_micro_panels reads past)
+  std::vector<T> mem;     // product form: the tile's centred entries, [chunk][rows][kScoreChunk]
+  std::vector<T> mnorm;   // product form: b per entry
+  std::vector<T> panel;   // the tile's values, packed [column block][entry][NR] (zero past E)
+  std::vector<T> apack;   // the tile's weights as micro-panels [block of MR queries][entry][MR]
+  std::vector<T> acc;     // Σ w · values per query, [roundup(G_pad, MR)][lda]
+  std::vector<T> run_max, run_sum, tile_max;  // per lane
+  std::vector<T> lane_valid;                   // 1 for the group's queries, 0 for padding lanes
+
+  std::array<std::vector<T>*, 13> buffers() {
+    return {&panels, &qnorm, &center, &weights, &mem, &mnorm, &panel, &apack, &acc, &run_max, &run_sum, &tile_max,
+            &lane_valid};
+  }
+
+  // Sizes every buffer for a call (dense::thread_work keeps them between calls).
+  void reset(int64_t G, int64_t kc, int64_t d_, int64_t E, bool product) {
+    using C = Cfg<T>;
+    d = d_;
+    center_row = -1;
+    G_pad = round_up(G, C::NR);
+    rows = round_up(kc, C::MR);
+    E_pad = round_up(E, C::NR);
+    ldw = G_pad + C::L;
+    lda = E_pad + C::L;
+    panels.assign(G_pad * d, T(0));
+    weights.assign(rows * ldw + kPackReach, T(0));
+    acc.assign(round_up(G_pad, C::MR) * lda, T(0));
+    for (auto* v : {&run_max, &run_sum, &tile_max, &lane_valid}) v->assign(G_pad, T(0));
+    if (product) {
+      qnorm.assign(G_pad, T(0));
+      mem.assign((d + kScoreChunk - 1) / kScoreChunk * rows * kScoreChunk, T(0));
+      mnorm.assign(rows, T(0));
+    }
+    panel.assign(kc * E_pad, T(0));
+    apack.assign(round_up(G_pad, C::MR) / C::MR * packed_stride<T, C::VB, C::MR>(kc) + kPackReach, T(0));
+  }
+};
+
+template <class T>
+struct Call {
+  const ReadShape& s;
+  View3<const T> qloc, qvar, mloc, mvar, values;
+  bool product;  // scores from the product form
+  int64_t kc;    // entries per tile
+  dense::SharedPanels<T>* values_packed;  // the tiles' values packed for the micro-kernel, shared by the groups
+};
+
+// Packs the group's n queries (from q0) into panels; product form: centred and weighted, with their
+// norms a. Lanes past n stay zero.
+template <class T>
+void pack_queries(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, int64_t n, Work<T>& w) {
+  constexpr int64_t NR = Cfg<T>::NR;
+  const int64_t d = c.s.d;
+  if (!c.product) return dense::pack_lanes(c.qloc, b, q0, n, d, w.panels);
+  std::fill(w.panels.begin(), w.panels.end(), T(0));
+  std::fill(w.qnorm.begin(), w.qnorm.end(), T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    double norm = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const T x = c.qloc(b, q0 + i, k) - w.center[k];
+      w.panels[(i / NR) * d * NR + k * NR + i % NR] = mt.w[k] * x;
+      norm += double(mt.w[k]) * double(x) * double(x);
+    }
+    w.qnorm[i] = T(norm);
+  }
+}
+
+// Direct scores: weights[j][lanes of panel p] = log k for the tile's entries, vectorised over the
+// panel's queries; tile_max[lanes] their maxima.
+template <class T, int D, bool Unit, bool Thr>
+void direct_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t t0, int64_t nt, int64_t p, Work<T>& w) {
+  using C = Cfg<T>;
+  using S = typename C::S;
+  using Vec = typename C::Vec;
+  constexpr int64_t L = C::L, NR = C::NR;
+  const T* qp = w.panels.data() + p * c.s.d * NR;
+  Vec max0 = S::splat(neg_inf<T>()), max1 = max0;
+  for (int64_t j = 0; j < nt; ++j) {
+    Vec s0, s1;
+    dense::lane_scores<T, D, Unit, Thr>(mt, qp, c.mloc.row(b, t0 + j), c.mloc.sc, c.s.d, s0, s1);
+    T* out = w.weights.data() + j * w.ldw + p * NR;
+    S::store(out, s0);
+    S::store(out + L, s1);
+    max0 = s0 > max0 ? s0 : max0;
+    max1 = s1 > max1 ? s1 : max1;
+  }
+  S::store(w.tile_max.data() + p * NR, max0);
+  S::store(w.tile_max.data() + p * NR + L, max1);
+}
+
+// Packs the tile's entries centred ([chunk][row][kScoreChunk], zero past d) with their norms b.
+template <class T>
+void pack_entries(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t t0, int64_t nt, Work<T>& w) {
+  const int64_t d = c.s.d, chunks = (d + kScoreChunk - 1) / kScoreChunk;
+  for (int64_t j = 0; j < nt; ++j) {
+    const T* m = c.mloc.row(b, t0 + j);
+    T norm = 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      T* dst = w.mem.data() + (ch * w.rows + j) * kScoreChunk;
+      const int64_t k0 = ch * kScoreChunk, K = std::min(kScoreChunk, d - k0);
+      T part = 0;
+      if (c.mloc.sc == 1) {
+#pragma omp simd reduction(+ : part)
+        for (int64_t k = 0; k < K; ++k) {
+          const T x = m[k0 + k] - w.center[k0 + k];
+          dst[k] = x;
+          part += mt.w[k0 + k] * x * x;
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const T x = m[(k0 + k) * c.mloc.sc] - w.center[k0 + k];
+          dst[k] = x;
+          part += mt.w[k0 + k] * x * x;
+        }
+      }
+      norm += part;
+    }
+    w.mnorm[j] = norm;
+  }
+}
+
+// Recomputes directly the scores of the n queries from q (lanes) against entry t that the product
+// form rejected (rare: out of line, so that the vectoriser does not compute it for every lane).
+template <class T, class Mask>
+__attribute__((noinline)) void recompute(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q, int64_t n,
+                                         int64_t t, const Mask& ok, T* scores) {
+  for (int64_t l = 0; l < n; ++l)
+    if (!ok[l]) scores[l] = mt.score(row_ref(c.qloc, b, q + l), row_ref(c.mloc, b, t), c.s.d);
+}
+
+// Product-form scores of the tile (see the top of the file), every pair whose product form is not
+// exact enough recomputed directly; tile_max[lanes] their maxima.
+template <class T>
+void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, int64_t n, int64_t t0,
+                    int64_t nt, Work<T>& w) {
+  using C = Cfg<T>;
+  using S = typename C::S;
+  using Vec = typename C::Vec;
+  constexpr int64_t L = C::L, NR = C::NR;
+  constexpr int MR = C::MR;
+  const int64_t d = c.s.d, chunks = (d + kScoreChunk - 1) / kScoreChunk, panels = w.G_pad / NR;
+  pack_entries(c, mt, b, t0, nt, w);
+  T* x = w.weights.data();
+  std::fill(x, x + w.rows * w.ldw, T(0));
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t K = std::min(kScoreChunk, d - ch * kScoreChunk);
+    for (int64_t p = 0; p < panels; ++p) {
+      const T* panel = w.panels.data() + p * d * NR + ch * kScoreChunk * NR;
+      for (int64_t j0 = 0; j0 < nt; j0 += MR)
+        block_dots<T, C::VB, MR>(Strided<T, kScoreChunk>{w.mem.data() + (ch * w.rows + j0) * kScoreChunk, 1},
+                                 panel, NR, K, x + j0 * w.ldw + p * NR, w.ldw);
+    }
+  }
+  const T eps = std::numeric_limits<T>::epsilon();
+  // slack: accept any pair whose worst-case error is below a few ε of log k (an absolute error
+  // far below the reference's own rounding of a score of size 1)
+  const Vec R = S::splat(T(kCancellation)), slack = S::splat(T(32.0 / double(d + 4)) / (mt.unit ? mt.scale : T(1)));
+  const Vec bound = S::splat(T(double(d + 4) * double(eps))), two = S::splat(T(2)), zero{};
+  const bool thr = mt.thr2 >= 0;
+  const Vec thr2 = S::splat(thr ? mt.thr2 : std::numeric_limits<T>::infinity());
+  const Vec half_scale = S::splat(T(-0.5)), scale = S::splat(mt.scale), norm = S::splat(mt.norm);
+  const Vec ninf = S::splat(neg_inf<T>());
+  T* tmax = w.tile_max.data();
+  std::fill(tmax, tmax + w.G_pad, neg_inf<T>());
+  for (int64_t j = 0; j < nt; ++j) {
+    const T bj = w.mnorm[j];
+    T* row = x + j * w.ldw;
+    for (int64_t l0 = 0; l0 < w.G_pad; l0 += L) {
+      const Vec ab = S::load(w.qnorm.data() + l0) + bj;
+      Vec dist = ab - two * S::load(row + l0);
+      dist = dist > zero ? dist : zero;
+      auto ok = ab <= R * dist + slack;
+      if (thr) {
+        const Vec gap = dist - thr2;
+        ok &= (gap > zero ? gap : -gap) > bound * ab;  // the threshold's decision is certain
+      }
+      Vec sc = half_scale * dist * scale + norm;
+      sc = dist > thr2 ? ninf : sc;
+      S::store(row + l0, sc);
+      bool rejected = false;
+      for (int64_t l = 0; l < L; ++l) rejected |= !ok[l] && l0 + l < n;
+      if (rejected) recompute(c, mt, b, q0 + l0, std::min(L, n - l0), t0 + j, ok, row + l0);
+      const Vec now = S::load(row + l0), before = S::load(tmax + l0);
+      S::store(tmax + l0, now > before ? now : before);
+    }
+  }
+}
+
+// Runs one group's read: n queries from q0 of batch row b.
+template <class T, int D>
+void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, int64_t n, Work<T>& w, T* out,
+                T* lse) {
+  using C = Cfg<T>;
+  using S = typename C::S;
+  using Vec = typename C::Vec;
+  constexpr int64_t L = C::L, NR = C::NR;
+  constexpr int MR = C::MR;
+  const ReadShape& s = c.s;
+  const int64_t M = s.M, E = s.E, G_pad = w.G_pad, E_pad = w.E_pad, panels = G_pad / NR;
+  if (c.product && w.center_row != b) {
+    w.center = centre(c.mloc, b, M, s.d);
+    w.center_row = b;
+  }
+  const int64_t acc_rows = round_up(n, MR);
+  pack_queries(c, mt, b, q0, n, w);
+  std::fill(w.acc.begin(), w.acc.begin() + acc_rows * w.lda, T(0));
+  std::fill(w.run_max.begin(), w.run_max.end(), neg_inf<T>());
+  std::fill(w.run_sum.begin(), w.run_sum.end(), T(0));
+  for (int64_t l = 0; l < G_pad; ++l) w.lane_valid[l] = l < n ? T(1) : T(0);
+  T* x = w.weights.data();
+  for (int64_t t0 = 0; t0 < M; t0 += c.kc) {
+    const int64_t nt = std::min(c.kc, M - t0);
+    // 1. scores
+    if (c.product) {
+      product_scores(c, mt, b, q0, n, t0, nt, w);
+    } else {
+      mt.dispatch_kind([&]<bool Unit, bool Thr>() {
+        for (int64_t p = 0; p < panels; ++p) direct_scores<T, D, Unit, Thr>(c, mt, b, t0, nt, p, w);
+      });
+    }
+    // 2. online softmax per lane: rescale what a lane accumulated when its maximum rises, then
+    // the weights exp(s − max) in place, their sums and how many are nonzero
+    const Vec ninf = S::splat(neg_inf<T>()), zero{}, one = S::splat(T(1));
+    Vec live = zero, nonzero = zero;
+    for (int64_t l0 = 0; l0 < G_pad; l0 += L) {
+      const Vec old = S::load(w.run_max.data() + l0), tile = S::load(w.tile_max.data() + l0);
+      const Vec now = tile > old ? tile : old;
+      for (int64_t l = l0; l < std::min(l0 + L, n); ++l) {
+        if (now[l - l0] > old[l - l0] && old[l - l0] != neg_inf<T>()) {
+          const T scale = std::exp(old[l - l0] - now[l - l0]);
+          w.run_sum[l] *= scale;
+          T* a = w.acc.data() + l * w.lda;
+          for (int64_t e = 0; e < E; ++e) a[e] *= scale;
+        }
+      }
+      S::store(w.run_max.data() + l0, now);
+      const Vec shift = now == ninf ? zero : now;  // a lane with nothing yet: every weight is 0
+      const Vec valid = S::load(w.lane_valid.data() + l0);
+      live += (now == ninf ? zero : one) * valid;
+      Vec sum = zero, count = zero;
+      for (int64_t j = 0; j < nt; ++j) {
+        T* row = x + j * w.ldw + l0;
+        const Vec p = exp_nonpositive_lanes(S::load(row) - shift);  // masked: -inf -> 0
+        S::store(row, p);
+        sum += p;
+        count += p != zero ? one : zero;
+      }
+      S::store(w.run_sum.data() + l0, S::load(w.run_sum.data() + l0) + sum);
+      nonzero += count * valid;
+    }
+    T any = 0, total = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      any += live[l];
+      total += nonzero[l];
+    }
+    if (any == T(0)) continue;
+    // 3. Σ w · values
+    if (int64_t(total) * 4 > n * nt) {
+      const T* panel = c.values_packed->get(b, t0 / c.kc, w.panel.data(), [&](T* dst) {
+        dense::pack_column_blocks(c.values, b, t0, nt, E, dst);
+      });
+      if (E_pad >= dense::kPackWeightsFromBlocks * NR) {
+        pack_micro_panels<T, C::VB, MR>(x, w.ldw, n, nt, w.apack.data());
+        for (int64_t e0 = 0; e0 < E_pad; e0 += NR)
+          for (int64_t i0 = 0; i0 < n; i0 += MR)
+            block_dots<T, C::VB, MR>(Packed<T, MR>{w.apack.data() + i0 / MR * packed_stride<T, C::VB, MR>(nt)},
+                                     panel + e0 * nt, NR, nt, w.acc.data() + i0 * w.lda + e0, w.lda);
+      } else {
+        for (int64_t e0 = 0; e0 < E_pad; e0 += NR)
+          for (int64_t i0 = 0; i0 < n; i0 += MR)
+            block_dots<T, C::VB, MR>(Strided<T, 1>{x + i0, w.ldw}, panel + e0 * nt, NR, nt,
+                                     w.acc.data() + i0 * w.lda + e0, w.lda);
+      }
+    } else {
+      for (int64_t j = 0; j < nt; ++j) {
+        const T* z = c.values.row(b, t0 + j);
+        const T* row = x + j * w.ldw;
+        for (int64_t l = 0; l < n; ++l) {
+          const T p = row[l];
+          if (p == T(0)) continue;  // an underflowed or masked weight adds exactly nothing
+          T* a = w.acc.data() + l * w.lda;
+          if (c.values.sc == 1) {
+            for (int64_t e = 0; e < E; ++e) a[e] += p * z[e];
+          } else {
+            for (int64_t e = 0; e < E; ++e) a[e] += p * z[e * c.values.sc];
+          }
+        }
+      }
+    }
+  }
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t bq = b * s.Q + q0 + l;
+    T* o = out + bq * E;
+    const T* a = w.acc.data() + l * w.lda;
+    if (w.run_sum[l] > T(0)) {
+      const T inv_sum = T(1) / w.run_sum[l];
+      for (int64_t e = 0; e < E; ++e) o[e] = a[e] * inv_sum;
+      lse[bq] = w.run_max[l] + std::log(w.run_sum[l]);
+    } else {
+      std::fill(o, o + E, T(0));
+      lse[bq] = neg_inf<T>();
+    }
+  }
+}
+
+template <class T, int D>
+void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                  View3<const T> mvar, View3<const T> values, T* out, T* lse) {
+  using C = Cfg<T>;
+  const int64_t B = s.B, Q = s.Q, M = s.M, E = s.E, d = s.d;
+  if (M == 0) {  // nothing to read: zeros (and no variance row to look at)
+    std::fill(out, out + B * Q * E, T(0));
+    std::fill(lse, lse + B * Q, neg_inf<T>());
+    return;
+  }
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  // Groups of up to kPanelsPerGroup panels, smaller ones (down to one vector of lanes) where a call
+  // would have fewer than kGroupsWanted. Group and tile sizes depend on the shapes only, never on
+  // the thread count, and each query's numbers only on its own lane: the read is the same for
+  // any number of threads and for a query alone or in a batch.
+  const auto [G, groups] = dense::lane_groups<T>(B, Q, dense::kPanelsPerGroup);
+  const bool product = dense_read_product_scores(s);
+  const int64_t E_pad = round_up(E, C::NR);
+  const int64_t per_entry = int64_t(sizeof(T)) * (E_pad + kLanesForTile + (product ? round_up(d, C::L) : 0));
+  const int64_t kc = std::clamp<int64_t>(tile_bytes() / per_entry / C::MR * C::MR, C::MR, kTileEntries);
+  dense::SharedPanels<T> values_packed(groups > 1 ? (values.sb == 0 ? 1 : B) : 0, M, kc, kc * E_pad);
+  const Call<T> c{s, qloc, qvar, mloc, mvar, values, product, kc, &values_packed};
+  const int64_t tasks = B * groups;
+#pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(threads, tasks))))
+  {
+    Work<T>& w = dense::thread_work<Work<T>>();
+    w.reset(G, kc, d, E, product);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / groups, q0 = (task % groups) * G, n = std::min(G, Q - q0);
+      group_read<T, D>(c, Metric<T>(s, qvar, mvar, b), b, q0, n, w, out, lse);
+    }
+    dense::release_if_large(w);
+  }
+}
+
+}  // namespace
+
+template <class T>
+bool dense_read_applies(const ReadShape& s, View3<const T> qvar, View3<const T> mvar) {
+  // per-pair variances (σ per entry or per query) keep the per-pair kernel, and so do calls with
+  // too few queries to fill a vector's lanes
+  const bool shared = s.uniform_var || ((qvar.sr == 0 || s.Q <= 1) && (mvar.sr == 0 || s.M <= 1));
+  return shared && s.E >= 1 && s.Q >= Cfg<T>::L;
+}
+
+bool dense_read_product_scores(const ReadShape& s) {
+  // the threshold is on the plain distance: with per-dimension variances the product form gives
+  // the weighted one only
+  return s.d >= kGemmScoresFromDim && (s.uniform_var || s.threshold < 0);
+}
+
+template <class T>
+void dense_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                            View3<const T> mvar, View3<const T> values, T* out, T* lse) {
+  dispatch_dim(s.d, [&]<int D>() { forward_impl<T, D>(s, qloc, qvar, mloc, mvar, values, out, lse); });
+}
+
+#define RK_INSTANTIATE(T)                                                                                    \
+  template bool dense_read_applies<T>(const ReadShape&, View3<const T>, View3<const T>);                    \
+  template void dense_read_forward_cpu<T>(const ReadShape&, View3<const T>, View3<const T>, View3<const T>, \
+                                          View3<const T>, View3<const T>, T*, T*);
+RK_INSTANTIATE(float)
+RK_INSTANTIATE(double)
+#undef RK_INSTANTIATE
+
+}  // namespace rk
