@@ -18,6 +18,10 @@ match_threshold = 25 (or none: every entry weighs in). Methods:
                   Q×M Gaussian log-density, softmax, @ values), compiled by inductor; its first
                   call (the compilation, for that shape and pass) is reported apart as
                   `first call s` and left out of the median
+  compiled_naive_ftz  the same compiled read called with denormal floats flushed to zero
+                  (torch.set_flush_denormal(True) around each call, which sets the calling thread's
+                  FTZ/DAZ flags): at σ = 10 most softmax weights are denormal float32 numbers, which
+                  the CPU multiplies many times slower; a user who knows this flushes them
   bare_matmul     the speed-of-light yardstick: `logits @ V` for a ready (Q, M) float matrix and
                   the (M, E) values, forward only (also in the forward+backward blocks); every
                   row's `x logits@V` is its time over this product's, same shape, same threads
@@ -95,6 +99,18 @@ def compiled_naive_read(compile_backend="inductor"):
     return torch.compile(naive_read, dynamic=False, fullgraph=True, backend=compile_backend)
 
 
+def flushing_denormals(fn):
+    """fn called with denormals flushed to zero (the calling thread's FTZ/DAZ), then the default
+    (off) restored, so no other row of the table runs with it."""
+    def call():
+        torch.set_flush_denormal(True)
+        try:
+            return fn()
+        finally:
+            torch.set_flush_denormal(False)
+    return call
+
+
 def keops_read(query_loc, mem_loc, mem_values, sd, threshold):
     """KeOps LazyTensor form: masked entries get a -1e30 logit (KeOps has no -inf masking), and a
     second reduction zeroes the queries that matched nothing, so it computes exactly our op."""
@@ -124,7 +140,7 @@ def keops_reason():
     return None
 
 
-METHODS = ("reference", "chunked_torch", "cpu", "keops", "compiled_naive", "bare_matmul")
+METHODS = ("reference", "chunked_torch", "cpu", "keops", "compiled_naive", "compiled_naive_ftz", "bare_matmul")
 YARDSTICK = "bare_matmul"
 
 
@@ -145,9 +161,11 @@ def build(method, Q, M, d, E, threshold=THRESHOLD, backward=False, dtype="float3
         fn = lambda: chunked_torch_read(query_loc, mem_loc, mem_values, SIGMA, threshold)  # noqa: E731
     elif method == "keops":
         fn = lambda: keops_read(query_loc, mem_loc, mem_values, SIGMA, threshold)  # noqa: E731
-    elif method == "compiled_naive":
+    elif method in ("compiled_naive", "compiled_naive_ftz"):
         compiled = compiled_naive_read(compile_backend)
         fn = lambda: compiled(query_loc, mem_loc, mem_values, SIGMA, SIGMA, threshold)  # noqa: E731
+        if method == "compiled_naive_ftz":
+            fn = flushing_denormals(fn)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not backward:
@@ -313,7 +331,8 @@ def benchmark_cases(size):
                 skip = skip or "left out of the smoke size (KeOps compiles C++ for ~20 s per value width)"
             # inductor's C++ build takes ~10 s per graph on a cold cache: the smoke size checks the
             # capture (dynamo + AOTAutograd) only
-            extra = {"compile_backend": "aot_eager" if size == "smoke" else "inductor"} if method == "compiled_naive" else {}
+            compiled = method.startswith("compiled_naive")
+            extra = {"compile_backend": "aot_eager" if size == "smoke" else "inductor"} if compiled else {}
             cases.append(Case(group, method, ready(build, method, **row, **extra), skip=skip, info=dict(row, **extra)))
     return cases
 

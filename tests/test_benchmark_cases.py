@@ -52,7 +52,7 @@ def test_every_benchmark_case_runs_at_smoke_size(tmp_path):
     for family in ("read fwd ", "read fwd+bwd ", "prune_mask ", "conditional_sample ", "engram decide "):
         assert any(group.startswith(family) for group in measured), family
     read_peers = measured["read fwd Q=64 M=128 E=32 no-threshold"]
-    assert {"reference", "cpu", "chunked_torch", "compiled_naive", "bare_matmul"} <= read_peers
+    assert {"reference", "cpu", "chunked_torch", "compiled_naive", "compiled_naive_ftz", "bare_matmul"} <= read_peers
 
     saved = list((tmp_path / "runs" / "pytest-benchmark").glob("*/0001_*.json"))
     assert len(saved) == 1 and not (tmp_path / ".benchmarks").exists()
@@ -87,3 +87,20 @@ def test_naive_peer_computes_the_read_and_its_gradients(threshold):
         assert (results[1][0] == 0).all(-1).any(), "no query is isolated: the test would miss the empty rows"
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+def test_flushing_denormals_flushes_inside_the_call_only():
+    """bench_read's compiled_naive_ftz peer: denormals are flushed in its calls and nowhere else."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_read
+    finally:
+        sys.path.pop(0)
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returned False)")
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # a denormal float32
+    inside = bench_read.flushing_denormals(lambda: tiny * 1.0)()
+    assert inside.item() == 0.0
+    assert (tiny * 1.0).item() > 0.0
