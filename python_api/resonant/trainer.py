@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .engram.brain import EngramBrain
+from .engram.policy import EpisodeRepeats
 from .extras import missing, require
 from .runs import write_text_atomic
 from .types import PathLike
@@ -128,6 +129,8 @@ class Trainer:
             started += 1
             obs.append(o)
         traj = [([], [], []) for _ in envs]
+        # each environment's episode so far, for Exploration.avoid_repeats (reset with the environment)
+        repeats = [EpisodeRepeats() for _ in envs] if brain.exploration.avoid_repeats else None
         lengths = [0] * len(envs)  # environment steps of each running episode
         active = [True] * len(envs)
         t0 = time.perf_counter()
@@ -141,7 +144,7 @@ class Trainer:
             if brain.normalise is None:
                 actions = self._rng.integers(0, brain.num_actions, len(idx))
             else:
-                actions = brain.decide(batch)
+                actions = brain.decide(batch, repeats=None if repeats is None else [repeats[i] for i in idx])
             for i, a in zip(idx, actions):
                 r, steps = 0.0, 0
                 while steps < self.action_repeat:
@@ -174,6 +177,8 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(mean100=f"{np.mean(recent):.1f}", eps=f"{brain.epsilon:.3f}",
                                     mem=len(brain.store))
+                    if repeats is not None:
+                        repeats[i].reset()
                     if started < episodes:
                         obs[i], _ = envs[i].reset(seed=self.seed * 100_003 + self.first_episode + started)
                         started += 1
