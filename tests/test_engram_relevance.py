@@ -147,7 +147,7 @@ def test_decide_with_repeats_leaves_a_greedy_loop():
     from resonant.sim import SubGridWorld
 
     store = TorchEngramStore(36, 6)
-    brain = EngramBrain(store, scoring=Scoring(bandwidth=100.0, match_threshold=math.inf),
+    brain = EngramBrain(store, scoring=Scoring(bandwidth=100.0, match_threshold=math.inf, prior=0.0),
                         exploration=Exploration(epsilon_start=0.0, epsilon_end=0.0, avoid_repeats=True), seed=0)
     store.add(torch.zeros(1, 36), torch.tensor([0]), torch.tensor([1.0]))
     for avoid in (False, True):
