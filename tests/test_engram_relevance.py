@@ -169,3 +169,20 @@ def test_decide_with_repeats_leaves_a_greedy_loop():
             assert repeated_while_untaken == 0 and len(positions) > 12
         else:
             assert repeated_while_untaken > 40 and len(positions) <= 12  # stuck at the +x border
+
+
+def test_a_due_refit_waits_for_the_next_decision_when_a_truncated_episode_is_written():
+    # the asynchronous writer remembers a batch of episodes into a collecting stand-in for the
+    # store; a truncated episode bootstraps from the memory there and must not refit on the way
+    from resonant.parallel.server import collected_writes
+
+    states, actions, outcomes = one_hot_grid(200, seed=4, noise=0.0)
+    brain = EngramBrain(TorchEngramStore(12, 2), scoring=Scoring(bandwidth=0.4, match_threshold=1.0),
+                        relevance=LearnedRelevance(every=1, steps=5), seed=0)
+    brain.store.add(states, actions, outcomes)
+    brain.remember(states[:2], actions[:2], [0.0, 1.0])  # a refit is now due
+    with collected_writes(brain):
+        brain.remember(states[2:5], actions[2:5], [0.0, 0.0, 0.0], final_state=states[5], terminated=False)
+    assert brain.scoring.relevance is None and len(brain.store) == 205
+    brain.action_scores(states[:1])
+    assert brain.scoring.relevance is not None

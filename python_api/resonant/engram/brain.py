@@ -111,9 +111,15 @@ class EngramBrain:
         return self.normalise(s) if self.normalise is not None else s
 
     def action_scores(self, states: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (Q, A), evidence share (Q, A)) for a batch of raw states."""
+        """(scores (Q, A), evidence share (Q, A)) for a batch of raw states (a due relevance refit
+        first)."""
         if self.relevance is not None and self._episodes_since_fit >= self.relevance.every:
             self.refit_relevance()
+        return self._scores(states)
+
+    def _scores(self, states) -> tuple[torch.Tensor, torch.Tensor]:
+        # no refit here: `remember` bootstraps from these while its episode is being written
+        # (the asynchronous writer collects the writes of a batch of episodes before storing them)
         sums, evidence = self.store.action_values(self._prepare(states), self.scoring)
         return action_scores(sums, evidence, self.scoring)
 
@@ -176,7 +182,7 @@ class EngramBrain:
         if not terminated:
             if final_state is None:
                 raise ValueError("a truncated episode (terminated=False) needs final_state")
-            tail = float(self.action_scores(final_state)[0].max())
+            tail = float(self._scores(final_state)[0].max())
         gamma, n_step = self.outcomes.gamma, self.outcomes.n_step
         if self.outcomes.credit == "glow":
             outcomes = glow_credit(rewards, gamma, states.numpy(), actions, tail)
@@ -186,7 +192,7 @@ class EngramBrain:
             later = states[1:]
             values = np.zeros(len(rewards) + 1)
             if len(later):
-                values[1:len(rewards)] = self.action_scores(later)[0].max(1).values.double().numpy()
+                values[1:len(rewards)] = self._scores(later)[0].max(1).values.double().numpy()
             values[len(rewards)] = tail
             outcomes = n_step_targets(rewards, values, gamma, n_step)
         peak = max(float(np.abs(outcomes).max()), abs(float(rewards.sum())))
