@@ -53,7 +53,11 @@ def main() -> int:
                    help="also tabulate the metric over these episodes of every agent (1-based, inclusive), pooled "
                         "over the agents: mean, median and the share at --cap or beyond")
     p.add_argument("--cap", type=float, default=400, help="with --episode-windows (default: %(default)s)")
+    p.add_argument("--labels", nargs="*", default=None, metavar="TEXT",
+                   help="the figure's legend entry of each report, in order (default: agents, memory and file name)")
     args = p.parse_args()
+    if args.labels is not None and len(args.labels) != len(args.reports):
+        p.error(f"--labels needs one label per report ({len(args.reports)}), got {len(args.labels)}")
     reports = [(path, json.load(open(path))) for path in args.reports]
     if args.episode_windows:
         print(f"| run | agents' episodes | {args.metric}: mean | median | share ≥ {args.cap:g} |")
@@ -92,11 +96,11 @@ def main() -> int:
             for w, s in enumerate(per_worker(r, args.metric)):
                 rm = rolling_mean(np.asarray(s, dtype=np.float64), args.window)
                 ax.plot(np.arange(args.window, len(s) + 1), rm, color=colours[i % len(colours)], lw=1, alpha=0.8,
-                        label=label(r, path) if w == 0 else None)
+                        label=(args.labels[i] if args.labels else label(r, path)) if w == 0 else None)
         ax.axhline(args.threshold, color="k", ls="--", lw=1, label=f"target {rel} {args.threshold:g}")
         ax.set_xlabel("episode of the agent (its own episodes)")
         unit = "return" if args.metric == "return" else "environment steps per episode"
-        ax.set_ylabel(f"{unit}, mean of the agent's last {args.window} episodes")
+        ax.set_ylabel(f"{unit}\n(mean of the agent's last {args.window} episodes)")
         ax.set_title(f"{reports[0][1]['config']['env']}: every agent's rolling mean, shared vs isolated memory")
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)

@@ -382,6 +382,20 @@ def test_cli_train_async_writes_the_report(tmp_path):
     assert set(s) >= {"episodes_per_s", "decisions_per_s", "mean_predictor_batch", "decision_latency_ms",
                       "request_wait_ms", "per_worker"}
     assert len(report["returns_worker1"]) == 5 and (tmp_path / "run.png").stat().st_size > 1000
+    assert report["relevance"] == [None]  # no --relevance-every
+
+
+def test_cli_train_async_avoid_repeats_and_relevance_reach_the_workers_and_the_report(tmp_path):
+    from resonant.cli import main
+
+    assert main(["train-async", "subgrid", "--workers", "2", "--episodes-per-worker", "3", "--normalise-episodes", "0",
+                 "--action-repeat", "1", "--bandwidth", "0.4", "--match-threshold", "1.0", "--estimator", "mean",
+                 "--avoid-repeats", "--relevance-every", "2", "--memory", "isolated",
+                 "--max-seconds", str(RUN_LIMIT), "--out", str(tmp_path), "--name", "run", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["config"]["avoid_repeats"] is True
+    # each memory refitted its relevance (None: never fitted; the values are tested in test_engram_relevance.py)
+    assert len(report["relevance"]) == 2 and all(r is not None and len(r) == 36 for r in report["relevance"])
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find the worker processes")

@@ -122,6 +122,14 @@ def add_agent_options(p) -> None:
                    help="action selection: epsilon-greedy, or softmax P(a) ∝ exp(beta·score) (default: %(default)s)")
     p.add_argument("--beta", type=float, default=1.0,
                    help="softmax inverse temperature, in 1/outcome units (default: %(default)s)")
+    p.add_argument("--avoid-repeats", action="store_true",
+                   help="within an episode, score the actions already taken at exactly the same observation below "
+                        "the others until all have been taken there (breaks a greedy agent's loops in deterministic "
+                        "environments)")
+    p.add_argument("--relevance-every", type=int, default=None, metavar="EPISODES",
+                   help="learn a per-dimension relevance of the kernel's distances from the memory (the leave-one-out "
+                        "error of the stored outcomes) every this many remembered episodes (default: off; kernel-"
+                        "weighted scoring with --store torch only)")
     p.add_argument("--epsilon-decay", type=float, default=0.99,
                    help="epsilon factor per remembered episode (default: %(default)s)")
     p.add_argument("--epsilon-end", type=float, default=0.0,
@@ -165,7 +173,7 @@ def env_spaces(env_id: str) -> tuple[int, int]:
 def brain_options(args) -> dict:
     """What build_brain takes, from parsed arguments: the store's options and the brain's option
     groups (the estimator's default resolved; a Milvus store scores from the 50 nearest by default)."""
-    from .engram import Exploration, Outcomes, Scoring
+    from .engram import Exploration, LearnedRelevance, Outcomes, Scoring
 
     estimator = args.estimator or ("local_linear" if args.outcome_temperature is None else "mean")
     kind, uri = args.store
@@ -178,7 +186,8 @@ def brain_options(args) -> dict:
             "fresh": getattr(args, "fresh", False), "token": getattr(args, "milvus_token", ""), "scoring": scoring,
             "outcomes": Outcomes(gamma=args.gamma, n_step=args.n_step, credit=args.credit),
             "exploration": Exploration(policy=args.policy, beta=args.beta, epsilon_decay=args.epsilon_decay,
-                                       epsilon_end=args.epsilon_end)}
+                                       epsilon_end=args.epsilon_end, avoid_repeats=args.avoid_repeats),
+            "relevance": None if args.relevance_every is None else LearnedRelevance(every=args.relevance_every)}
 
 
 def build_brain(options: dict, state_dim: int, num_actions: int):
@@ -197,7 +206,7 @@ def build_brain(options: dict, state_dim: int, num_actions: int):
                                   capacity=o["capacity"], eviction=o["eviction"], drop_existing=o["fresh"],
                                   seed=o["seed"], token=o["token"])
     return EngramBrain(store, scoring=o["scoring"], outcomes=o["outcomes"], exploration=o["exploration"],
-                       seed=o["seed"])
+                       seed=o["seed"], relevance=o.get("relevance"))
 
 
 def print_summary(name: str, summary: dict, out_dir) -> None:

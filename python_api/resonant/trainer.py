@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .engram.brain import EngramBrain
+from .engram.policy import EpisodeRepeats
 from .extras import missing, require
 from .runs import write_text_atomic
 from .types import PathLike
@@ -96,6 +97,8 @@ class Trainer:
             raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
         self.action_repeat = action_repeat
         self.brain, self.env_id, self.seed = brain, env_id, seed
+        if env_id.startswith("resonant/"):
+            from . import sim  # noqa: F401  (registers the resonant environments)
         try:
             self.envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
         except gym.error.DependencyNotInstalled as exc:  # e.g. Box2D for LunarLander
@@ -128,6 +131,8 @@ class Trainer:
             started += 1
             obs.append(o)
         traj = [([], [], []) for _ in envs]
+        # each environment's episode so far, for Exploration.avoid_repeats (reset with the environment)
+        repeats = [EpisodeRepeats() for _ in envs] if brain.exploration.avoid_repeats else None
         lengths = [0] * len(envs)  # environment steps of each running episode
         active = [True] * len(envs)
         t0 = time.perf_counter()
@@ -141,7 +146,7 @@ class Trainer:
             if brain.normalise is None:
                 actions = self._rng.integers(0, brain.num_actions, len(idx))
             else:
-                actions = brain.decide(batch)
+                actions = brain.decide(batch, repeats=None if repeats is None else [repeats[i] for i in idx])
             for i, a in zip(idx, actions):
                 r, steps = 0.0, 0
                 while steps < self.action_repeat:
@@ -174,6 +179,8 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(mean100=f"{np.mean(recent):.1f}", eps=f"{brain.epsilon:.3f}",
                                     mem=len(brain.store))
+                    if repeats is not None:
+                        repeats[i].reset()
                     if started < episodes:
                         obs[i], _ = envs[i].reset(seed=self.seed * 100_003 + self.first_episode + started)
                         started += 1

@@ -4,13 +4,14 @@ from typing import TYPE_CHECKING, Any
 
 from .brain import EngramBrain
 from .config import Exploration, Outcomes, Scoring
+from .relevance import LearnedRelevance
 from .store import EngramStore, Neighbours
 from .torch_store import TorchEngramStore
 
 if TYPE_CHECKING:
     from .milvus_store import MilvusEngramStore
 
-__all__ = ["EngramBrain", "Scoring", "Outcomes", "Exploration", "EngramStore", "Neighbours", "TorchEngramStore",
+__all__ = ["EngramBrain", "Scoring", "Outcomes", "Exploration", "LearnedRelevance", "EngramStore", "Neighbours", "TorchEngramStore",
            "MilvusEngramStore"]
 
 

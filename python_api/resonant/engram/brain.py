@@ -10,6 +10,11 @@ the intercept of a local linear fit of outcome on state around the query, which 
 where each action's engrams lie. Two optional reweightings (recency_halflife, outcome_temperature)
 did not help on LunarLander (BENCHMARKS.md).
 
+Per-dimension relevance (`LearnedRelevance`, engram/relevance.py): optionally, every few
+remembered episodes the brain refits how much each state dimension counts in the kernel's
+distances, by the leave-one-out error of the stored outcomes, and scores with it
+(`Scoring.relevance`): dimensions the outcomes do not depend on stop keeping experience apart.
+
 Exploration (`Exploration`, engram/policy.py): epsilon-greedy with epsilon decaying
 geometrically per remembered episode (epsilon_end 0, fully greedy in the end, did best on
 LunarLander: the episodes that count are the ones played while learning), or softmax
@@ -17,6 +22,7 @@ P(a) ∝ exp(beta · score(a)), projective simulation's energy-based policy.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -25,7 +31,8 @@ import torch
 from ..types import ArrayLike
 from . import validation
 from .config import Exploration, Outcomes, Scoring
-from .policy import glow_credit, select_actions
+from .policy import EpisodeRepeats, glow_credit, select_actions
+from .relevance import LearnedRelevance, fit_relevance
 from .scoring import action_scores
 from .store import EngramStore
 
@@ -68,17 +75,31 @@ class EngramBrain:
 
     After an episode, `remember` stores one engram per step with its outcome (`outcomes`) and decays
     epsilon. The options are three frozen groups (engram/config.py): Scoring, Outcomes, Exploration.
+    With `relevance` (a LearnedRelevance; TorchEngramStore only), every `relevance.every`
+    remembered episodes the next decision first refits `scoring.relevance` from the memory.
     """
 
     def __init__(self, store: EngramStore, *, scoring: Scoring = Scoring(), outcomes: Outcomes = Outcomes(),
                  exploration: Exploration = Exploration(), seed: Optional[int] = None,
-                 normalise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 normalise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 relevance: Optional[LearnedRelevance] = None):
         for name, value, kind in (("scoring", scoring, Scoring), ("outcomes", outcomes, Outcomes),
                                   ("exploration", exploration, Exploration)):
             if not isinstance(value, kind):
                 raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         if not isinstance(store, EngramStore):
             raise TypeError(f"store must be an EngramStore, got {type(store).__name__}")
+        if relevance is not None:
+            if not isinstance(relevance, LearnedRelevance):
+                raise TypeError(f"relevance must be a LearnedRelevance or None, got {type(relevance).__name__}")
+            if not hasattr(store, "engrams") or scoring.k is not None or scoring.bandwidth is None:
+                raise ValueError("relevance (learnt per-dimension relevance) needs a TorchEngramStore with "
+                                 "kernel-weighted scoring (Scoring(k=None) and a bandwidth)")
+            if scoring.relevance is not None and len(scoring.relevance) != store.state_dim:
+                raise ValueError(f"scoring.relevance has {len(scoring.relevance)} factors but the store's states "
+                                 f"have {store.state_dim} dimensions")
+        self.relevance = relevance
+        self._episodes_since_fit = 0
         self.store, self.state_dim, self.num_actions = store, store.state_dim, store.num_actions
         self.scoring, self.outcomes, self.exploration = scoring, outcomes, exploration
         self.epsilon = exploration.epsilon_start
@@ -90,16 +111,52 @@ class EngramBrain:
         return self.normalise(s) if self.normalise is not None else s
 
     def action_scores(self, states: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (Q, A), evidence share (Q, A)) for a batch of raw states."""
+        """(scores (Q, A), evidence share (Q, A)) for a batch of raw states (a due relevance refit
+        first)."""
+        if self.relevance is not None and self._episodes_since_fit >= self.relevance.every:
+            self.refit_relevance()
+        return self._scores(states)
+
+    def _scores(self, states) -> tuple[torch.Tensor, torch.Tensor]:
+        # no refit here: `remember` bootstraps from these while its episode is being written
+        # (the asynchronous writer collects the writes of a batch of episodes before storing them)
         sums, evidence = self.store.action_values(self._prepare(states), self.scoring)
         return action_scores(sums, evidence, self.scoring)
 
-    def decide(self, states: ArrayLike, *, explore: bool = True) -> np.ndarray:
-        """One action per state (a batch (Q, state_dim) or a single state) as an int64 array (Q,)."""
+    def refit_relevance(self) -> Optional[torch.Tensor]:
+        """Refits scoring.relevance from the stored engrams (engram/relevance.py), warm-started
+        from the current factors; returns them (None without `relevance` or engrams)."""
+        self._episodes_since_fit = 0
+        if self.relevance is None or len(self.store) < 2:
+            return None
+        e = self.store.engrams()
+        initial = None if self.scoring.relevance is None else torch.tensor(self.scoring.relevance)
+        factors = fit_relevance(e["states"], e["actions"], e["outcomes"], bandwidth=self.scoring.bandwidth,
+                                settings=self.relevance, initial=initial, rng=self._rng)
+        self.scoring = dataclasses.replace(self.scoring, relevance=tuple(factors.tolist()))
+        return factors
+
+    def decide(self, states: ArrayLike, *, explore: bool = True,
+               repeats: Optional[Sequence[EpisodeRepeats]] = None) -> np.ndarray:
+        """One action per state (a batch (Q, state_dim) or a single state) as an int64 array (Q,).
+
+        repeats: one EpisodeRepeats per state (each agent's current episode, engram/policy.py):
+        the actions each agent already took at its observation are scored below the others, and
+        the chosen actions are recorded in them (the caller resets one when its episode starts)."""
         scores, _ = self.action_scores(states)
+        scores = scores.numpy()
+        if repeats is not None:
+            observations = np.asarray(validation.as_states(states, self.state_dim))
+            if len(repeats) != len(observations):
+                raise ValueError(f"repeats has {len(repeats)} entries but states has {len(observations)} rows")
+            scores = np.stack([r.scores(o, s) for r, o, s in zip(repeats, observations, scores)])
         x = self.exploration
-        return select_actions(scores.numpy(), self._rng, policy=x.policy, epsilon=self.epsilon, beta=x.beta,
-                              explore=explore)
+        actions = select_actions(scores, self._rng, policy=x.policy, epsilon=self.epsilon, beta=x.beta,
+                                 explore=explore)
+        if repeats is not None:
+            for r, o, a in zip(repeats, observations, actions):
+                r.record(o, a)
+        return actions
 
     def remember(self, states: ArrayLike, actions: ArrayLike, rewards: ArrayLike, *,
                  final_state: Optional[ArrayLike] = None, terminated: bool = True) -> int:
@@ -125,7 +182,7 @@ class EngramBrain:
         if not terminated:
             if final_state is None:
                 raise ValueError("a truncated episode (terminated=False) needs final_state")
-            tail = float(self.action_scores(final_state)[0].max())
+            tail = float(self._scores(final_state)[0].max())
         gamma, n_step = self.outcomes.gamma, self.outcomes.n_step
         if self.outcomes.credit == "glow":
             outcomes = glow_credit(rewards, gamma, states.numpy(), actions, tail)
@@ -135,7 +192,7 @@ class EngramBrain:
             later = states[1:]
             values = np.zeros(len(rewards) + 1)
             if len(later):
-                values[1:len(rewards)] = self.action_scores(later)[0].max(1).values.double().numpy()
+                values[1:len(rewards)] = self._scores(later)[0].max(1).values.double().numpy()
             values[len(rewards)] = tail
             outcomes = n_step_targets(rewards, values, gamma, n_step)
         peak = max(float(np.abs(outcomes).max()), abs(float(rewards.sum())))
@@ -148,4 +205,5 @@ class EngramBrain:
         s = self.normalise(raw) if self.normalise is not None else raw
         stored = self.store.add(s, acts, outs, float(rewards.sum()))
         self.epsilon = self.exploration.decayed(self.epsilon)
+        self._episodes_since_fit += 1
         return stored

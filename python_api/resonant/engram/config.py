@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from . import validation
 from .policy import check_credit, check_policy
@@ -37,6 +37,10 @@ class Scoring:
          (None: 3 bandwidths; inf: none), so a state far from all experience reads no evidence.
       recency_halflife: an engram's evidence halves for every this many engrams stored after it
          (None: no decay): the scores follow the current policy's outcomes.
+      relevance: per-dimension factors r (one per state dimension, >= 0) the kernel measures
+         distances with: |(s − q) · r| (None: all 1). r_j = 0 ignores dimension j; the match
+         threshold applies to the scaled distance. EngramBrain(relevance=LearnedRelevance(...))
+         learns them from the memory (engram/relevance.py). Kernel-weighted scoring only (k=None).
     How an action's outcomes become its score:
       estimator: "mean", the weighted mean outcome; "local_linear", the intercept of a local
          linear fit of outcome on state around the query (ridge: its slope's regularisation,
@@ -54,6 +58,7 @@ class Scoring:
     bandwidth: Optional[float] = 0.5
     match_threshold: Optional[float] = None
     recency_halflife: Optional[float] = None
+    relevance: Optional[Sequence[float]] = None
     estimator: str = "mean"
     ridge: float = 0.01
     outcome_temperature: Optional[float] = None
@@ -73,6 +78,11 @@ class Scoring:
             raise ValueError(f"match_threshold must be a positive number (inf: no threshold) or None (3 bandwidths), "
                              f"got {threshold!r}")
         validation.positive_or_none(self.recency_halflife, "recency_halflife")
+        if self.relevance is not None:
+            object.__setattr__(self, "relevance", validation.relevance_factors(self.relevance))
+            if self.k is not None:
+                raise ValueError("relevance scales the kernel's distances: it needs kernel-weighted scoring (k=None), "
+                                 f"got k={self.k!r}")
         validation.positive_or_none(self.outcome_temperature, "outcome_temperature")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
@@ -123,6 +133,10 @@ class Exploration:
          epsilon; "softmax", P(a) ∝ exp(beta · score(a)) (beta in 1/outcome units).
       epsilon_start, epsilon_end, epsilon_decay: epsilon starts at epsilon_start and is
          multiplied by epsilon_decay after every remembered episode, down to epsilon_end.
+      avoid_repeats: within an episode, an action already taken at exactly the same observation
+         is scored below every action not yet taken there, until all have been (engram/policy.py,
+         EpisodeRepeats): a greedy agent in a deterministic environment that meets an observation
+         again with the same scores would repeat its loop until the episode is cut off.
     """
 
     policy: str = "epsilon_greedy"
@@ -130,9 +144,12 @@ class Exploration:
     epsilon_start: float = 1.0
     epsilon_end: float = 0.02
     epsilon_decay: float = 0.995
+    avoid_repeats: bool = False
 
     def __post_init__(self):
         check_policy(self.policy, self.beta)
+        if not isinstance(self.avoid_repeats, bool):
+            raise ValueError(f"avoid_repeats must be True or False, got {self.avoid_repeats!r}")
         for name in ("epsilon_start", "epsilon_end", "epsilon_decay"):
             validation.in_unit_interval(getattr(self, name), name)
 

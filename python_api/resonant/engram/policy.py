@@ -10,6 +10,12 @@ Action selection, given every action's score at a state (EngramBrain.action_scor
   1 discounted over tens of steps: 0.01–1) choose β so that β times a meaningful score difference
   is a few units.
 
+Repeats within an episode (`EpisodeRepeats`, Exploration.avoid_repeats): the actions taken at
+each exact observation so far this episode are scored below every action not yet taken there
+(until all have been). The memory changes only between episodes, so a greedy agent that meets an
+observation again meets the same scores, and in a deterministic environment walks the same loop
+until the episode is cut off (SubGridWorld: BENCHMARKS.md); the next-best untaken action leaves it.
+
 Credit assignment ("glow"), given one episode's rewards r_0 … r_{T-1}:
 
 Projective simulation keeps a glow value per (state, action) edge: every step all glows decay by
@@ -79,6 +85,41 @@ def select_actions(scores: np.ndarray, rng: np.random.Generator, *, policy: str 
     cdf = np.cumsum(softmax_probabilities(scores, beta), axis=1)
     u = rng.random(len(scores))[:, None] * cdf[:, -1:]
     return np.minimum((cdf <= u).sum(axis=1), scores.shape[1] - 1).astype(np.int64)
+
+
+class EpisodeRepeats:
+    """The actions one agent has taken at each exact observation in its current episode
+    (Exploration.avoid_repeats). `scores(obs, scores)` pushes the taken ones below every untaken
+    one (all kept when every action was taken there), `record(obs, action)` after each decision,
+    `reset()` when an episode starts."""
+
+    def __init__(self):
+        self._taken: dict = {}
+
+    def reset(self) -> None:
+        self._taken.clear()
+
+    @staticmethod
+    def _key(obs) -> bytes:
+        return np.ascontiguousarray(obs, dtype=np.float32).tobytes()
+
+    def record(self, obs, action: int) -> None:
+        self._taken.setdefault(self._key(obs), set()).add(int(action))
+
+    def scores(self, obs, scores: np.ndarray) -> np.ndarray:
+        """A copy of one observation's action scores (A,) with the actions taken at `obs` this
+        episode scored below the lowest untaken one (by 1 + the scores' range: finite, so the
+        greedy tie-breaking noise and the softmax stay defined)."""
+        scores = np.asarray(scores)
+        taken = self._taken.get(self._key(obs))
+        if not taken or len(taken) >= scores.shape[-1]:
+            return scores
+        out = scores.astype(np.float64, copy=True)
+        mask = np.zeros(out.shape[-1], dtype=bool)
+        mask[list(taken)] = True
+        untaken_min = out[~mask].min()
+        out[mask] = untaken_min - 1.0 - (out.max() - out.min()) - (out[mask].max() - out[mask])
+        return out
 
 
 def softmax_probabilities(scores: np.ndarray, beta: float) -> np.ndarray:

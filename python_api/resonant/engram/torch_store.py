@@ -157,6 +157,27 @@ class TorchEngramStore(EngramStore):
             self._read_key = key
         return self._read_cache
 
+    def _scaled(self, states: torch.Tensor, scoring: Scoring) -> torch.Tensor:
+        """States as the kernel measures them: times scoring.relevance per dimension (if set)."""
+        if scoring.relevance is None:
+            return states
+        if len(scoring.relevance) != self.state_dim:
+            raise ValueError(f"scoring.relevance has {len(scoring.relevance)} factors but the store's states have "
+                             f"{self.state_dim} dimensions")
+        return states * torch.tensor(scoring.relevance, dtype=states.dtype, device=states.device)
+
+    def _kernel_states(self, scoring: Scoring) -> torch.Tensor:
+        """The memory's states as the kernel measures them, cached until the memory or the relevance
+        changes (a decision reads them at every step, the memory changes once per episode)."""
+        states = self._states[: self._n]
+        if scoring.relevance is None:
+            return states
+        key = (self._n, self._next_index, scoring.relevance)
+        if getattr(self, "_kernel_key", None) != key:
+            self._kernel_cache = self._scaled(states, scoring)
+            self._kernel_key = key
+        return self._kernel_cache
+
     def action_values(self, states: ArrayLike, scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor]:
         if scoring.k is not None:
             return super().action_values(states, scoring)
@@ -169,7 +190,8 @@ class TorchEngramStore(EngramStore):
         # query and memory share the bandwidth: v = σ_q² + σ_m² = bandwidth²
         sd = bandwidth / math.sqrt(2.0)
         read = resonant_kernels.gaussian_read(
-            q, sd, self._states[: self._n], sd, self._read_values(scoring), match_threshold=threshold
+            self._scaled(q, scoring), sd, self._kernel_states(scoring), sd, self._read_values(scoring),
+            match_threshold=threshold,
         ).cpu()
         return from_read(read, q.cpu(), self.num_actions, scoring)
 

@@ -92,3 +92,15 @@ def number(value, name: str, valid: str = "a number") -> float:
     if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ValueError(f"{name} must be {valid}, got {value!r}")
     return float(value)
+
+
+def relevance_factors(value) -> tuple:
+    """Scoring.relevance as a tuple of floats, each finite and >= 0, at least one of them > 0."""
+    try:
+        factors = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"relevance must be a sequence of numbers (one per state dimension), got {value!r}") from None
+    if not factors or not all(math.isfinite(v) and v >= 0 for v in factors) or max(factors) <= 0:
+        raise ValueError("relevance must hold one finite number >= 0 per state dimension, at least one > 0; got "
+                         f"{value!r}")
+    return factors

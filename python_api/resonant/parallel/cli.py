@@ -81,6 +81,10 @@ def run(args) -> int:
     out = run_dir(name, args.out)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
               if k not in ("func", "milvus_token")}
-    summary = trainer.write_report(out, name, extra={"cli": config})
+    extra = {"cli": config}
+    if trainer.server is not None:  # the local engine: the memories' learnt relevance (--relevance-every)
+        extra["relevance"] = [None if b.scoring.relevance is None else list(b.scoring.relevance)
+                              for b in trainer.server.brains]
+    summary = trainer.write_report(out, name, extra=extra)
     print_summary(name, {k: v for k, v in summary.items() if k != "per_worker"}, out)
     return status

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..engram.config import Exploration
-from ..engram.policy import select_actions
+from ..engram.policy import EpisodeRepeats, select_actions
 
 
 class StopRequested(Exception):
@@ -94,6 +94,7 @@ def play(spec: WorkerSpec, worker: int, decide: Callable[[np.ndarray], np.ndarra
     finished episode)."""
     env = make_env(spec.env_id, spec.env_kwargs)
     rng = np.random.default_rng([spec.seed, worker, restart])
+    repeats = EpisodeRepeats() if spec.exploration.avoid_repeats else None
     finished = 0
     try:
         for index in range(first_episode, spec.episodes):
@@ -101,13 +102,19 @@ def play(spec: WorkerSpec, worker: int, decide: Callable[[np.ndarray], np.ndarra
             obs, _ = env.reset(seed=episode_seed(spec.seed, worker, index))
             states, actions, rewards, latencies = [], [], [], []
             env_steps, terminated, truncated = 0, False, False
+            if repeats is not None:
+                repeats.reset()
             while not (terminated or truncated):
                 obs = np.asarray(obs, dtype=np.float32)
                 t0 = time.perf_counter()
-                scores = decide(obs)
+                scores = np.asarray(decide(obs))
                 latencies.append(time.perf_counter() - t0)
-                action = int(select_actions(np.asarray(scores)[None, :], rng, policy=spec.exploration.policy,
+                if repeats is not None:
+                    scores = repeats.scores(obs, scores)
+                action = int(select_actions(scores[None, :], rng, policy=spec.exploration.policy,
                                             epsilon=epsilon, beta=spec.exploration.beta)[0])
+                if repeats is not None:
+                    repeats.record(obs, action)
                 reward = 0.0
                 for _ in range(spec.action_repeat):
                     next_obs, step_reward, terminated, truncated, _ = env.step(action)
