@@ -7,9 +7,11 @@
 //   location and variance gradients from Σ ds (q − m) and Σ ds (q − m)² per dimension.
 // Layout: the SIMD lanes run over entries. A task is a group of entries of one batch row (its
 // locations packed into panels, its values transposed once, [e][lanes]); it streams the queries
-// in tiles of kQueryTile, their output gradients packed once per call in column blocks
-// (pack_grad_blocks) that both products read: B of dL/dz's, A of dp's. (A second copy as
-// micro-panels for dp was no faster in A/B runs at the shapes.) The entries' gradients are
+// in tiles of kQueryTile, each tile's output gradients packed in column blocks (pack_grad_blocks)
+// that both products read: B of dL/dz's, A of dp's. (In A/B runs at the shapes, packing
+// each tile once per call for all the groups (dense::SharedPanels) was no faster than each group
+// packing its own, which then stays in its L2, nor was a second copy as micro-panels for dp.)
+// The entries' gradients are
 // the task's own; the queries' are summed per thread, the tasks dealt round-robin (a static
 // schedule), then over threads in order: the same bits run to run for a given number of
 // threads (design.md §7), the entries' gradients for any. Tiles whose weights are mostly zero (a
@@ -46,7 +48,6 @@ struct Call {
   const ReadShape& s;
   View3<const T> qloc, qvar, mloc, mvar, values;
   const T *grad_out, *out, *lse, *delta;
-  dense::SharedPanels<T>* grad_blocks;  // the query tiles' output gradients in column blocks (pack_grad_blocks)
 };
 
 // Per-thread working memory of one task (a group of entries) and its query tiles.
@@ -59,7 +60,7 @@ struct Work {
                               // of all the group's lanes were 5-10% slower: a TLB entry every few rows)
   std::vector<T> w, ds;       // the tile's weights and score gradients, [query][ldw] (+ MR: blocks read past)
   std::vector<T> apack;       // the tile's weights as micro-panels [block of MR entries][query][MR]
-  std::vector<T> gpack;       // the tile's output gradients in column blocks (pack_grad_blocks), where not shared
+  std::vector<T> gpack;       // the tile's output gradients in column blocks (pack_grad_blocks)
   std::vector<T> gv;          // Σ_q w g_q per entry, [roundup(G_pad, MR)][lda]
   std::vector<T> s1, s2, s0;  // per entry: Σ ds (q − m)_k and Σ ds (q − m)_k² ([dim][G_pad]), Σ ds
   std::vector<T> qterms;      // per query of the tile, Σ over the group's lanes of ds (q − m)_k and ds (q − m)_k²
@@ -142,9 +143,8 @@ int64_t tile_weights(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q
 
 // The output gradients of a tile's nq queries from q0 in column blocks [e / NR][query][NR] (the
 // layout of dense::pack_column_blocks), with zero rows up to round_up(nq, MR): the B operand of the value
-// gradients' product and, through ColumnBlocks, the A operand of dp's. Packed once per call and
-// shared by the groups (dense::SharedPanels): packed by every group, the copies streamed the output
-// gradients from memory once per group (a tenth of the product's time at Q = 10000, E = 1024).
+// gradients' product and, through ColumnBlocks, the A operand of dp's (read in place, dp's rows
+// were E apart, often a large power of two: lines that evict each other from L1).
 template <class T>
 void pack_grad_blocks(const Call<T>& c, int64_t b, int64_t q0, int64_t nq, T* dst) {
   constexpr int64_t NR = Cfg<T>::NR;
@@ -390,9 +390,11 @@ void group_backward(const Call<T>& c, int64_t b, int64_t t0, int64_t n, Work<T>&
     mt.dispatch_kind([&]<bool Unit, bool Thr>() { nonzero = tile_weights<T, D, Unit, Thr>(c, mt, b, q0, nq, w); });
     if (nonzero == 0) continue;
     const bool dense_tile = nonzero * 4 > nq * n;
-    const T* gblocks = dense_tile ? c.grad_blocks->get(b, q0 / kQueryTile, w.gpack.data(),
-                                                       [&](T* dst) { pack_grad_blocks(c, b, q0, nq, dst); })
-                                  : nullptr;
+    const T* gblocks = nullptr;  // the sparse path reads the output gradients in place
+    if (dense_tile) {
+      pack_grad_blocks(c, b, q0, nq, w.gpack.data());
+      gblocks = w.gpack.data();
+    }
     score_gradients(c, b, t0, q0, nq, gblocks, w);
     value_gradients(c, b, n, q0, nq, gblocks, w);
     location_sums<T, D>(c, b, q0, nq, !dense_tile, w, qsum);
@@ -429,9 +431,7 @@ void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
   threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
   const int64_t width = 2 * d + 1;
   std::vector<T> qsums(size_t(threads) * BQ * width, T(0));  // per thread: [bq][Σ terms | Σ squares | Σ ds]
-  // a batch row's tiles packed once for every group that reads them; each group packs its own where it is alone
-  dense::SharedPanels<T> grad_blocks(groups > 1 ? B : 0, Q, kQueryTile, kQueryTile * round_up(E, C::NR));
-  const Call<T> c{s, qloc, qvar, mloc, mvar, values, grad_out, out, lse, delta.data(), &grad_blocks};
+  const Call<T> c{s, qloc, qvar, mloc, mvar, values, grad_out, out, lse, delta.data()};
 #pragma omp parallel num_threads(threads)
   {
     int tid = 0;
