@@ -11,9 +11,8 @@
 // that both products read: B of dL/dz's, A of dp's. (In A/B runs at the shapes, packing
 // each tile once per call for all the groups (dense::SharedPanels) was no faster than each group
 // packing its own, which then stays in its L2, nor was a second copy as micro-panels for dp.)
-// The entries' gradients are
-// the task's own; the queries' are summed per thread, the tasks dealt round-robin (a static
-// schedule), then over threads in order: the same bits run to run for a given number of
+// The entries' gradients are the task's own; the queries' are summed per thread, the tasks dealt
+// round-robin (a static schedule), then over threads in order: the same bits run to run for a given number of
 // threads (design.md §7), the entries' gradients for any. Tiles whose weights are mostly zero (a
 // tight threshold) take one pair at a time instead.
 #include "read_dense_cpu.h"
@@ -142,9 +141,9 @@ int64_t tile_weights(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q
 }
 
 // The output gradients of a tile's nq queries from q0 in column blocks [e / NR][query][NR] (the
-// layout of dense::pack_column_blocks), with zero rows up to round_up(nq, MR): the B operand of the value
-// gradients' product and, through ColumnBlocks, the A operand of dp's (read in place, dp's rows
-// were E apart, often a large power of two: lines that evict each other from L1).
+// layout of dense::pack_column_blocks), with zero rows up to round_up(nq, MR): the B operand of
+// the value gradients' product and, through ColumnBlocks, the A operand of dp's (read in place,
+// dp's rows were E apart, often a large power of two: lines that evict each other from L1).
 template <class T>
 void pack_grad_blocks(const Call<T>& c, int64_t b, int64_t q0, int64_t nq, T* dst) {
   constexpr int64_t NR = Cfg<T>::NR;
@@ -208,7 +207,8 @@ inline void score_block(const ColumnBlocks<T>& a, const T* b, int64_t K, bool fi
 }
 
 // ds[i][lanes] = w (dp − δ_q) with dp[i][l] = g_q · z_{t0+l}, q = q0 + i: a product when the tile
-// is dense, else one dot per nonzero weight.
+// is dense (gblocks: its output gradients from pack_grad_blocks), else (null) one dot per nonzero
+// weight.
 template <class T>
 void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t q0, int64_t nq, const T* gblocks, Work<T>& w) {
   constexpr int64_t NR = Cfg<T>::NR;
@@ -242,9 +242,9 @@ void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t q0, int64_
   }
 }
 
-// Σ_q w g_q into the group's value gradients: a product when the tile is dense (the tile's output
-// gradients packed in column blocks, its weights in micro-panels), else one row update per
-// nonzero weight.
+// Σ_q w g_q into the group's value gradients: a product when the tile is dense (gblocks: the
+// tile's output gradients from pack_grad_blocks; its weights in micro-panels), else (null) one row
+// update per nonzero weight.
 template <class T>
 void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t nq, const T* gblocks, Work<T>& w) {
   constexpr int64_t NR = Cfg<T>::NR;
