@@ -7,10 +7,12 @@
 //   location and variance gradients from Σ ds (q − m) and Σ ds (q − m)² per dimension.
 // Layout: the SIMD lanes run over entries. A task is a group of entries of one batch row (its
 // locations packed into panels, its values transposed once, [e][lanes]); it streams the queries
-// in tiles of kQueryTile. (Packing the output gradients once per call, as micro-panels for dp and
-// in column blocks for dL/dz, was slower at the shapes: the page faults of two fresh
-// Q × E buffers cost more than the packing they save.) The entries' gradients are the task's own; the queries' are summed per thread, the tasks dealt round-robin
-// (a static schedule), then over threads in order: the same bits run to run for a given number of
+// in tiles of kQueryTile, each tile's output gradients packed in column blocks (pack_grad_blocks)
+// that both products read: B of dL/dz's, A of dp's. (In A/B runs at the shapes, packing
+// each tile once per call for all the groups (dense::SharedPanels) was no faster than each group
+// packing its own, which then stays in its L2, nor was a second copy as micro-panels for dp.)
+// The entries' gradients are the task's own; the queries' are summed per thread, the tasks dealt
+// round-robin (a static schedule), then over threads in order: the same bits run to run for a given number of
 // threads (design.md §7), the entries' gradients for any. Tiles whose weights are mostly zero (a
 // tight threshold) take one pair at a time instead.
 #include "read_dense_cpu.h"
@@ -57,16 +59,15 @@ struct Work {
                               // of all the group's lanes were 5-10% slower: a TLB entry every few rows)
   std::vector<T> w, ds;       // the tile's weights and score gradients, [query][ldw] (+ MR: blocks read past)
   std::vector<T> apack;       // the tile's weights as micro-panels [block of MR entries][query][MR]
-  std::vector<T> gpack;       // the tile's output gradients in column blocks [block][query][NR]
+  std::vector<T> gpack;       // the tile's output gradients in column blocks (pack_grad_blocks)
   std::vector<T> gv;          // Σ_q w g_q per entry, [roundup(G_pad, MR)][lda]
   std::vector<T> s1, s2, s0;  // per entry: Σ ds (q − m)_k and Σ ds (q − m)_k² ([dim][G_pad]), Σ ds
-  std::vector<T> zeros;       // an output-gradient row of zeros, for rows past the tile
   std::vector<T> qterms;      // per query of the tile, Σ over the group's lanes of ds (q − m)_k and ds (q − m)_k²
                               // per lane, [query][2 · dim][L], and of ds, [query][L] after them
   std::vector<T> lane_valid;  // 1 for the group's entries, 0 for padding lanes
 
-  std::array<std::vector<T>*, 13> buffers() {
-    return {&panels, &zt, &w, &ds, &apack, &gpack, &gv, &s1, &s2, &s0, &zeros, &qterms, &lane_valid};
+  std::array<std::vector<T>*, 12> buffers() {
+    return {&panels, &zt, &w, &ds, &apack, &gpack, &gv, &s1, &s2, &s0, &qterms, &lane_valid};
   }
 
   // Sizes every buffer for a call (dense::thread_work keeps them between calls).
@@ -89,16 +90,31 @@ struct Work {
     s1.assign(d * G_pad, T(0));
     s2.assign(d * G_pad, T(0));
     s0.assign(G_pad, T(0));
-    zeros.assign(kDotChunk, T(0));
     qterms.assign(kQueryTile * (2 * d + 1) * C::L, T(0));
     lane_valid.assign(G_pad, T(0));
   }
 };
 
+// Σ_k a[k] b[k · sb]. With b contiguous, in two vectors of lanes (k mod 2L), summed in lane order,
+// then the tail: one chain of scalar adds was latency-bound (4 cycles a number: δ alone took 3% of
+// the backward at Q = 10000, E = 1024). The order depends on n only: the same bits for any thread.
 template <class T>
 inline T dot(const T* a, const T* b, int64_t sb, int64_t n) {
+  using S = typename Cfg<T>::S;
+  using Vec = typename Cfg<T>::Vec;
+  constexpr int64_t L = Cfg<T>::L;
   T acc = 0;
-  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k * sb];
+  int64_t k = 0;
+  if (sb == 1 && n >= 2 * L) {
+    Vec v0{}, v1{};
+    for (; k + 2 * L <= n; k += 2 * L) {
+      v0 += S::load(a + k) * S::load(b + k);
+      v1 += S::load(a + k + L) * S::load(b + k + L);
+    }
+    const Vec v = v0 + v1;
+    for (int64_t l = 0; l < L; ++l) acc += v[l];
+  }
+  for (; k < n; ++k) acc += a[k] * b[k * sb];
   return acc;
 }
 
@@ -140,64 +156,128 @@ int64_t tile_weights(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q
   return int64_t(total);
 }
 
-// ds[i][lanes] = w (dp − δ_q) with dp[i][l] = g_q · z_{t0+l}, q = q0 + i: a product when the tile
-// is dense, else one dot per nonzero weight.
+// The output gradients of a tile's nq queries from q0 in column blocks [e / NR][query][NR] (the
+// layout of dense::pack_column_blocks), with zero rows up to round_up(nq, MR): the B operand of
+// the value gradients' product and, through ColumnBlocks, the A operand of dp's (read in place,
+// dp's rows were E apart, often a large power of two: lines that evict each other from L1).
 template <class T>
-void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t q0, int64_t nq, bool dense_tile, Work<T>& w) {
+void pack_grad_blocks(const Call<T>& c, int64_t b, int64_t q0, int64_t nq, T* dst) {
+  constexpr int64_t NR = Cfg<T>::NR;
+  const int64_t E = c.s.E, rows = round_up(nq, Cfg<T>::MR), E_pad = round_up(E, NR);
+  const int64_t full = E / NR * NR;
+  for (int64_t j = 0; j < nq; ++j) {  // each row read once, in order (the prefetcher follows)
+    const T* g = c.grad_out + (b * c.s.Q + q0 + j) * E;
+    T* row = dst + j * NR;
+    for (int64_t e0 = 0; e0 < full; e0 += NR)
+      for (int64_t e = 0; e < NR; ++e) row[e0 * rows + e] = g[e0 + e];
+    for (int64_t e = full; e < E_pad; ++e) row[full * rows + e - full] = e < E ? g[e] : T(0);
+  }
+  for (int64_t e0 = 0; e0 < E_pad; e0 += NR) std::fill(dst + e0 * rows + nq * NR, dst + (e0 + NR) * rows, T(0));
+}
+
+// A's element (r, k) from column blocks of NR (pack_grad_blocks): rows NR apart within a block,
+// blocks `block` apart, so the MR loads of one k are constant displacements from one pointer.
+template <class T>
+struct ColumnBlocks {
+  const T* p;
+  int64_t block;
+  inline T operator()(int r, int64_t k) const {
+    constexpr int64_t NR = Cfg<T>::NR;
+    return p[(k / NR) * block + r * NR + k % NR];
+  }
+};
+
+// One register block of dp over K value columns (gemm.h's block_dots with ColumnBlocks for A,
+// B = the group's transposed values): MR queries × NR lanes, started from zero on the first chunk
+// (else from c) and, on the last (weights given), stored as the score gradients
+// ds = w (dp − δ_q) instead: no separate pass over the tile to clear dp or to form ds.
+template <class T>
+inline void score_block(const ColumnBlocks<T>& a, const T* b, int64_t K, bool first, const T* weights,
+                        const T* delta, T* c, int64_t ldc) {
+  using S = typename Cfg<T>::S;
+  using Vec = typename Cfg<T>::Vec;
+  constexpr int64_t L = Cfg<T>::L, NR = Cfg<T>::NR;
+  constexpr int MR = Cfg<T>::MR;
+  Vec sum[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    sum[r][0] = first ? Vec{} : S::load(c + r * ldc);
+    sum[r][1] = first ? Vec{} : S::load(c + r * ldc + L);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec y0 = S::load(b + k * NR), y1 = S::load(b + k * NR + L);
+    for (int r = 0; r < MR; ++r) {
+      const T z = a(r, k);
+      sum[r][0] += z * y0;
+      sum[r][1] += z * y1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    if (weights) {  // w = 0 -> ds = 0
+      const Vec d = S::splat(delta[r]);
+      sum[r][0] = S::load(weights + r * ldc) * (sum[r][0] - d);
+      sum[r][1] = S::load(weights + r * ldc + L) * (sum[r][1] - d);
+    }
+    S::store(c + r * ldc, sum[r][0]);
+    S::store(c + r * ldc + L, sum[r][1]);
+  }
+}
+
+// ds[i][lanes] = w (dp − δ_q) with dp[i][l] = g_q · z_{t0+l}, q = q0 + i: a product when the tile
+// is dense (gblocks: its output gradients from pack_grad_blocks), else (null) one dot per nonzero
+// weight.
+template <class T>
+void score_gradients(const Call<T>& c, int64_t b, int64_t t0, int64_t q0, int64_t nq, const T* gblocks, Work<T>& w) {
   constexpr int64_t NR = Cfg<T>::NR;
   constexpr int MR = Cfg<T>::MR;
   const int64_t E = c.s.E, Q = c.s.Q, panels = w.G_pad / NR;
   T* dp = w.ds.data();
+  const bool dense_tile = gblocks != nullptr;
+  const int64_t rows = round_up(nq, MR);
   if (dense_tile) {
-    std::fill(dp, dp + round_up(nq, MR) * w.ldw, T(0));
     for (int64_t e0 = 0; e0 < E; e0 += kDotChunk) {
       const int64_t K = std::min(kDotChunk, E - e0);
+      const bool last = e0 + K >= E;
       for (int64_t p = 0; p < panels; ++p)
         for (int64_t i0 = 0; i0 < nq; i0 += MR) {
-          const T* rows[MR];
-          for (int r = 0; r < MR; ++r)
-            rows[r] = i0 + r < nq ? c.grad_out + (b * Q + q0 + i0 + r) * E + e0 : w.zeros.data();
-          block_dots<T, Cfg<T>::VB, MR>(RowPointers<T, MR>{rows}, w.zt.data() + (p * E + e0) * NR, NR, K,
-                                        dp + i0 * w.ldw + p * NR, w.ldw);
+          T delta[MR];  // δ of the block's queries (0 past the tile: those rows are never read)
+          for (int r = 0; r < MR; ++r) delta[r] = i0 + r < nq ? c.delta[b * Q + q0 + i0 + r] : T(0);
+          score_block(ColumnBlocks<T>{gblocks + e0 * rows + i0 * NR, rows * NR}, w.zt.data() + (p * E + e0) * NR, K,
+                      e0 == 0, last ? w.w.data() + i0 * w.ldw + p * NR : nullptr, delta, dp + i0 * w.ldw + p * NR,
+                      w.ldw);
         }
     }
+    return;
   }
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t bq = b * Q + q0 + i;
     const T* wr = w.w.data() + i * w.ldw;
     T* row = dp + i * w.ldw;
     const T delta = c.delta[bq];
-    if (dense_tile) {
-      for (int64_t l = 0; l < w.G_pad; ++l) row[l] = wr[l] * (row[l] - delta);  // vectorised; w = 0 -> 0
-    } else {
-      for (int64_t l = 0; l < w.G_pad; ++l)
-        row[l] = wr[l] == T(0) ? T(0) : wr[l] * (dot(c.grad_out + bq * E, c.values.row(b, t0 + l), c.values.sc, E) - delta);
-    }
+    for (int64_t l = 0; l < w.G_pad; ++l)
+      row[l] = wr[l] == T(0) ? T(0) : wr[l] * (dot(c.grad_out + bq * E, c.values.row(b, t0 + l), c.values.sc, E) - delta);
   }
 }
 
-// Σ_q w g_q into the group's value gradients: a product when the tile is dense (the tile's output
-// gradients packed in column blocks, its weights in micro-panels), else one row update per
-// nonzero weight.
+// Σ_q w g_q into the group's value gradients: a product when the tile is dense (gblocks: the
+// tile's output gradients from pack_grad_blocks; its weights in micro-panels), else (null) one row
+// update per nonzero weight.
 template <class T>
-void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t nq, bool dense_tile, Work<T>& w) {
+void value_gradients(const Call<T>& c, int64_t b, int64_t n, int64_t q0, int64_t nq, const T* gblocks, Work<T>& w) {
   constexpr int64_t NR = Cfg<T>::NR;
   constexpr int MR = Cfg<T>::MR;
   const int64_t E = c.s.E, Q = c.s.Q;
-  if (dense_tile) {
-    const View3<const T> g{c.grad_out, Q * E, E, 1};
-    const T* gpack = w.gpack.data();
-    dense::pack_column_blocks(g, b, q0, nq, E, w.gpack.data());
+  if (gblocks) {
+    const int64_t rows = round_up(nq, MR);
     if (w.E_pad >= dense::kPackWeightsFromBlocks * NR) {
       pack_micro_panels<T, Cfg<T>::VB, MR>(w.w.data(), w.ldw, n, nq, w.apack.data());
       for (int64_t e0 = 0; e0 < w.E_pad; e0 += NR)
         for (int64_t m0 = 0; m0 < n; m0 += MR)
           block_dots<T, Cfg<T>::VB, MR>(Packed<T, MR>{w.apack.data() + m0 / MR * packed_stride<T, Cfg<T>::VB, MR>(nq)},
-                                        gpack + e0 * nq, NR, nq, w.gv.data() + m0 * w.lda + e0, w.lda);
+                                        gblocks + e0 * rows, NR, nq, w.gv.data() + m0 * w.lda + e0, w.lda);
     } else {
       for (int64_t e0 = 0; e0 < w.E_pad; e0 += NR)
         for (int64_t m0 = 0; m0 < n; m0 += MR)
-          block_dots<T, Cfg<T>::VB, MR>(Strided<T, 1>{w.w.data() + m0, w.ldw}, gpack + e0 * nq, NR, nq,
+          block_dots<T, Cfg<T>::VB, MR>(Strided<T, 1>{w.w.data() + m0, w.ldw}, gblocks + e0 * rows, NR, nq,
                                         w.gv.data() + m0 * w.lda + e0, w.lda);
     }
     return;
@@ -326,8 +406,13 @@ void group_backward(const Call<T>& c, int64_t b, int64_t t0, int64_t n, Work<T>&
     mt.dispatch_kind([&]<bool Unit, bool Thr>() { nonzero = tile_weights<T, D, Unit, Thr>(c, mt, b, q0, nq, w); });
     if (nonzero == 0) continue;
     const bool dense_tile = nonzero * 4 > nq * n;
-    score_gradients(c, b, t0, q0, nq, dense_tile, w);
-    value_gradients(c, b, n, q0, nq, dense_tile, w);
+    const T* gblocks = nullptr;  // the sparse path reads the output gradients in place
+    if (dense_tile) {
+      pack_grad_blocks(c, b, q0, nq, w.gpack.data());
+      gblocks = w.gpack.data();
+    }
+    score_gradients(c, b, t0, q0, nq, gblocks, w);
+    value_gradients(c, b, n, q0, nq, gblocks, w);
     location_sums<T, D>(c, b, q0, nq, !dense_tile, w, qsum);
   }
   for (int64_t l = 0; l < n; ++l) {

@@ -147,13 +147,15 @@ def _dense_read_shapes():
     (E ≥ 225 with AVX-512) the weights are packed into micro-panels (gemm.h pack_micro_panels, which
     copies whole vectors past each panel), and with more than one group of queries per batch row
     the values are packed once per call and shared (dense::SharedPanels): Q = 300 and 130 > one
-    group of floats resp. doubles, E = 260."""
+    group of floats resp. doubles, E = 260. The backward packs each query tile's output gradients in
+    column blocks, with zero rows up to a 12-row block: Q = 131 (a tile of 11), E = 37 (a tail of
+    5 value columns), M = 40 (several groups)."""
     shapes = {(1, Q, 9, 2, 5) for Q in (16, 17, 31, 32, 33, 47, 95, 257)}
     shapes |= {(1, 17, M, 2, 5) for M in (16, 33, 127, 128, 129, 257)}
     shapes |= {(1, 17, 17, 2, E) for E in (31, 32, 33, 64, 257)}
     shapes |= {(1, 17, 20, d, 3) for d in (32, 33, 129)}
     shapes |= {(1, 20, 20, 1024, 8), (2, 40, 130, 33, 40), (1, 129, 40, 2, 96)}
-    shapes |= {(1, 300, 40, 2, 260), (2, 130, 33, 3, 257), (1, 300, 20, 40, 260)}
+    shapes |= {(1, 300, 40, 2, 260), (2, 130, 33, 3, 257), (1, 300, 20, 40, 260), (1, 131, 40, 2, 37)}
     return shapes
 
 

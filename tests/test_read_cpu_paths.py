@@ -112,9 +112,11 @@ def check_against_oracle(q, qs, m, ms, z, threshold, seed, expect_path):
 
 # Shapes at the tails of the dense kernels' blocks (float32 with AVX-512: lanes of 16, panels of 32,
 # groups of up to 8 panels, register blocks of 12 rows, tiles of up to 128 entries, 32 value
-# columns per block, product-form scores from d = 32 in chunks of 128 dimensions).
+# columns per block, product-form scores from d = 32 in chunks of 128 dimensions; the backward's
+# query tiles of 120, their output gradients packed in column blocks with zero rows up to a
+# register block, and the weights packed from 8 value blocks on: Q = 131, E = 260).
 SHAPES = [(16, 9, 2, 5), (33, 130, 2, 31), (95, 257, 3, 64), (257, 129, 2, 33), (40, 300, 1, 100),
-          (17, 40, 5, 257), (33, 70, 32, 8), (47, 129, 129, 40), (20, 33, 300, 3)]
+          (17, 40, 5, 257), (33, 70, 32, 8), (47, 129, 129, 40), (20, 33, 300, 3), (131, 70, 2, 260)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
