@@ -21,6 +21,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace rk {
 namespace dense {
@@ -34,6 +37,19 @@ struct Cfg {
   static constexpr int64_t NR = 2 * L;  // lanes of a panel; value columns of a register block
   static constexpr int MR = micro_rows(VB);
 };
+
+// Bit l set where lane l of v is nonzero: one compare into a mask register with AVX-512 (the
+// generic loop below is compiled as a scalar test per lane).
+template <class T>
+inline uint64_t nonzero_lanes(const typename Cfg<T>::Vec& v) {
+#if defined(__AVX512F__)
+  if constexpr (Cfg<T>::VB == 64 && sizeof(T) == 4) return _mm512_cmpneq_ps_mask(__m512(v), _mm512_setzero_ps());
+  if constexpr (Cfg<T>::VB == 64 && sizeof(T) == 8) return _mm512_cmpneq_pd_mask(__m512d(v), _mm512_setzero_pd());
+#endif
+  uint64_t bits = 0;
+  for (int64_t l = 0; l < Cfg<T>::L; ++l) bits |= uint64_t(v[l] != T(0)) << l;
+  return bits;
+}
 
 // The weights operand of the products (weights × values, and the backward's weights × output
 // gradients) is read in place (rows of lanes, one row per entry or query) or first packed into

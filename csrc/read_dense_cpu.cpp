@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -150,14 +151,15 @@ enum class AccLayout : uint8_t { kZero, kColumns, kRows };
 template <class T>
 struct Work {
   int64_t G_pad = 0, rows = 0, E_rows = 0, E_pad = 0, d = 0;
-  int64_t ldw = 0, lda = 0, ldr = 0;  // row strides of weights, acc_t and acc_r: one vector more than a
-                     // multiple of the vector, so that the rows a micro-kernel walks down are not a
-                     // large power of two apart (their cache lines would compete for a few sets of L1)
+  int64_t lda = 0, ldr = 0;  // row strides of acc_t and acc_r: one vector more than a multiple of the
+                     // vector, so that the rows a micro-kernel walks down are not a large power of two
+                     // apart (their cache lines would compete for a few sets of L1)
   std::vector<T> panels;  // the group's queries, [panel][dim][NR] (product form: w (q − c), centred)
   std::vector<T> qnorm;   // product form: a per lane
   std::vector<T> center;  // product form: c (centre()) of batch row center_row
   int64_t center_row = -1;
-  std::vector<T> weights; // the tile's scores, then weights: [entry][ldw]
+  std::vector<T> weights; // the tile's scores, then weights: [panel][entry][NR] (weight_row), so that
+                          // the product streams a panel's weights as one contiguous block
   std::vector<T> mem;     // product form: the tile's centred entries, [chunk][rows][kScoreChunk]
   std::vector<T> mnorm;   // product form: b per entry
   std::vector<T> vpack;   // the tile's values, packed by pack_value_blocks (where not shared)
@@ -181,11 +183,10 @@ struct Work {
     rows = round_up(kc, C::MR);
     E_rows = value_rows<T>(E);
     E_pad = round_up(E, C::L);
-    ldw = G_pad + C::L;
     lda = G_pad + C::L;
     ldr = E_pad + C::L;
     panels.assign(G_pad * d, T(0));
-    weights.assign(rows * ldw, T(0));
+    weights.assign(G_pad * rows, T(0));
     acc_t.resize(E_rows * lda);
     acc_r.resize(G_pad * ldr);
     for (auto* v : {&run_max, &run_sum, &tile_max}) v->assign(G_pad, T(0));
@@ -197,6 +198,9 @@ struct Work {
     }
     vpack.resize(value_panel_size<T>(E, kc));
   }
+
+  // The NR lanes of panel p's weights (or scores) for the tile's entry j.
+  T* weight_row(int64_t p, int64_t j) { return weights.data() + (p * rows + j) * Cfg<T>::NR; }
 
   // Panel p's accumulator in `want` (zeroed or moved there from the other layout).
   void use_layout(int64_t p, AccLayout want, int64_t E) {
@@ -258,7 +262,7 @@ void direct_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t t0,
   for (int64_t j = 0; j < nt; ++j) {
     Vec s0, s1;
     dense::lane_scores<T, D, Unit, Thr>(mt, qp, c.mloc.row(b, t0 + j), c.mloc.sc, c.s.d, s0, s1);
-    T* out = w.weights.data() + j * w.ldw + p * NR;
+    T* out = w.weight_row(p, j);
     S::store(out, s0);
     S::store(out + L, s1);
     max0 = s0 > max0 ? s0 : max0;
@@ -320,15 +324,14 @@ void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0
   constexpr int MR = C::MR;
   const int64_t d = c.s.d, chunks = (d + kScoreChunk - 1) / kScoreChunk, panels = w.G_pad / NR;
   pack_entries(c, mt, b, t0, nt, w);
-  T* x = w.weights.data();
-  std::fill(x, x + w.rows * w.ldw, T(0));
+  std::fill(w.weights.begin(), w.weights.end(), T(0));
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t K = std::min(kScoreChunk, d - ch * kScoreChunk);
     for (int64_t p = 0; p < panels; ++p) {
       const T* panel = w.panels.data() + p * d * NR + ch * kScoreChunk * NR;
       for (int64_t j0 = 0; j0 < nt; j0 += MR)
         block_dots<T, C::VB, MR>(Strided<T, kScoreChunk>{w.mem.data() + (ch * w.rows + j0) * kScoreChunk, 1},
-                                 panel, NR, K, x + j0 * w.ldw + p * NR, w.ldw);
+                                 panel, NR, K, w.weight_row(p, j0), NR);
     }
   }
   const T eps = std::numeric_limits<T>::epsilon();
@@ -344,10 +347,10 @@ void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0
   std::fill(tmax, tmax + w.G_pad, neg_inf<T>());
   for (int64_t j = 0; j < nt; ++j) {
     const T bj = w.mnorm[j];
-    T* row = x + j * w.ldw;
     for (int64_t l0 = 0; l0 < w.G_pad; l0 += L) {
+      T* lanes = w.weight_row(l0 / NR, j) + l0 % NR;
       const Vec ab = S::load(w.qnorm.data() + l0) + bj;
-      Vec dist = ab - two * S::load(row + l0);
+      Vec dist = ab - two * S::load(lanes);
       dist = dist > zero ? dist : zero;
       auto ok = ab <= R * dist + slack;
       if (thr) {
@@ -356,11 +359,11 @@ void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0
       }
       Vec sc = half_scale * dist * scale + norm;
       sc = dist > thr2 ? ninf : sc;
-      S::store(row + l0, sc);
+      S::store(lanes, sc);
       bool rejected = false;
       for (int64_t l = 0; l < L; ++l) rejected |= !ok[l] && l0 + l < n;
-      if (rejected) recompute(c, mt, b, q0 + l0, std::min(L, n - l0), t0 + j, ok, row + l0);
-      const Vec now = S::load(row + l0), before = S::load(tmax + l0);
+      if (rejected) recompute(c, mt, b, q0 + l0, std::min(L, n - l0), t0 + j, ok, lanes);
+      const Vec now = S::load(lanes), before = S::load(tmax + l0);
       S::store(tmax + l0, now > before ? now : before);
     }
   }
@@ -402,10 +405,10 @@ void panel_tile(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t p, 
     shift[h] = now == ninf ? zero : now;  // a lane with nothing yet: every weight is 0
   }
   // 2. the weights in place, their sums, and how many are nonzero
-  T* x = w.weights.data() + l0;
+  T* x = w.weight_row(p, 0);  // row j at x + j · NR
   Vec sum0 = zero, sum1 = zero, count0 = zero, count1 = zero;
   for (int64_t j = 0; j < nt; ++j) {
-    T* row = x + j * w.ldw;
+    T* row = x + j * NR;
     const Vec p0 = exp_nonpositive_lanes(S::load(row) - shift[0]);  // ≤ kShiftSlack; masked: -inf -> 0
     const Vec p1 = exp_nonpositive_lanes(S::load(row + L) - shift[1]);
     S::store(row, p0);
@@ -430,23 +433,23 @@ void panel_tile(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t p, 
       const int64_t width = value_block_width<T>(E, e0);
       const T* a = vp + e0 * c.kc;
       T* acc = w.acc_t.data() + e0 * w.lda + l0;
-      if (width == MR) block_dots<T, C::VB, MR>(Packed<T, MR>{a}, x, w.ldw, nt, acc, w.lda);
-      else if (width == 8) block_dots<T, C::VB, 8>(Packed<T, 8>{a}, x, w.ldw, nt, acc, w.lda);
-      else block_dots<T, C::VB, 4>(Packed<T, 4>{a}, x, w.ldw, nt, acc, w.lda);
+      if (width == MR) block_dots<T, C::VB, MR>(Packed<T, MR>{a}, x, NR, nt, acc, w.lda);
+      else if (width == 8) block_dots<T, C::VB, 8>(Packed<T, 8>{a}, x, NR, nt, acc, w.lda);
+      else block_dots<T, C::VB, 4>(Packed<T, 4>{a}, x, NR, nt, acc, w.lda);
     }
   } else {
     w.use_layout(p, AccLayout::kRows, E);
     const int64_t sc = c.values.sc;
+    const uint64_t valid = lanes == 64 ? ~uint64_t(0) : (uint64_t(1) << lanes) - 1;
     for (int64_t j = 0; j < nt; ++j) {
-      const T* row = x + j * w.ldw;
-      const Vec r0 = S::load(row), r1 = S::load(row + L);
-      bool any = false;
-      for (int64_t l = 0; l < L; ++l) any |= (r0[l] != T(0)) | (r1[l] != T(0));
-      if (!any) continue;
+      const T* row = x + j * NR;
+      uint64_t nonzero =
+          (dense::nonzero_lanes<T>(S::load(row)) | dense::nonzero_lanes<T>(S::load(row + L)) << L) & valid;
+      if (!nonzero) continue;  // underflowed or masked weights add exactly nothing
       const T* z = c.values.row(b, t0 + j);
-      for (int64_t l = 0; l < lanes; ++l) {
+      for (; nonzero; nonzero &= nonzero - 1) {
+        const int64_t l = std::countr_zero(nonzero);
         const T wt = row[l];
-        if (wt == T(0)) continue;  // an underflowed or masked weight adds exactly nothing
         T* a = w.acc_r.data() + (l0 + l) * w.ldr;
         if (sc == 1) {
           for (int64_t e = 0; e < E; ++e) a[e] = std::fma(wt, z[e], a[e]);
