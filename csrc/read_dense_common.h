@@ -177,8 +177,10 @@ inline void lane_scores(const Metric<T>& mt, const T* panel, const T* p, int64_t
       }
     }
   }
-  s0 = T(-0.5) * dist0 * mt.scale + mt.norm;
-  s1 = T(-0.5) * dist1 * mt.scale + mt.norm;
+  // dist · (−½ scale) is (−½ dist) · scale exactly (a halving is exact): one multiply-add fewer
+  const T half_scale = T(-0.5) * mt.scale;
+  s0 = dist0 * half_scale + mt.norm;
+  s1 = dist1 * half_scale + mt.norm;
   if constexpr (Thr) {
     if constexpr (!plain_needed) {
       plain0 = dist0;

@@ -38,6 +38,7 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if __has_include(<unistd.h>)
@@ -433,6 +434,10 @@ void panel_tile(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t p, 
       const int64_t width = value_block_width<T>(E, e0);
       const T* a = vp + e0 * c.kc;
       T* acc = w.acc_t.data() + e0 * w.lda + l0;
+      // the next block's accumulators, which the micro-kernel's first multiply-adds wait for (from
+      // L2, or beyond where acc_t is large): fetched while this block runs
+      for (int64_t r = MR; r < 2 * MR && e0 + r < w.E_rows; ++r)
+        for (int64_t h = 0; h < NR; h += 64 / int64_t(sizeof(T))) __builtin_prefetch(acc + r * w.lda + h, 1);
       if (width == MR) block_dots<T, C::VB, MR>(Packed<T, MR>{a}, x, NR, nt, acc, w.lda);
       else if (width == 8) block_dots<T, C::VB, 8>(Packed<T, 8>{a}, x, NR, nt, acc, w.lda);
       else block_dots<T, C::VB, 4>(Packed<T, 4>{a}, x, NR, nt, acc, w.lda);
@@ -460,6 +465,37 @@ void panel_tile(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t p, 
     }
   }
 }
+
+#if defined(__AVX512F__)
+// out[l · ldo + e] = in[e · ldi + l] · scale[l] for a 16 × 16 block of floats: a transpose in
+// registers (the output's rows written whole, where a loop over lanes writes one number per row).
+inline void transpose16_scaled(const float* in, int64_t ldi, float* out, int64_t ldo, const float* scale) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + i * ldi);
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 128-bit lane j of r[i + c]: column 4j + c of rows i .. i + 3
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]), c = _mm512_castps_pd(t[i + 2]),
+                  d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int h = 0; h < 16; h += 8)  // then the 128-bit lanes gathered across registers
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * ldo, _mm512_mul_ps(r[i], _mm512_set1_ps(scale[i])));
+}
+#endif
 
 // Runs one group's read: n queries from q0 of batch row b.
 template <class T, int D>
@@ -502,7 +538,12 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
       for (int64_t e0 = 0; e0 < E; e0 += L) {
         const int64_t ne = std::min(L, E - e0);
         const T* a = w.acc_t.data() + e0 * w.lda + l0;
-        for (int64_t l = 0; l < lanes; ++l)
+        int64_t l = 0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<T, float> && L == 16)
+          for (; ne == L && l + L <= lanes; l += L) transpose16_scaled(a + l, w.lda, o + l * E + e0, E, inv.data() + l);
+#endif
+        for (; l < lanes; ++l)
           for (int64_t e = 0; e < ne; ++e) o[l * E + e0 + e] = a[e * w.lda + l] * inv[l];
       }
     } else if (w.layout[p] == AccLayout::kRows) {
