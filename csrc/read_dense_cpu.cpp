@@ -65,6 +65,9 @@ constexpr int64_t kCentreSample = 64;
 // its sums rescaled): rescaling the transposed accumulator of a panel is a pass over all its value
 // rows, which a running maximum would pay in most tiles; the weights stay below e^8.
 constexpr double kShiftSlack = 8.0;
+// Value blocks (of MR rows) per chunk of the weights × values product (group_read): 24 × 12 float
+// rows are 144 KB of a tile's packed values and 313 KB of accumulators.
+constexpr int64_t kChunkBlocks = 24;
 
 // Bytes of a tile's weights, values and packed locations: half the L2 cache of a core (the other
 // half holds the group's accumulators), from 256 KB to 1 MB (sysconf; 512 KB where unknown). With
@@ -371,18 +374,16 @@ void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0
 }
 
 // One panel's share of a tile whose scores are in the weights rows: the online softmax of its
-// lanes (what a lane accumulated is rescaled when its maximum rises; the weights exp(s − max) are
-// written in place, and summed), then Σ w · values into the panel's accumulator, as a product
-// where most weights are nonzero, else row by row. vp: the tile's packed values, packed on first
-// need (shared by the group's panels).
+// lanes (what a lane accumulated is rescaled when its shift rises; the weights exp(s − shift) are
+// written in place, and summed). A panel whose weights are mostly zero adds them row by row here;
+// true where most are nonzero: Σ w · values is then a product (panel_product), its accumulator
+// made ready for it.
 template <class T>
-void panel_tile(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t p, int64_t n, Work<T>& w,
-                const T*& vp) {
+bool panel_softmax(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t p, int64_t n, Work<T>& w) {
   using C = Cfg<T>;
   using S = typename C::S;
   using Vec = typename C::Vec;
   constexpr int64_t L = C::L, NR = C::NR;
-  constexpr int MR = C::MR;
   const int64_t E = c.s.E, l0 = p * NR, lanes = std::min(NR, n - l0);
   const Vec ninf = S::splat(neg_inf<T>()), zero{}, one = S::splat(T(1));
   T* run_max = w.run_max.data() + l0;
@@ -423,25 +424,11 @@ void panel_tile(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t p, 
   S::store(run_sum + L, S::load(run_sum + L) + sum1);
   T total = 0;
   for (int64_t l = 0; l < lanes; ++l) total += l < L ? count0[l] : count1[l - L];
-  if (total == T(0)) return;
+  if (total == T(0)) return false;
   // 3. Σ w · values
   if (int64_t(total) * 4 > lanes * nt) {
     w.use_layout(p, AccLayout::kColumns, E);
-    if (!vp) vp = c.values_packed->get(b, t0 / c.kc, w.vpack.data(), [&](T* dst) {
-      pack_value_blocks(c.values, b, t0, nt, E, c.kc, dst);
-    });
-    for (int64_t e0 = 0; e0 < E; e0 += MR) {
-      const int64_t width = value_block_width<T>(E, e0);
-      const T* a = vp + e0 * c.kc;
-      T* acc = w.acc_t.data() + e0 * w.lda + l0;
-      // the next block's accumulators, which the micro-kernel's first multiply-adds wait for (from
-      // L2, or beyond where acc_t is large): fetched while this block runs
-      for (int64_t r = MR; r < 2 * MR && e0 + r < w.E_rows; ++r)
-        for (int64_t h = 0; h < NR; h += 64 / int64_t(sizeof(T))) __builtin_prefetch(acc + r * w.lda + h, 1);
-      if (width == MR) block_dots<T, C::VB, MR>(Packed<T, MR>{a}, x, NR, nt, acc, w.lda);
-      else if (width == 8) block_dots<T, C::VB, 8>(Packed<T, 8>{a}, x, NR, nt, acc, w.lda);
-      else block_dots<T, C::VB, 4>(Packed<T, 4>{a}, x, NR, nt, acc, w.lda);
-    }
+    return true;
   } else {
     w.use_layout(p, AccLayout::kRows, E);
     const int64_t sc = c.values.sc;
@@ -463,6 +450,30 @@ void panel_tile(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t p, 
         }
       }
     }
+  }
+  return false;
+}
+
+// acc_t[e][panel p's lanes] += Σ_j values[j][e] · w[j][lane] for the value rows [e_begin, e_end)
+// (whole blocks): the micro-kernel over the tile's packed values vp and the panel's weights.
+template <class T>
+void panel_product(const Call<T>& c, int64_t nt, int64_t p, int64_t e_begin, int64_t e_end, const T* vp,
+                   Work<T>& w) {
+  using C = Cfg<T>;
+  constexpr int64_t NR = C::NR;
+  constexpr int MR = C::MR;
+  const T* x = w.weight_row(p, 0);
+  for (int64_t e0 = e_begin; e0 < e_end; e0 += MR) {
+    const int64_t width = value_block_width<T>(c.s.E, e0);
+    const T* a = vp + e0 * c.kc;
+    T* acc = w.acc_t.data() + e0 * w.lda + p * NR;
+    // the next block's accumulators, which the micro-kernel's first multiply-adds wait for (from
+    // L2, or beyond where acc_t is large): fetched while this block runs
+    for (int64_t r = MR; r < 2 * MR && e0 + r < w.E_rows; ++r)
+      for (int64_t h = 0; h < NR; h += 64 / int64_t(sizeof(T))) __builtin_prefetch(acc + r * w.lda + h, 1);
+    if (width == MR) block_dots<T, C::VB, MR>(Packed<T, MR>{a}, x, NR, nt, acc, w.lda);
+    else if (width == 8) block_dots<T, C::VB, 8>(Packed<T, 8>{a}, x, NR, nt, acc, w.lda);
+    else block_dots<T, C::VB, 4>(Packed<T, 4>{a}, x, NR, nt, acc, w.lda);
   }
 }
 
@@ -512,15 +523,32 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
   std::fill(w.run_max.begin(), w.run_max.end(), neg_inf<T>());
   std::fill(w.run_sum.begin(), w.run_sum.end(), T(0));
   std::fill(w.layout.begin(), w.layout.end(), AccLayout::kZero);
+  // Up to kChunkBlocks value blocks, each panel's product runs right after its softmax (its weights
+  // still in L1); beyond, the products run after every panel's softmax, by chunks of value rows
+  // whose packed values and accumulators stay in L2 while every panel passes over them.
+  const int64_t chunk = kChunkBlocks * Cfg<T>::MR;
+  const bool fused = w.E_rows <= chunk;
+  std::array<bool, dense::kPanelsPerGroup> product{};
   for (int64_t t0 = 0; t0 < M; t0 += c.kc) {
     const int64_t nt = std::min(c.kc, M - t0);
     const T* vp = nullptr;
+    const auto values = [&] {  // the tile's packed values, packed on first need (shared by the groups)
+      if (!vp) vp = c.values_packed->get(b, t0 / c.kc, w.vpack.data(), [&](T* dst) {
+        pack_value_blocks(c.values, b, t0, nt, E, c.kc, dst);
+      });
+      return vp;
+    };
     if (c.product) product_scores(c, mt, b, q0, n, t0, nt, w);
     for (int64_t p = 0; p < used; ++p) {
       if (!c.product)
         mt.dispatch_kind([&]<bool Unit, bool Thr>() { direct_scores<T, D, Unit, Thr>(c, mt, b, t0, nt, p, w); });
-      panel_tile(c, b, t0, nt, p, n, w, vp);
+      product[p] = panel_softmax(c, b, t0, nt, p, n, w);
+      if (fused && product[p]) panel_product(c, nt, p, 0, E, values(), w);
     }
+    if (!fused)
+      for (int64_t e0 = 0; e0 < E; e0 += chunk)
+        for (int64_t p = 0; p < used; ++p)
+          if (product[p]) panel_product(c, nt, p, e0, std::min(E, e0 + chunk), values(), w);
   }
   for (int64_t p = 0; p < used; ++p) {
     const int64_t l0 = p * NR, lanes = std::min(NR, n - l0);
