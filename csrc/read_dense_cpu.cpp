@@ -65,9 +65,6 @@ constexpr int64_t kCentreSample = 64;
 // its sums rescaled): rescaling the transposed accumulator of a panel is a pass over all its value
 // rows, which a running maximum would pay in most tiles; the weights stay below e^8.
 constexpr double kShiftSlack = 8.0;
-// Value blocks (of MR rows) per chunk of the weights × values product (group_read): 24 × 12 float
-// rows are 144 KB of a tile's packed values and 313 KB of accumulators.
-constexpr int64_t kChunkBlocks = 24;
 
 // Bytes of a tile's weights, values and packed locations: half the L2 cache of a core (the other
 // half holds the group's accumulators), from 256 KB to 1 MB (sysconf; 512 KB where unknown). With
@@ -122,17 +119,17 @@ template <class T>
 void pack_value_blocks(const View3<const T>& values, int64_t b, int64_t t0, int64_t nt, int64_t E, int64_t kc,
                        T* dst) {
   constexpr int64_t MR = Cfg<T>::MR;
+  const int64_t full = E / MR * MR, sc = values.sc;
   for (int64_t k = 0; k < nt; ++k) {
     const T* z = values.row(b, t0 + k);
-    for (int64_t e0 = 0; e0 < E; e0 += MR) {
-      const int64_t width = value_block_width<T>(E, e0), cols = std::min(width, E - e0);
-      T* out = dst + e0 * kc + k * width;
-      if (values.sc == 1) {
-        for (int64_t r = 0; r < cols; ++r) out[r] = z[e0 + r];
-      } else {
-        for (int64_t r = 0; r < cols; ++r) out[r] = z[(e0 + r) * values.sc];
-      }
-      for (int64_t r = cols; r < width; ++r) out[r] = T(0);
+    for (int64_t e0 = 0; e0 < full; e0 += MR) {  // whole blocks: MR numbers, a fixed-length copy
+      T* out = dst + e0 * kc + k * MR;
+      for (int64_t r = 0; r < MR; ++r) out[r] = z[(e0 + r) * sc];
+    }
+    if (full < E) {
+      const int64_t width = value_block_width<T>(E, full);
+      T* out = dst + full * kc + k * width;
+      for (int64_t r = 0; r < width; ++r) out[r] = full + r < E ? z[(full + r) * sc] : T(0);
     }
   }
 }
@@ -454,23 +451,18 @@ bool panel_softmax(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t 
   return false;
 }
 
-// acc_t[e][panel p's lanes] += Σ_j values[j][e] · w[j][lane] for the value rows [e_begin, e_end)
-// (whole blocks): the micro-kernel over the tile's packed values vp and the panel's weights.
+// acc_t[e][panel p's lanes] += Σ_j values[j][e] · w[j][lane]: the micro-kernel over the tile's
+// packed values vp and the panel's weights.
 template <class T>
-void panel_product(const Call<T>& c, int64_t nt, int64_t p, int64_t e_begin, int64_t e_end, const T* vp,
-                   Work<T>& w) {
+void panel_product(const Call<T>& c, int64_t nt, int64_t p, const T* vp, Work<T>& w) {
   using C = Cfg<T>;
   constexpr int64_t NR = C::NR;
   constexpr int MR = C::MR;
   const T* x = w.weight_row(p, 0);
-  for (int64_t e0 = e_begin; e0 < e_end; e0 += MR) {
+  for (int64_t e0 = 0; e0 < c.s.E; e0 += MR) {
     const int64_t width = value_block_width<T>(c.s.E, e0);
     const T* a = vp + e0 * c.kc;
     T* acc = w.acc_t.data() + e0 * w.lda + p * NR;
-    // the next block's accumulators, which the micro-kernel's first multiply-adds wait for (from
-    // L2, or beyond where acc_t is large): fetched while this block runs
-    for (int64_t r = MR; r < 2 * MR && e0 + r < w.E_rows; ++r)
-      for (int64_t h = 0; h < NR; h += 64 / int64_t(sizeof(T))) __builtin_prefetch(acc + r * w.lda + h, 1);
     if (width == MR) block_dots<T, C::VB, MR>(Packed<T, MR>{a}, x, NR, nt, acc, w.lda);
     else if (width == 8) block_dots<T, C::VB, 8>(Packed<T, 8>{a}, x, NR, nt, acc, w.lda);
     else block_dots<T, C::VB, 4>(Packed<T, 4>{a}, x, NR, nt, acc, w.lda);
@@ -523,32 +515,20 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
   std::fill(w.run_max.begin(), w.run_max.end(), neg_inf<T>());
   std::fill(w.run_sum.begin(), w.run_sum.end(), T(0));
   std::fill(w.layout.begin(), w.layout.end(), AccLayout::kZero);
-  // Up to kChunkBlocks value blocks, each panel's product runs right after its softmax (its weights
-  // still in L1); beyond, the products run after every panel's softmax, by chunks of value rows
-  // whose packed values and accumulators stay in L2 while every panel passes over them.
-  const int64_t chunk = kChunkBlocks * Cfg<T>::MR;
-  const bool fused = w.E_rows <= chunk;
-  std::array<bool, dense::kPanelsPerGroup> product{};
   for (int64_t t0 = 0; t0 < M; t0 += c.kc) {
     const int64_t nt = std::min(c.kc, M - t0);
     const T* vp = nullptr;
-    const auto values = [&] {  // the tile's packed values, packed on first need (shared by the groups)
-      if (!vp) vp = c.values_packed->get(b, t0 / c.kc, w.vpack.data(), [&](T* dst) {
-        pack_value_blocks(c.values, b, t0, nt, E, c.kc, dst);
-      });
-      return vp;
-    };
     if (c.product) product_scores(c, mt, b, q0, n, t0, nt, w);
     for (int64_t p = 0; p < used; ++p) {
       if (!c.product)
         mt.dispatch_kind([&]<bool Unit, bool Thr>() { direct_scores<T, D, Unit, Thr>(c, mt, b, t0, nt, p, w); });
-      product[p] = panel_softmax(c, b, t0, nt, p, n, w);
-      if (fused && product[p]) panel_product(c, nt, p, 0, E, values(), w);
+      if (!panel_softmax(c, b, t0, nt, p, n, w)) continue;
+      // the product right after the panel's softmax, its weights still in L1
+      if (!vp) vp = c.values_packed->get(b, t0 / c.kc, w.vpack.data(), [&](T* dst) {
+        pack_value_blocks(c.values, b, t0, nt, E, c.kc, dst);
+      });
+      panel_product(c, nt, p, vp, w);
     }
-    if (!fused)
-      for (int64_t e0 = 0; e0 < E; e0 += chunk)
-        for (int64_t p = 0; p < used; ++p)
-          if (product[p]) panel_product(c, nt, p, e0, std::min(E, e0 + chunk), values(), w);
   }
   for (int64_t p = 0; p < used; ++p) {
     const int64_t l0 = p * NR, lanes = std::min(NR, n - l0);
@@ -585,6 +565,28 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
   }
 }
 
+// A batch row's queries in groups (tasks): whole panels of NR lanes, at most kPanelsPerGroup, the
+// panels spread evenly (group sizes differ by one panel at most: 3000 queries are 10 groups of 8
+// panels and 2 of 7, where groups of 250 queries each would compute 256 lanes); where that gives
+// fewer than kGroupsWanted groups in the call, dense::lane_groups' smaller ones (down to one
+// vector of lanes). Group i holds the queries [start(i), start(i + 1)) (clipped to Q).
+struct QueryGroups {
+  int64_t count;        // groups per batch row
+  int64_t unit;         // lanes per unit: a panel, or one group of lane_groups
+  int64_t base, extra;  // units per group: base, and one more for the first `extra` groups
+  int64_t start(int64_t i) const { return (i * base + std::min(i, extra)) * unit; }
+  int64_t most() const { return (base + (extra > 0)) * unit; }
+};
+
+template <class T>
+QueryGroups query_groups(int64_t B, int64_t Q) {
+  constexpr int64_t NR = Cfg<T>::NR;
+  const int64_t panels = (Q + NR - 1) / NR, count = (panels + dense::kPanelsPerGroup - 1) / dense::kPanelsPerGroup;
+  if (B * count >= dense::kGroupsWanted) return {count, NR, panels / count, panels % count};
+  const auto [size, small] = dense::lane_groups<T>(B, Q, dense::kPanelsPerGroup);
+  return {small, size, 1, 0};
+}
+
 template <class T, int D>
 void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                   View3<const T> mvar, View3<const T> values, T* out, T* lse) {
@@ -599,26 +601,27 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
 #ifdef _OPENMP
   threads = omp_get_max_threads();
 #endif
-  // Groups of up to kPanelsPerGroup panels, smaller ones (down to one vector of lanes) where a call
-  // would have fewer than kGroupsWanted. Group and tile sizes depend on the shapes only, never on
-  // the thread count, and each query's numbers only on its own lane: the read is the same for
-  // any number of threads and for a query alone or in a batch.
-  const auto [G, groups] = dense::lane_groups<T>(B, Q, dense::kPanelsPerGroup);
+  // Group and tile sizes depend on the shapes only, never on the thread count, and each query's
+  // numbers only on its own lane: the read is the same for any number of threads and for a query
+  // alone or in a batch.
+  const QueryGroups groups = query_groups<T>(B, Q);
+  const int64_t G = groups.most();
   const bool product = dense_read_product_scores(s);
   const int64_t E_pad = round_up(E, C::NR);
   const int64_t per_entry = int64_t(sizeof(T)) * (E_pad + kLanesForTile + (product ? round_up(d, C::L) : 0));
   const int64_t kc = std::clamp<int64_t>(tile_bytes() / per_entry / C::MR * C::MR, C::MR, kTileEntries);
-  dense::SharedPanels<T> values_packed(groups > 1 ? (values.sb == 0 ? 1 : B) : 0, M, kc,
+  dense::SharedPanels<T> values_packed(groups.count > 1 ? (values.sb == 0 ? 1 : B) : 0, M, kc,
                                        value_panel_size<T>(E, kc));
   const Call<T> c{s, qloc, qvar, mloc, mvar, values, product, kc, &values_packed};
-  const int64_t tasks = B * groups;
+  const int64_t tasks = B * groups.count;
 #pragma omp parallel num_threads(int(std::max<int64_t>(1, std::min<int64_t>(threads, tasks))))
   {
     Work<T>& w = dense::thread_work<Work<T>>();
     w.reset(G, kc, d, E, product);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / groups, q0 = (task % groups) * G, n = std::min(G, Q - q0);
+      const int64_t b = task / groups.count, q0 = groups.start(task % groups.count);
+      const int64_t n = std::min(groups.start(task % groups.count + 1), Q) - q0;
       group_read<T, D>(c, Metric<T>(s, qvar, mvar, b), b, q0, n, w, out, lse);
     }
     dense::release_if_large(w);
