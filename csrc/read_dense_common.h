@@ -51,8 +51,8 @@ inline uint64_t nonzero_lanes(const typename Cfg<T>::Vec& v) {
   return bits;
 }
 
-// The weights operand of the products (weights × values, and the backward's weights × output
-// gradients) is read in place (rows of lanes, one row per entry or query) or first packed into
+// The weights operand of the backward's products (weights × output gradients; the forward's
+// weights × values runs transposed and reads its weights in place, read_dense_cpu.cpp) is read in place (rows of lanes, one row per entry or query) or first packed into
 // micro-panels (pack_micro_panels): packing pays where its MR lanes are reused by at least this many
 // column blocks of NR (E ≥ 256 floats with AVX-512); below, the copy costs more than it saves
 // (runs of runs/ab.py at the shapes: within ±4%).
