@@ -3,9 +3,9 @@
 // many dimensions the scores too, run on the register-blocked micro-kernel of csrc/gemm.h.
 //
 // Layout: the SIMD lanes run over queries. A task is a group of whole panels of NR queries (NR =
-// two vectors of lanes; up to kPanelsPerGroup panels, spread evenly: query_groups) of one batch
-// row, its queries packed once into panels [dim][NR]; it streams the memory in tiles of nt
-// entries, each tile once:
+// two vectors of lanes; up to kPanelsPerGroup panels, fewer for wide values: most_panels; spread
+// evenly: query_groups) of one batch row, its queries packed once into panels [dim][NR]; it
+// streams the memory in tiles of nt entries, each tile once:
 //   1. scores s[j][q] of the tile, [panel][entry j][NR lanes], either directly (Σ_k w_k
 //      (q_k − m_k)², vectorised over the queries) or, from kGemmScoresFromDim dimensions on, as
 //      ‖q‖² + ‖m‖² − 2 q·m on centred coordinates with the cross term a matrix product (below);
@@ -569,7 +569,7 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
   }
 }
 
-// A batch row's queries in groups (tasks): whole panels of NR lanes, at most kPanelsPerGroup, the
+// A batch row's queries in groups (tasks): whole panels of NR lanes, at most most_panels(), the
 // panels spread evenly (group sizes differ by one panel at most: 3000 queries are 10 groups of 8
 // panels and 2 of 7, where groups of 250 queries each would compute 256 lanes); where that gives
 // fewer than kGroupsWanted groups in the call, dense::lane_groups' smaller ones (down to one
@@ -583,12 +583,23 @@ struct QueryGroups {
 };
 
 template <class T>
-QueryGroups query_groups(int64_t B, int64_t Q) {
+QueryGroups query_groups(int64_t B, int64_t Q, int64_t max_panels) {
   constexpr int64_t NR = Cfg<T>::NR;
-  const int64_t panels = (Q + NR - 1) / NR, count = (panels + dense::kPanelsPerGroup - 1) / dense::kPanelsPerGroup;
+  const int64_t panels = (Q + NR - 1) / NR, count = (panels + max_panels - 1) / max_panels;
   if (B * count >= dense::kGroupsWanted) return {count, NR, panels / count, panels % count};
-  const auto [size, small] = dense::lane_groups<T>(B, Q, dense::kPanelsPerGroup);
+  const auto [size, small] = dense::lane_groups<T>(B, Q, max_panels);
   return {small, size, 1, 0};
+}
+
+// Panels per group at most: kPanelsPerGroup, halved while the group's transposed accumulator
+// (value rows × lanes) would reach tile_bytes(), so that it and the tile's values (which every
+// panel streams) stay in L2: at E = 1024 floats, groups of 4 panels were 5% faster than of 8
+// (runs/ab.py; E = 512 and below: no difference).
+template <class T>
+int64_t most_panels(int64_t E) {
+  int64_t panels = dense::kPanelsPerGroup;
+  while (panels > 1 && value_rows<T>(E) * panels * Cfg<T>::NR * int64_t(sizeof(T)) >= tile_bytes()) panels /= 2;
+  return panels;
 }
 
 template <class T, int D>
@@ -608,7 +619,7 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
   // Group and tile sizes depend on the shapes only, never on the thread count, and each query's
   // numbers only on its own lane: the read is the same for any number of threads and for a query
   // alone or in a batch.
-  const QueryGroups groups = query_groups<T>(B, Q);
+  const QueryGroups groups = query_groups<T>(B, Q, most_panels<T>(E));
   const int64_t G = groups.most();
   const bool product = dense_read_product_scores(s);
   const int64_t E_pad = round_up(E, C::NR);
