@@ -5,6 +5,9 @@
 // or < 1e-307 (double) of the row's largest weight (which is exp(0) = 1), so dropping it cannot
 // change a read at working precision, and it keeps denormals out of the accumulation.
 //
+// The same formulas hold for positive arguments up to 88 (float) and 709 (double): the dense read's
+// softmax (read_dense_cpu.cpp) passes arguments up to its kShiftSlack.
+//
 // One definition for scalars and for SIMD vectors (GCC/Clang vector extension, csrc/gemm.h): V is
 // float or double or a vector of them, I the signed integer type of the same shape.
 #pragma once
@@ -13,6 +16,10 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace rk {
 
@@ -63,10 +70,36 @@ inline V exp_nonpositive_f64(V v) {
 inline float exp_nonpositive(float v) { return exp_nonpositive_f32<float, int32_t>(v); }
 inline double exp_nonpositive(double v) { return exp_nonpositive_f64<double, int64_t>(v); }
 
+#if defined(__AVX512F__)
+// exp_nonpositive_f32 on 16 floats with AVX-512's scaling instruction: the same k, reduction and
+// polynomial, then y · 2^k in one instruction (no integer build of 2^k, and no clamp: the lanes a
+// clamp would guard are the masked ones). y · 2^k is rounded once either way, so every lane has the
+// generic form's bits (compared over 32 M arguments, -inf, NaN and the cut-off included, when it was
+// written).
+inline __m512 exp_nonpositive_avx512(__m512 v) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.33f), _CMP_GE_OQ);  // false for -inf, NaN
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);
+  const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, y, k);
+}
+#endif
+
 // The same on a vector of float or double (every lane).
 template <class V>
 inline V exp_nonpositive_lanes(V v) {
   using E = std::remove_cvref_t<decltype(v[0])>;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(E) == 4 && sizeof(V) == 64) return V(exp_nonpositive_avx512(__m512(v)));
+#endif
   if constexpr (sizeof(E) == 4) {
     typedef int32_t I __attribute__((vector_size(sizeof(V))));
     return exp_nonpositive_f32<V, I>(v);

@@ -21,6 +21,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace rk {
 namespace dense {
@@ -35,8 +38,21 @@ struct Cfg {
   static constexpr int MR = micro_rows(VB);
 };
 
-// The weights operand of the products (weights × values, and the backward's weights × output
-// gradients) is read in place (rows of lanes, one row per entry or query) or first packed into
+// Bit l set where lane l of v is nonzero: one compare into a mask register with AVX-512 (the
+// generic loop below is compiled as a scalar test per lane).
+template <class T>
+inline uint64_t nonzero_lanes(const typename Cfg<T>::Vec& v) {
+#if defined(__AVX512F__)
+  if constexpr (Cfg<T>::VB == 64 && sizeof(T) == 4) return _mm512_cmpneq_ps_mask(__m512(v), _mm512_setzero_ps());
+  if constexpr (Cfg<T>::VB == 64 && sizeof(T) == 8) return _mm512_cmpneq_pd_mask(__m512d(v), _mm512_setzero_pd());
+#endif
+  uint64_t bits = 0;
+  for (int64_t l = 0; l < Cfg<T>::L; ++l) bits |= uint64_t(v[l] != T(0)) << l;
+  return bits;
+}
+
+// The weights operand of the backward's products (weights × output gradients; the forward's
+// weights × values runs transposed and reads its weights in place, read_dense_cpu.cpp) is read in place (rows of lanes, one row per entry or query) or first packed into
 // micro-panels (pack_micro_panels): packing pays where its MR lanes are reused by at least this many
 // column blocks of NR (E ≥ 256 floats with AVX-512); below, the copy costs more than it saves
 // (runs of runs/ab.py at the shapes: within ±4%).
@@ -161,8 +177,10 @@ inline void lane_scores(const Metric<T>& mt, const T* panel, const T* p, int64_t
       }
     }
   }
-  s0 = T(-0.5) * dist0 * mt.scale + mt.norm;
-  s1 = T(-0.5) * dist1 * mt.scale + mt.norm;
+  // dist · (−½ scale) is (−½ dist) · scale exactly (a halving is exact): one multiply-add fewer
+  const T half_scale = T(-0.5) * mt.scale;
+  s0 = dist0 * half_scale + mt.norm;
+  s1 = dist1 * half_scale + mt.norm;
   if constexpr (Thr) {
     if constexpr (!plain_needed) {
       plain0 = dist0;

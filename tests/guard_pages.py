@@ -149,13 +149,16 @@ def _dense_read_shapes():
     the values are packed once per call and shared (dense::SharedPanels): Q = 300 and 130 > one
     group of floats resp. doubles, E = 260. The backward packs each query tile's output gradients in
     column blocks, with zero rows up to a 12-row block: Q = 131 (a tile of 11), E = 37 (a tail of
-    5 value columns), M = 40 (several groups)."""
+    5 value columns), M = 40 (several groups). The forward's weights × values product runs over
+    blocks of 12 (6) value columns, the last one 4 or 8 wide (E = 1, 4, 5, 8, 9, 13, 25), and its
+    groups are whole panels spread evenly (Q = 290, 520: groups of 5, and of 6, 6 and 5 panels)."""
     shapes = {(1, Q, 9, 2, 5) for Q in (16, 17, 31, 32, 33, 47, 95, 257)}
     shapes |= {(1, 17, M, 2, 5) for M in (16, 33, 127, 128, 129, 257)}
     shapes |= {(1, 17, 17, 2, E) for E in (31, 32, 33, 64, 257)}
     shapes |= {(1, 17, 20, d, 3) for d in (32, 33, 129)}
     shapes |= {(1, 20, 20, 1024, 8), (2, 40, 130, 33, 40), (1, 129, 40, 2, 96)}
     shapes |= {(1, 300, 40, 2, 260), (2, 130, 33, 3, 257), (1, 300, 20, 40, 260), (1, 131, 40, 2, 37)}
+    shapes |= {(1, 17, 17, 2, E) for E in (1, 4, 5, 8, 9, 13, 25)} | {(1, 290, 30, 2, 7), (1, 520, 30, 2, 13)}
     return shapes
 
 

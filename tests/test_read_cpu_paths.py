@@ -133,6 +133,34 @@ def test_dense_read_matches_float64_oracle(shape, threshold, sd_kind, dtype):
     check_against_oracle(q, qs, m, ms, z, thr, seed, "dense-product" if product else "dense")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [2, 40])
+def test_panels_switching_between_product_and_row_sums(dtype, d):
+    """csrc/read_dense_cpu.cpp adds a panel's tile as a product (a transposed accumulator) where most
+    of its weights are nonzero, else row by row (an accumulator per query), and moves the sums
+    between the two layouts. The memory alternates, by blocks of 384 entries (whole tiles of 128 or
+    96), between entries among the queries (every pair within the threshold) and entries far away
+    but one in 20: every panel switches several times, in both directions, and the read matches
+    the float64 oracle and is the same for a query alone as in the batch."""
+    gen = torch.Generator().manual_seed(d)
+    Q, E, block, scale = 70, 37, 384, math.sqrt(d / 2)
+    q = torch.randn(Q, d, generator=gen, dtype=torch.float64) * 0.3
+    blocks = []
+    for i in range(5):
+        m = torch.randn(block, d, generator=gen, dtype=torch.float64) * 0.3
+        if i % 2:
+            m[torch.arange(block) % 20 != 0] += 50.0
+        blocks.append(m)
+    m = torch.cat(blocks).to(dtype)
+    q, z = q.to(dtype), torch.randn(5 * block, E, generator=gen, dtype=torch.float64).to(dtype)
+    thr = 4.0 * scale
+    check_against_oracle(q, 0.7, m, 0.7, z, thr, d, "dense-product" if d >= 32 else "dense")
+    full = rk.gaussian_read(q, 0.7, m, 0.7, z, match_threshold=thr, backend="cpu")
+    for i in (0, 33, 69):
+        assert torch.equal(full[i:i + 1], rk.gaussian_read(q[i:i + 1].expand(16, d), 0.7, m, 0.7, z,
+                                                           match_threshold=thr, backend="cpu")[:1])
+
+
 @pytest.mark.parametrize("layout", ["transposed", "stride0", "batch_broadcast"])
 def test_dense_read_takes_strided_and_broadcast_inputs(layout):
     q, qs, m, ms, z = make(40, 50, 3, 45, torch.float32, "float", 3)
