@@ -223,6 +223,23 @@ struct Work {
     }
     layout[p] = want;
   }
+
+  // Multiplies what panel p's first `lanes` lanes summed and accumulated by factor[lane] (their
+  // softmax shift rose: the sums so far were taken against the lower shift).
+  void rescale(int64_t p, const T* factor, int64_t lanes, int64_t E) {
+    constexpr int64_t NR = Cfg<T>::NR;
+    T* sums = run_sum.data() + p * NR;
+    for (int64_t l = 0; l < lanes; ++l) sums[l] *= factor[l];
+    if (layout[p] == AccLayout::kColumns) {
+      T* t = acc_t.data() + p * NR;
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t l = 0; l < lanes; ++l) t[e * lda + l] *= factor[l];
+    } else if (layout[p] == AccLayout::kRows) {
+      T* r = acc_r.data() + p * NR * ldr;
+      for (int64_t l = 0; l < lanes; ++l)
+        for (int64_t e = 0; e < E; ++e) r[l * ldr + e] *= factor[l];
+    }
+  }
 };
 
 template <class T>
@@ -407,6 +424,7 @@ bool panel_softmax(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t 
     S::store(run_max + h * L, now);
     shift[h] = now == ninf ? zero : now;  // a lane with nothing yet: every weight is 0
   }
+  if (rises) w.rescale(p, factor.data(), lanes, E);  // before this tile's weights are summed in
   // 2. the weights in place, their sums, and how many are nonzero
   T* x = w.weight_row(p, 0);  // row j at x + j · NR
   Vec sum0 = zero, sum1 = zero, count0 = zero, count1 = zero;

@@ -134,6 +134,24 @@ def test_dense_read_matches_float64_oracle(shape, threshold, sd_kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold", [None, 12.0])
+@pytest.mark.parametrize("d", [2, 40])
+def test_softmax_shift_rising_from_tile_to_tile(d, threshold, dtype):
+    """Entries ordered from far to near, so every tile of 128 entries holds larger scores than the
+    last by far more than the forward's slack on its softmax shift (kShiftSlack = 8): each raise
+    must rescale what the queries summed and accumulated so far, in either accumulator layout.
+    (A build that computed the rescale factors but never applied them read O(1) errors here.)"""
+    gen = torch.Generator().manual_seed(7)
+    Q, M, E = 70, 700, 37
+    q = (torch.randn(Q, d, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    m = torch.randn(M, d, generator=gen, dtype=torch.float64)
+    m = m / m.norm(dim=1, keepdim=True) * torch.linspace(15.0, 0.0, M, dtype=torch.float64)[:, None]
+    m = m.to(dtype)
+    z = torch.randn(M, E, generator=gen, dtype=torch.float64).to(dtype)
+    check_against_oracle(q, 1.0, m, 1.0, z, threshold, 7, "dense-product" if d >= 32 else "dense")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d", [2, 40])
 def test_panels_switching_between_product_and_row_sums(dtype, d):
     """csrc/read_dense_cpu.cpp adds a panel's tile as a product (a transposed accumulator) where most
