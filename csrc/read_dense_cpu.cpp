@@ -170,7 +170,7 @@ struct Work {
   std::vector<T> vpack;   // the tile's values, packed by pack_value_blocks (where not shared)
   std::vector<T> acc_t;   // Σ w · values, transposed: [E_rows][lda], lane columns
   std::vector<T> acc_r;   // Σ w · values as rows: [G_pad][ldr]
-  std::vector<T> run_max, run_sum, tile_max;  // per lane: softmax shift (panel_tile), Σ exp(s − shift), tile maximum
+  std::vector<T> run_max, run_sum, tile_max;  // per lane: softmax shift (panel_softmax), Σ exp(s − shift), tile maximum
   std::vector<AccLayout> layout;              // per panel
 
   std::array<std::vector<T>*, 12> buffers() {
