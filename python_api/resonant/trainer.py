@@ -97,10 +97,10 @@ class Trainer:
             raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
         self.action_repeat = action_repeat
         self.brain, self.env_id, self.seed = brain, env_id, seed
-        if env_id.startswith("resonant/"):
-            from . import sim  # noqa: F401  (registers the resonant environments)
+        from .parallel.worker import make_env  # gym.make, the resonant/ environments registered first
+
         try:
-            self.envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(num_envs)]
+            self.envs = [make_env(env_id, env_kwargs) for _ in range(num_envs)]
         except gym.error.DependencyNotInstalled as exc:  # e.g. Box2D for LunarLander
             raise missing("rl", f"Trainer({env_id!r})", str(exc).splitlines()[0]) from None
         space = self.envs[0].action_space
