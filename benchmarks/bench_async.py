@@ -2,6 +2,7 @@
 
     python benchmarks/bench_async.py                          # local engine, 1 2 4 8 workers + sync
     python benchmarks/bench_async.py --engines local ray      # the same table on a local Ray instance
+    python benchmarks/bench_async.py --workers-per-process 1 2 4   # also 2 and 4 workers per worker process
     python benchmarks/bench_async.py --costs-only             # only the per-decision costs (projection)
 
 Every row trains LunarLander-v3 with `resonant train`'s default agent (local linear scores,
@@ -60,19 +61,22 @@ def run_sync(episodes: int, seed: int) -> dict:
     wall = time.perf_counter() - t0
     trainer.close()
     decisions = len(brain.store)  # one engram per decision (capacity not reached)
-    return {"mode": "sync --num-envs 8", "engine": "-", "workers": 8, "episodes": episodes, "decisions": decisions,
+    return {"mode": "sync --num-envs 8", "engine": "-", "workers": 8, "per_process": 8, "episodes": episodes,
+            "decisions": decisions,
             "wall_seconds": round(wall, 2), "decisions_per_s": round(decisions / wall, 1), "mean_batch": None,
             "latency_p50_ms": None, "latency_p99_ms": None, "uptime_before": load}
 
 
-def run_async(engine: str, workers: int, episodes: int, seed: int) -> dict:
+def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_process: int = 1) -> dict:
     per_worker = max(1, episodes // workers)
     trainer = AsyncTrainer(functools.partial(build_brain, default_options(seed), 8, 4), ENV, num_workers=workers,
-                           episodes_per_worker=per_worker, engine=engine, seed=seed, action_repeat=4)
+                           episodes_per_worker=per_worker, engine=engine, seed=seed, action_repeat=4,
+                           workers_per_process=workers_per_process)
     load = uptime()
     stats = trainer.train(progress=False)
     s = stats.summary()
-    return {"mode": "async", "engine": engine, "workers": workers, "episodes": s["episodes"],
+    return {"mode": "async", "engine": engine, "workers": workers, "per_process": workers_per_process,
+            "episodes": s["episodes"],
             "decisions": s["decisions"], "wall_seconds": s["answering_seconds"],
             "decisions_per_s": s["steady_decisions_per_s"], "with_startup_decisions_per_s": s["decisions_per_s"],
             "mean_batch": s["mean_predictor_batch"], "latency_p50_ms": s["decision_latency_ms"]["p50"],
@@ -117,6 +121,9 @@ def main() -> int:
     p.add_argument("--episodes", type=int, default=160, help="total episodes per row (default: %(default)s)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--engines", nargs="+", choices=("local", "ray"), default=["local"])
+    p.add_argument("--workers-per-process", type=int, nargs="+", default=[1],
+                   help="local engine: also run each worker count with this many workers per process "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--costs-only", action="store_true")
     p.add_argument("--out", default=str(run_dir("benchmarks") / "async_throughput.json"),
@@ -127,9 +134,12 @@ def main() -> int:
         rows = [run_sync(args.episodes, args.seed)]
         print(rows[-1], flush=True)
         for engine in args.engines:
-            for w in args.workers:
-                rows.append(run_async(engine, w, args.episodes, args.seed))
-                print(rows[-1], flush=True)
+            for k in (args.workers_per_process if engine == "local" else [1]):
+                for w in args.workers:
+                    if k > w:
+                        continue
+                    rows.append(run_async(engine, w, args.episodes, args.seed, k))
+                    print(rows[-1], flush=True)
         sync = rows[0]["decisions_per_s"]
         for r in rows:
             r["vs_sync"] = round(r["decisions_per_s"] / sync, 2)
@@ -137,12 +147,12 @@ def main() -> int:
     result["costs"] = decision_costs(args.seed)
     result["uptime_end"] = uptime()
     write_text_atomic(args.out, json.dumps(result, indent=1))
-    print(f"{'mode':<18} {'engine':<6} {'workers':>7} {'decisions':>9} {'wall s':>8} {'dec/s':>8} {'vs sync':>7} "
-          f"{'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
+    print(f"{'mode':<18} {'engine':<6} {'workers':>7} {'per proc':>8} {'decisions':>9} {'wall s':>8} {'dec/s':>8} "
+          f"{'vs sync':>7} {'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
     for r in result["rows"]:
-        print(f"{r['mode']:<18} {r['engine']:<6} {r['workers']:>7} {r['decisions']:>9} {r['wall_seconds']:>8} "
-              f"{r['decisions_per_s']:>8} {r['vs_sync']:>7} {str(r['mean_batch']):>6} {str(r['latency_p50_ms']):>7} "
-              f"{str(r['latency_p99_ms']):>7}")
+        print(f"{r['mode']:<18} {r['engine']:<6} {r['workers']:>7} {str(r['per_process']):>8} {r['decisions']:>9} "
+              f"{r['wall_seconds']:>8} {r['decisions_per_s']:>8} {r['vs_sync']:>7} {str(r['mean_batch']):>6} "
+              f"{str(r['latency_p50_ms']):>7} {str(r['latency_p99_ms']):>7}")
     print(json.dumps(result["costs"], indent=1))
     print("load:", result["uptime_start"], "->", result["uptime_end"])
     return 0

@@ -253,10 +253,10 @@ def collect_run(trainer, **kwargs):
     return episodes
 
 
-@pytest.mark.parametrize("memory", ["shared", "isolated"])
-def test_every_step_of_every_worker_becomes_exactly_one_engram(memory):
+@pytest.mark.parametrize("memory, workers_per_process", [("shared", 1), ("isolated", 1), ("shared", 2)])
+def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_per_process):
     trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=3, episodes_per_worker=7, memory=memory,
-                           normalise_episodes=2, max_seconds=RUN_LIMIT, seed=5)
+                           normalise_episodes=2, max_seconds=RUN_LIMIT, seed=5, workers_per_process=workers_per_process)
     episodes = collect_run(trainer)
     stats = trainer.stats
     assert stats.stop_reason == "finished"
@@ -277,6 +277,9 @@ def test_every_step_of_every_worker_becomes_exactly_one_engram(memory):
     assert 0 < summary["answering_seconds"] <= summary["wall_seconds"] and summary["steady_decisions_per_s"] > 0
     # each worker's episodes start from the seeded resets, whatever the timing
     assert sorted(e.index for e in episodes if e.worker == 1) == list(range(7))
+    assert len(stats.worker_pids) == (3 if workers_per_process == 1 else 2)  # workers 0 and 1 share a process
+    if workers_per_process > 1:  # the batch holds every worker's decision, two of them from one message
+        assert summary["mean_predictor_batch"] > 2
 
 
 @pytest.mark.parametrize("memory", ["shared", "isolated"])
@@ -312,10 +315,12 @@ def test_a_crashing_worker_stops_the_run_cleanly_with_its_traceback(tmp_path, ca
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("resonant-worker")]
 
 
-def test_a_crashed_worker_is_restarted_on_its_remaining_episodes(tmp_path):
+@pytest.mark.parametrize("workers_per_process", [1, 2])
+def test_a_crashed_worker_is_restarted_on_its_remaining_episodes(tmp_path, workers_per_process):
+    # with two workers in one process, the crash takes both down and both restart on their remaining episodes
     trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=2, episodes_per_worker=6, normalise_episodes=0,
                            env_kwargs=failing_env_kwargs(tmp_path, "raise"), on_worker_error="restart",
-                           max_seconds=RUN_LIMIT)
+                           max_seconds=RUN_LIMIT, workers_per_process=workers_per_process)
     episodes = collect_run(trainer)
     stats = trainer.stats
     assert stats.stop_reason == "finished" and stats.restarts == 1 and len(stats.errors) == 1
@@ -323,7 +328,8 @@ def test_a_crashed_worker_is_restarted_on_its_remaining_episodes(tmp_path):
     for w in range(2):  # the restarted worker played exactly its remaining episodes
         assert sorted(e.index for e in episodes if e.worker == w) == list(range(6))
     assert len(trainer.server.brains[0].store) == sum(e.decisions for e in episodes)
-    assert len(stats.worker_pids) == 3
+    assert len(stats.worker_pids) == (3 if workers_per_process == 1 else 2)
+    assert stats.errors[0]["worker"] in ((0, 1) if workers_per_process == 1 else ([0, 1],))
 
 
 @pytest.mark.parametrize("mode, match", [("kill", "SIGKILL"), ("exit", "exited with code 3")])
@@ -338,7 +344,9 @@ def test_a_worker_that_dies_without_a_traceback_is_reported(tmp_path, mode, matc
 def test_trainer_rejects_bad_arguments():
     for kwargs, match in [(dict(num_workers=0), "num_workers"), (dict(memory="pooled"), "memory"),
                           (dict(engine="dask"), "engine"), (dict(episodes_per_worker=0), "episodes"),
-                          (dict(on_worker_error="ignore"), "on_worker_error"), (dict(max_seconds=0), "max_seconds")]:
+                          (dict(on_worker_error="ignore"), "on_worker_error"), (dict(max_seconds=0), "max_seconds"),
+                          (dict(workers_per_process=0), "workers_per_process"),
+                          (dict(engine="ray", workers_per_process=2), "one worker per actor")]:
         with pytest.raises(ValueError, match=match):
             AsyncTrainer(chain_brain, CHAIN, **kwargs)
     with pytest.raises(ValueError, match="brain expects"):
@@ -373,12 +381,14 @@ def test_cli_train_async_writes_the_report(tmp_path):
 
     assert main(["train-async", CHAIN, "--workers", "2", "--episodes-per-worker", "5", "--normalise-episodes", "2",
                  "--action-repeat", "1", "--bandwidth", "0.5", "--policy", "softmax", "--beta", "3",
+                 "--workers-per-process", "2",
                  "--max-seconds", str(RUN_LIMIT), "--out", str(tmp_path), "--name", "run", "--no-progress"]) == 0
     report = json.loads((tmp_path / "run.json").read_text())
     s = report["summary"]
     assert s["episodes"] == 10 and s["stop_reason"] == "finished"
     assert s["memory"]["memory_sizes"] == [s["decisions"]] == [sum(report["summary"]["memory"]["engrams_written"])]
     assert report["config"]["policy"] == "softmax" and report["config"]["beta"] == 3.0
+    assert report["config"]["workers_per_process"] == 2 and report["cli"]["workers_per_process"] == 2
     assert set(s) >= {"episodes_per_s", "decisions_per_s", "mean_predictor_batch", "decision_latency_ms",
                       "request_wait_ms", "per_worker"}
     assert len(report["returns_worker1"]) == 5 and (tmp_path / "run.png").stat().st_size > 1000

@@ -20,7 +20,11 @@ def add_subcommand(subparsers) -> None:
                     "one fused read of the memory; one writer stores their finished episodes. Writes NAME.json and "
                     "NAME.png to --out.")
     add_agent_options(p)
-    p.add_argument("--workers", type=int, default=8, help="worker processes / actors (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=8, help="workers (agents), each with its own environment "
+                   "(default: %(default)s)")
+    p.add_argument("--workers-per-process", type=int, default=1,
+                   help="local engine: workers one process hosts, stepped in lock step with one decision message per "
+                        "step; e.g. 4 on 2 cores for 8 workers (default: %(default)s: a process per worker)")
     p.add_argument("--episodes-per-worker", type=int, default=200,
                    help="episodes each worker plays (default: %(default)s)")
     p.add_argument("--memory", choices=("shared", "isolated"), default="shared",
@@ -67,7 +71,8 @@ def run(args) -> int:
                            normalise_episodes=args.normalise_episodes, batch_size=args.batch_size,
                            batch_timeout=args.batch_timeout_ms / 1e3, on_worker_error=args.on_worker_error,
                            max_restarts=args.max_restarts, max_seconds=args.max_seconds,
-                           ray_address=args.ray_address, predictor_threads=args.predictor_threads)
+                           ray_address=args.ray_address, predictor_threads=args.predictor_threads,
+                           workers_per_process=args.workers_per_process)
     status = 0
     try:
         trainer.train(progress=not args.no_progress)

@@ -1,10 +1,15 @@
 """The local engine: worker processes on this machine, the predictor and writer in this process.
 
-Each worker is a process with one duplex pipe to this process. A decision is one small message
-each way (the observation's float32 bytes out, the scores' bytes back: no pickling, no shared
-memory segments to leak); a finished episode is one pickled message. The loop here waits on all
-pipes at once (`multiprocessing.connection.wait`), gathers pending decisions until it has one
-from every worker still playing (at most `batch_size`) or `batch_timeout` has passed since the
+Each worker process hosts one worker (the default) or `workers_per_process` of them, and has one
+duplex pipe to this process. A process steps its workers in lock step: one decision message per
+step for all of its workers still playing (their ids and observations' float32 bytes out, the
+scores' bytes back: no pickling, no shared memory segments to leak); a finished episode is one
+pickled message. Hosting several workers per process changes nothing a worker does (its own
+environment, seeds, exploration schedule and returns), only how many processes share the cores:
+on a machine with fewer cores than workers, every extra process adds a wake-up per decision
+(BENCHMARKS.md, "Throughput"). The loop here waits on all pipes at once
+(`multiprocessing.connection.wait`), gathers pending decisions until it has one from every
+process still playing (at most `batch_size` decisions) or `batch_timeout` has passed since the
 first, stores every finished episode that arrived (one write), and answers the batch with one
 read. Workers start with the "forkserver" method on Linux (not "fork": this process already runs
 threads: torch's, tqdm's) and "spawn" elsewhere; like "spawn", the fork server imports the
@@ -17,9 +22,10 @@ close, each worker ends at its next decision, every process is joined (after `jo
 seconds terminated, then killed), and episodes that had finished are still stored. A worker that
 raises sends its traceback before it exits; one that dies without a word (a signal, os._exit) is
 noticed by its pipe closing. Either way the failure is reported (stderr and the run's `errors`)
-and, with `on_worker_error="restart"`, the worker is started again on its remaining episodes (at
-most `max_restarts` times in all; its unfinished episode is lost), otherwise the run stops cleanly
-and raises WorkerFailed.
+and, with `on_worker_error="restart"`, the process is started again with its workers on their
+remaining episodes (at most `max_restarts` times in all; their unfinished episodes are lost),
+otherwise the run stops cleanly and raises WorkerFailed. A process hosting several workers fails
+and restarts as one.
 """
 from __future__ import annotations
 
@@ -38,23 +44,25 @@ import numpy as np
 from .control import RunControl, check_failure_policy
 from .server import MemoryServer
 from .stats import RunStats
-from .worker import Episode, StopRequested, WorkerSpec, play
+from .worker import Episode, StopRequested, WorkerSpec, play_group
 
 # message tags, first byte of every message
 DECIDE, EPISODE, FINISHED, ERROR, SCORES = b"D", b"E", b"F", b"X", b"A"
 
 
-def _worker_main(worker: int, spec: WorkerSpec, first_episode: int, restart: int, conn) -> None:
-    """Entry point of a worker process."""
+def _worker_main(workers: list, spec: WorkerSpec, first_episodes: list, restart: int, conn) -> None:
+    """Entry point of a worker process (hosting one worker, or several in lock step)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
 
-    def decide(obs: np.ndarray) -> np.ndarray:
+    def decide(ids: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        # one message for every worker of this process still playing: their ids, then their observations
         try:
-            conn.send_bytes(DECIDE + obs.tobytes())
+            conn.send_bytes(DECIDE + len(ids).to_bytes(4, "little") + ids.astype(np.int32).tobytes()
+                            + obs.astype(np.float32, copy=False).tobytes())
             reply = conn.recv_bytes()
         except (EOFError, OSError) as exc:  # the trainer closed the pipe: the run is stopping
             raise StopRequested from exc
-        return np.frombuffer(reply[1:], dtype=np.float32)
+        return np.frombuffer(reply[1:], dtype=np.float32).reshape(len(ids), -1)
 
     def submit(episode: Episode) -> None:
         try:
@@ -63,7 +71,7 @@ def _worker_main(worker: int, spec: WorkerSpec, first_episode: int, restart: int
             raise StopRequested from exc
 
     try:
-        play(spec, worker, decide, submit, first_episode=first_episode, restart=restart)
+        play_group(spec, workers, decide, submit, first_episodes=first_episodes, restart=restart)
         conn.send_bytes(FINISHED)
     except (StopRequested, OSError):
         pass
@@ -77,15 +85,34 @@ def _worker_main(worker: int, spec: WorkerSpec, first_episode: int, restart: int
         conn.close()
 
 
+def _decision(msg: bytes, state_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(worker ids, observations) of a DECIDE message."""
+    k = int.from_bytes(msg[1:5], "little")
+    ids = np.frombuffer(msg, dtype=np.int32, count=k, offset=5).astype(np.int64)
+    return ids, np.frombuffer(msg, dtype=np.float32, offset=5 + 4 * k).reshape(k, state_dim)
+
+
 @dataclass
-class _Worker:
+class _Process:
+    """A worker process and the workers it hosts."""
+
     id: int
+    workers: list
     process: Optional[mp.process.BaseProcess] = None
     conn: Optional[object] = None
-    episodes_done: int = 0
     restarts: int = 0
     finished: bool = False
-    waiting_since: Optional[float] = None  # a decision of this worker is in the current batch
+    waiting_since: Optional[float] = None  # a decision of this process is in the current batch
+
+    @property
+    def name(self) -> str:
+        if len(self.workers) == 1:
+            return f"worker {self.workers[0]}"
+        return f"workers {', '.join(map(str, self.workers))} (one process)"
+
+    @property
+    def failure_key(self):
+        return self.workers[0] if len(self.workers) == 1 else list(self.workers)
 
 
 def default_start_method() -> str:
@@ -93,16 +120,24 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
+def process_groups(num_workers: int, workers_per_process: int) -> list:
+    """Workers 0 … num_workers − 1 in consecutive groups of workers_per_process (the last may be smaller)."""
+    return [list(range(i, min(i + workers_per_process, num_workers))) for i in range(0, num_workers, workers_per_process)]
+
+
 class LocalEngine:
     def __init__(self, *, batch_size: int = 64, batch_timeout: float = 0.005, start_method: Optional[str] = None,
                  on_worker_error: str = "stop", max_restarts: int = 3, poll_interval: float = 0.1,
-                 join_timeout: float = 5.0, max_seconds: Optional[float] = None):
+                 join_timeout: float = 5.0, max_seconds: Optional[float] = None, workers_per_process: int = 1):
         check_failure_policy(on_worker_error, max_restarts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not batch_timeout >= 0:
             raise ValueError(f"batch_timeout must be >= 0 seconds, got {batch_timeout}")
+        if isinstance(workers_per_process, bool) or not isinstance(workers_per_process, int) or workers_per_process < 1:
+            raise ValueError(f"workers_per_process must be a positive integer, got {workers_per_process!r}")
         self.batch_size, self.batch_timeout = batch_size, batch_timeout
+        self.workers_per_process = workers_per_process
         self.ctx = mp.get_context(start_method or default_start_method())
         if self.ctx.get_start_method() == "forkserver":
             # imported once by the fork server, so each worker forks from it ready (not importing torch anew)
@@ -111,102 +146,110 @@ class LocalEngine:
         self.poll_interval, self.join_timeout, self.max_seconds = poll_interval, join_timeout, max_seconds
 
     # ---- process management ----------------------------------------------------------------
-    def _start(self, w: _Worker, spec: WorkerSpec, stats: RunStats) -> None:
+    def _start(self, p: _Process, spec: WorkerSpec, stats: RunStats) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
-        w.process = self.ctx.Process(target=_worker_main, args=(w.id, spec, w.episodes_done, w.restarts, child),
-                                     name=f"resonant-worker-{w.id}", daemon=True)
-        w.process.start()
-        stats.worker_pids.append(w.process.pid)
+        playing = [w for w in p.workers if self._episodes_done[w] < spec.episodes]
+        first = [self._episodes_done[w] for w in playing]
+        p.process = self.ctx.Process(target=_worker_main, args=(playing, spec, first, p.restarts, child),
+                                     name=f"resonant-worker-{p.workers[0]}", daemon=True)
+        p.process.start()
+        stats.worker_pids.append(p.process.pid)
         child.close()  # ours is closed so that the worker's death shows as EOF on `parent`
-        w.conn, w.waiting_since = parent, None
+        p.conn, p.waiting_since = parent, None
 
-    def _stop_all(self, workers: dict, server: MemoryServer, stats: RunStats) -> None:
+    def _stop_all(self, processes: dict, server: MemoryServer, stats: RunStats) -> None:
         """Stores episodes still in the pipes, closes every pipe, joins every process."""
-        for w in workers.values():
-            if w.conn is None:
+        for p in processes.values():
+            if p.conn is None:
                 continue
             try:
-                while w.conn.poll(0):
-                    msg = w.conn.recv_bytes()
+                while p.conn.poll(0):
+                    msg = p.conn.recv_bytes()
                     if msg[:1] == EPISODE:
-                        self._accept_episode(w, pickle.loads(msg[1:]), server, stats)
+                        self._accept_episode(pickle.loads(msg[1:]), server, stats)
             except (EOFError, OSError):
                 pass
-            w.conn.close()
-            w.conn = None
+            p.conn.close()
+            p.conn = None
         deadline = time.monotonic() + self.join_timeout
-        for w in workers.values():
-            if w.process is not None:
-                w.process.join(max(0.0, deadline - time.monotonic()))
-        for w in workers.values():
-            p = w.process
-            if p is not None and p.is_alive():
-                p.terminate()
-                p.join(1.0)
-                if p.is_alive():
-                    p.kill()
-                    p.join(1.0)
-            if p is not None:
-                p.close()
-            w.process = None
+        for p in processes.values():
+            if p.process is not None:
+                p.process.join(max(0.0, deadline - time.monotonic()))
+        for p in processes.values():
+            proc = p.process
+            if proc is not None and proc.is_alive():
+                proc.terminate()
+                proc.join(1.0)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(1.0)
+            if proc is not None:
+                proc.close()
+            p.process = None
 
-    @staticmethod
-    def _accept_episode(w: _Worker, episode: Episode, server: MemoryServer, stats: RunStats) -> None:
+    def _accept_episode(self, episode: Episode, server: MemoryServer, stats: RunStats) -> None:
         server.submit(episode)
         stats.record_episode(episode)
-        w.episodes_done = episode.index + 1
+        self._episodes_done[episode.worker] = episode.index + 1
 
-    def _failure_report(self, w: _Worker, report: Optional[str]) -> str:
+    def _failure_report(self, p: _Process, report: Optional[str]) -> str:
         if report is None:
-            w.process.join(1.0)
-            code = w.process.exitcode
+            p.process.join(1.0)
+            code = p.process.exitcode
             if code is not None and code < 0:
-                report = f"worker {w.id} was killed by signal {signal.Signals(-code).name} (no traceback)"
+                report = f"{p.name} was killed by signal {signal.Signals(-code).name} (no traceback)"
             else:
-                report = f"worker {w.id} exited with code {code} without finishing (no traceback)"
+                report = f"{p.name} exited with code {code} without finishing (no traceback)"
         return report
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self, server: MemoryServer, specs: list[WorkerSpec], stats: RunStats, on_episode=None) -> RunStats:
         """Runs every worker to the end of its budget. Returns the stats; raises WorkerFailed or
         KeyboardInterrupt (after a clean stop) when the run could not finish."""
-        workers = {i: _Worker(i) for i in range(len(specs))}
-        batch: list = []  # (worker, observation, arrival time)
+        spec = specs[0]
+        if any(s != spec for s in specs):
+            raise ValueError("the local engine runs every worker with the same WorkerSpec")
+        self._episodes_done = {w: 0 for w in range(len(specs))}
+        processes = {i: _Process(i, group) for i, group in enumerate(process_groups(len(specs),
+                                                                                     self.workers_per_process))}
+        batch: list = []  # (process, worker ids, observations, arrival time)
         failure: Optional[str] = None
         with RunControl(self.max_seconds) as control:
             try:
-                for w in workers.values():
-                    self._start(w, specs[w.id], stats)
+                for p in processes.values():
+                    self._start(p, spec, stats)
                 batch_deadline = None
                 while True:
-                    live = [w for w in workers.values() if not w.finished]
+                    live = [p for p in processes.values() if not p.finished]
                     if not live:
                         break
                     stop = control.stop_reason()
                     if stop:
                         stats.stop_reason = stop
                         break
-                    listening = [w for w in live if w.waiting_since is None]
+                    listening = [p for p in live if p.waiting_since is None]
                     timeout = self.poll_interval if not batch else max(0.0, batch_deadline - time.monotonic())
-                    ready = wait([w.conn for w in listening], timeout) if listening else []
-                    by_conn = {id(w.conn): w for w in listening}
+                    ready = wait([p.conn for p in listening], timeout) if listening else []
+                    by_conn = {id(p.conn): p for p in listening}
                     for conn in ready:
-                        w = by_conn[id(conn)]
-                        failure = self._drain(w, specs[w.id], server, stats, batch, on_episode)
+                        p = by_conn[id(conn)]
+                        failure = self._drain(p, spec, server, stats, batch, on_episode)
                         if failure:
                             break
                     if failure:
                         break
                     if batch and batch_deadline is None:
-                        batch_deadline = batch[0][2] + self.batch_timeout
-                    target = min(self.batch_size, sum(1 for w in workers.values() if not w.finished))
-                    if batch and (len(batch) >= target or time.monotonic() >= batch_deadline):
-                        self._answer(batch, workers, server, stats)
+                        batch_deadline = batch[0][3] + self.batch_timeout
+                    # every live process has a decision pending, or the batch is full, or it is due
+                    waiting = sum(1 for p in processes.values() if not p.finished and p.waiting_since is None)
+                    rows = sum(len(ids) for _, ids, _, _ in batch)
+                    if batch and (not waiting or rows >= self.batch_size or time.monotonic() >= batch_deadline):
+                        self._answer(batch, server, stats)
                         batch, batch_deadline = [], None
             finally:
                 server_error = None
                 try:
-                    self._stop_all(workers, server, stats)
+                    self._stop_all(processes, server, stats)
                 finally:
                     try:
                         server.flush(final=True)
@@ -217,60 +260,66 @@ class LocalEngine:
                     raise server_error
         return control.finish(stats, failure)
 
-    def _drain(self, w: _Worker, spec: WorkerSpec, server, stats, batch, on_episode) -> Optional[str]:
-        """Reads what worker w sent (up to its next decision). Returns a failure report that stops
+    def _drain(self, p: _Process, spec: WorkerSpec, server, stats, batch, on_episode) -> Optional[str]:
+        """Reads what process p sent (up to its next decision). Returns a failure report that stops
         the run, or None."""
         try:
-            while w.conn.poll(0):
-                msg = w.conn.recv_bytes()
+            while p.conn.poll(0):
+                msg = p.conn.recv_bytes()
                 tag = msg[:1]
                 if tag == DECIDE:
                     now = time.monotonic()
-                    w.waiting_since = now
-                    batch.append((w, np.frombuffer(msg[1:], dtype=np.float32), now))
+                    p.waiting_since = now
+                    ids, obs = _decision(msg, spec.state_dim)
+                    batch.append((p, ids, obs, now))
                     return None
                 if tag == EPISODE:
                     episode = pickle.loads(msg[1:])
-                    self._accept_episode(w, episode, server, stats)
+                    self._accept_episode(episode, server, stats)
                     if on_episode is not None:
                         on_episode(episode)
                 elif tag == FINISHED:
-                    w.finished = True
-                    w.process.join(self.join_timeout)
+                    p.finished = True
+                    p.process.join(self.join_timeout)
                     return None
                 elif tag == ERROR:
-                    return self._on_failure(w, spec, stats, msg[1:].decode(errors="replace"))
+                    return self._on_failure(p, spec, stats, msg[1:].decode(errors="replace"))
             return None
         except (EOFError, OSError):
-            return self._on_failure(w, spec, stats, None)
+            return self._on_failure(p, spec, stats, None)
 
-    def _on_failure(self, w: _Worker, spec: WorkerSpec, stats: RunStats, report: Optional[str]) -> Optional[str]:
-        report = self._failure_report(w, report)
-        stats.record_failure(w.id, w.restarts, w.episodes_done, report)
-        w.conn.close()
-        w.process.join(self.join_timeout)
-        w.process.close()
-        w.conn = w.process = None
+    def _on_failure(self, p: _Process, spec: WorkerSpec, stats: RunStats, report: Optional[str]) -> Optional[str]:
+        report = self._failure_report(p, report)
+        done = min(self._episodes_done[w] for w in p.workers)
+        stats.record_failure(p.failure_key, p.restarts, done, report)
+        p.conn.close()
+        p.process.join(self.join_timeout)
+        p.process.close()
+        p.conn = p.process = None
         if self.on_worker_error == "restart" and stats.may_restart(self.max_restarts):
-            w.restarts += 1
-            print(f"resonant.parallel: restarting worker {w.id} at its episode {w.episodes_done} "
+            p.restarts += 1
+            where = ", ".join(f"{w} at its episode {self._episodes_done[w]}" for w in p.workers)
+            print(f"resonant.parallel: restarting worker {where} "
                   f"(restart {stats.restarts} of at most {self.max_restarts})", file=sys.stderr, flush=True)
-            self._start(w, spec, stats)
+            self._start(p, spec, stats)
             return None
-        stats.stop_reason = f"worker {w.id} failed"
-        w.finished = True
+        stats.stop_reason = f"{p.name} failed"
+        p.finished = True
         return report
 
-    def _answer(self, batch: list, workers: dict, server: MemoryServer, stats: RunStats) -> None:
-        ids = np.asarray([w.id for w, _, _ in batch], dtype=np.int64)
-        scores = server.decide(ids, np.stack([obs for _, obs, _ in batch]))
+    def _answer(self, batch: list, server: MemoryServer, stats: RunStats) -> None:
+        ids = np.concatenate([ids for _, ids, _, _ in batch])
+        scores = server.decide(ids, np.concatenate([obs for _, _, obs, _ in batch]))
         now = time.monotonic()
-        stats.record_batch(len(batch), [now - t for _, _, t in batch])
-        for (w, _, _), row in zip(batch, scores):
-            w.waiting_since = None
-            if w.conn is None:
+        stats.record_batch(len(ids), np.repeat([now - t for _, _, _, t in batch], [len(i) for _, i, _, _ in batch]))
+        start = 0
+        for p, rows, _, _ in batch:
+            part = scores[start:start + len(rows)]
+            start += len(rows)
+            p.waiting_since = None
+            if p.conn is None:
                 continue
             try:
-                w.conn.send_bytes(SCORES + row.tobytes())
+                p.conn.send_bytes(SCORES + np.ascontiguousarray(part, dtype=np.float32).tobytes())
             except OSError:
-                pass  # the worker died meanwhile: its pipe reports EOF on the next wait
+                pass  # the process died meanwhile: its pipe reports EOF on the next wait

@@ -73,13 +73,17 @@ class AsyncTrainer:
                  action_repeat: int = 1, normalise_episodes: int = 20, env_kwargs: Optional[dict] = None,
                  batch_size: int = 64, batch_timeout: float = 0.005, on_worker_error: str = "stop",
                  max_restarts: int = 3, max_seconds: Optional[float] = None, start_method: Optional[str] = None,
-                 ray_address: Optional[str] = None, predictor_threads: Optional[int] = 1):
+                 ray_address: Optional[str] = None, predictor_threads: Optional[int] = 1,
+                 workers_per_process: int = 1):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         if memory not in MEMORIES:
             raise ValueError(f"memory must be one of {MEMORIES}, got {memory!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if engine == "ray" and workers_per_process != 1:
+            raise ValueError(f"workers_per_process={workers_per_process!r}: the Ray engine runs one worker per actor "
+                             "(workers_per_process=1)")
         if max_seconds is not None and not max_seconds > 0:
             raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
         self.brain_factory, self.env_id, self.env_kwargs = brain_factory, env_id, dict(env_kwargs or {})
@@ -92,12 +96,13 @@ class AsyncTrainer:
                                           action_repeat=action_repeat)
         self.engine_options = dict(batch_size=batch_size, batch_timeout=batch_timeout,
                                    on_worker_error=on_worker_error, max_restarts=max_restarts,
-                                   max_seconds=max_seconds, predictor_threads=predictor_threads)
-        options = {k: v for k, v in self.engine_options.items() if k != "predictor_threads"}
+                                   max_seconds=max_seconds, predictor_threads=predictor_threads,
+                                   workers_per_process=workers_per_process)
+        options = {k: v for k, v in self.engine_options.items() if k not in ("predictor_threads", "workers_per_process")}
         if engine == "local":
             from .local import LocalEngine
 
-            self._engine = LocalEngine(start_method=start_method, **options)
+            self._engine = LocalEngine(start_method=start_method, workers_per_process=workers_per_process, **options)
         else:
             from .ray_engine import RayEngine
 

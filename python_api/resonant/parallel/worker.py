@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -87,52 +87,97 @@ def make_env(env_id: str, env_kwargs: Optional[dict] = None):
     return gym.make(env_id, **(env_kwargs or {}))
 
 
+class _Agent:
+    """One worker's environment, exploration and episode in progress (a process may host several)."""
+
+    def __init__(self, spec: WorkerSpec, worker: int, first_episode: int, restart: int):
+        self.spec, self.worker = spec, worker
+        self.env = make_env(spec.env_id, spec.env_kwargs)
+        self.rng = np.random.default_rng([spec.seed, worker, restart])
+        self.repeats = EpisodeRepeats() if spec.exploration.avoid_repeats else None
+        self.index = first_episode - 1
+        self.finished = 0
+        self.playing = self._next_episode()
+
+    def _next_episode(self) -> bool:
+        """Starts the next episode of the budget; False when the budget is spent."""
+        self.index += 1
+        if self.index >= self.spec.episodes:
+            return False
+        self.epsilon = self.spec.exploration.epsilon_after(self.index)
+        obs, _ = self.env.reset(seed=episode_seed(self.spec.seed, self.worker, self.index))
+        self.obs = np.asarray(obs, dtype=np.float32)
+        self.states, self.actions, self.rewards, self.latencies = [], [], [], []
+        self.env_steps = 0
+        if self.repeats is not None:
+            self.repeats.reset()
+        return True
+
+    def act(self, scores: np.ndarray, latency: float, submit: Callable[[Episode], None]) -> None:
+        """Chooses and plays the action for `scores`; at the episode's end submits it and starts the next."""
+        spec, obs = self.spec, self.obs
+        self.latencies.append(latency)
+        if self.repeats is not None:
+            scores = self.repeats.scores(obs, scores)
+        action = int(select_actions(scores[None, :], self.rng, policy=spec.exploration.policy, epsilon=self.epsilon,
+                                    beta=spec.exploration.beta)[0])
+        if self.repeats is not None:
+            self.repeats.record(obs, action)
+        reward, terminated, truncated = 0.0, False, False
+        for _ in range(spec.action_repeat):
+            next_obs, step_reward, terminated, truncated, _ = self.env.step(action)
+            reward += float(step_reward)
+            self.env_steps += 1
+            if terminated or truncated:
+                break
+        self.states.append(obs)
+        self.actions.append(action)
+        self.rewards.append(reward)
+        self.obs = np.asarray(next_obs, dtype=np.float32)
+        if terminated or truncated:
+            submit(Episode(worker=self.worker, index=self.index, states=np.stack(self.states),
+                           actions=np.asarray(self.actions, np.int64), rewards=np.asarray(self.rewards, np.float64),
+                           final_state=self.obs, terminated=bool(terminated), env_steps=self.env_steps,
+                           latencies=np.asarray(self.latencies, np.float64)))
+            self.finished += 1
+            self.playing = self._next_episode()
+
+
+def play_group(spec: WorkerSpec, workers: Sequence[int], decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
+               submit: Callable[[Episode], None], *, first_episodes: Sequence[int], restart: int = 0) -> dict:
+    """Plays the episodes of several workers in one process, in lock step: every step, ONE call
+    `decide(workers_playing, observations)` returns the scores (one row per worker still playing),
+    then each worker chooses its action (its own rng and epsilon schedule) and steps its own
+    environment. Worker w plays episodes first_episodes[i] … spec.episodes − 1. Returns
+    {worker: episodes finished}. A StopRequested from `decide` ends the run quietly (unfinished
+    episodes are dropped: engrams are stored per finished episode)."""
+    agents: list[_Agent] = []
+    try:
+        for w, first in zip(workers, first_episodes):
+            agents.append(_Agent(spec, w, first, restart))
+        try:
+            while True:
+                playing = [a for a in agents if a.playing]
+                if not playing:
+                    break
+                ids = np.asarray([a.worker for a in playing], dtype=np.int64)
+                t0 = time.perf_counter()
+                scores = np.asarray(decide(ids, np.stack([a.obs for a in playing])))
+                latency = time.perf_counter() - t0
+                for a, row in zip(playing, scores):
+                    a.act(row, latency, submit)
+        except StopRequested:
+            pass
+    finally:
+        for a in agents:
+            a.env.close()
+    return {a.worker: a.finished for a in agents}
+
+
 def play(spec: WorkerSpec, worker: int, decide: Callable[[np.ndarray], np.ndarray],
          submit: Callable[[Episode], None], *, first_episode: int = 0, restart: int = 0) -> int:
-    """Plays episodes first_episode … spec.episodes − 1; returns how many finished. A StopRequested
-    from `decide` ends the run quietly (the unfinished episode is dropped: engrams are stored per
-    finished episode)."""
-    env = make_env(spec.env_id, spec.env_kwargs)
-    rng = np.random.default_rng([spec.seed, worker, restart])
-    repeats = EpisodeRepeats() if spec.exploration.avoid_repeats else None
-    finished = 0
-    try:
-        for index in range(first_episode, spec.episodes):
-            epsilon = spec.exploration.epsilon_after(index)
-            obs, _ = env.reset(seed=episode_seed(spec.seed, worker, index))
-            states, actions, rewards, latencies = [], [], [], []
-            env_steps, terminated, truncated = 0, False, False
-            if repeats is not None:
-                repeats.reset()
-            while not (terminated or truncated):
-                obs = np.asarray(obs, dtype=np.float32)
-                t0 = time.perf_counter()
-                scores = np.asarray(decide(obs))
-                latencies.append(time.perf_counter() - t0)
-                if repeats is not None:
-                    scores = repeats.scores(obs, scores)
-                action = int(select_actions(scores[None, :], rng, policy=spec.exploration.policy,
-                                            epsilon=epsilon, beta=spec.exploration.beta)[0])
-                if repeats is not None:
-                    repeats.record(obs, action)
-                reward = 0.0
-                for _ in range(spec.action_repeat):
-                    next_obs, step_reward, terminated, truncated, _ = env.step(action)
-                    reward += float(step_reward)
-                    env_steps += 1
-                    if terminated or truncated:
-                        break
-                states.append(obs)
-                actions.append(action)
-                rewards.append(reward)
-                obs = next_obs
-            submit(Episode(worker=worker, index=index, states=np.stack(states), actions=np.asarray(actions, np.int64),
-                           rewards=np.asarray(rewards, np.float64), final_state=np.asarray(obs, np.float32),
-                           terminated=bool(terminated), env_steps=env_steps,
-                           latencies=np.asarray(latencies, np.float64)))
-            finished += 1
-    except StopRequested:
-        pass
-    finally:
-        env.close()
-    return finished
+    """One worker: plays episodes first_episode … spec.episodes − 1 with `decide(observation)` → scores;
+    returns how many finished (play_group with one worker)."""
+    done = play_group(spec, [worker], lambda ids, obs: np.asarray(decide(obs[0]))[None, :], submit,
+                      first_episodes=[first_episode], restart=restart)
+    return done[worker]
