@@ -81,7 +81,8 @@ def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_p
             "decisions_per_s": s["steady_decisions_per_s"], "with_startup_decisions_per_s": s["decisions_per_s"],
             "mean_batch": s["mean_predictor_batch"], "latency_p50_ms": s["decision_latency_ms"]["p50"],
             "latency_p99_ms": s["decision_latency_ms"]["p99"], "request_wait_p50_ms": s["request_wait_ms"]["p50"],
-            "read_seconds": round(s["memory"]["read_seconds"], 2), "uptime_before": load}
+            "read_seconds": round(s["memory"]["read_seconds"], 2), "predictor_busy_share": s["predictor_busy_share"],
+            "uptime_before": load}
 
 
 def decision_costs(seed: int, sizes=(10_000, 50_000, 200_000), batches=(1, 8, 64), repeats: int = 5) -> dict:

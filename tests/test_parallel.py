@@ -275,11 +275,12 @@ def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_p
     summary = stats.summary()
     assert summary["mean_predictor_batch"] >= 1 and summary["decision_latency_ms"]["count"] == stats.total_decisions
     assert 0 < summary["answering_seconds"] <= summary["wall_seconds"] and summary["steady_decisions_per_s"] > 0
+    assert 0 < summary["predictor_busy_share"] < 1.05  # answering time split into the predictor's work and its waits
     # each worker's episodes start from the seeded resets, whatever the timing
     assert sorted(e.index for e in episodes if e.worker == 1) == list(range(7))
     assert len(stats.worker_pids) == (3 if workers_per_process == 1 else 2)  # workers 0 and 1 share a process
-    if workers_per_process > 1:  # the batch holds every worker's decision, two of them from one message
-        assert summary["mean_predictor_batch"] > 2
+    if workers_per_process > 1:  # workers 0 and 1 post their decisions together, in one message
+        assert max(stats.batch_sizes) >= 2
 
 
 @pytest.mark.parametrize("memory", ["shared", "isolated"])

@@ -308,6 +308,7 @@ class LocalEngine:
         return report
 
     def _answer(self, batch: list, server: MemoryServer, stats: RunStats) -> None:
+        started = time.perf_counter()
         ids = np.concatenate([ids for _, ids, _, _ in batch])
         scores = server.decide(ids, np.concatenate([obs for _, _, obs, _ in batch]))
         now = time.monotonic()
@@ -323,3 +324,5 @@ class LocalEngine:
                 p.conn.send_bytes(SCORES + np.ascontiguousarray(part, dtype=np.float32).tobytes())
             except OSError:
                 pass  # the process died meanwhile: its pipe reports EOF on the next wait
+        if stats.batch_sizes[1:]:  # from the first answer on, as answering_seconds
+            stats.predictor_seconds = (stats.predictor_seconds or 0.0) + time.perf_counter() - started

@@ -74,6 +74,9 @@ class RunStats:
     worker_pids: list = field(default_factory=list)  # every worker process started (local engine)
     # seconds from the predictor's first answer to its last: the run without process start-up
     answering_seconds: float = 0.0
+    # local engine: seconds the predictor spent answering (store, read, reply); the rest of
+    # answering_seconds it waited for the workers' next decisions
+    predictor_seconds: Optional[float] = None
     _first_answer: Optional[float] = None
 
     def __post_init__(self):
@@ -145,6 +148,8 @@ class RunStats:
             if self.answering_seconds > 0 else None,
             "predictor_batches": len(batches), "mean_predictor_batch": round(float(batches.mean()), 3) if len(batches)
             else None,
+            "predictor_busy_share": round(self.predictor_seconds / self.answering_seconds, 3)
+            if self.predictor_seconds is not None and self.answering_seconds > 0 else None,
             "decision_latency_ms": self.decision_latency.summary(), "request_wait_ms": self.request_wait.summary(),
             "restarts": self.restarts, "errors": len(self.errors), "stop_reason": self.stop_reason,
             "memory": self.memory, "per_worker": per_worker,
