@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "loo_cpu.h"
+#include "read_blocked_cpu.h"
 #include "read_cpu.h"
 #include "sample_cpu.h"
 
@@ -63,6 +64,33 @@ std::string read_forward_path(const std::string& dtype, const rk::ReadShape& s, 
   return path;
 }
 
+bool blocked_read_applies(const std::string& dtype, const rk::ReadShape& s, const Arr& qvar, const Arr& mvar) {
+  bool applies = false;
+  by_dtype(dtype, [&]<class T>() { applies = rk::blocked_read_applies<T>(s, view<T>(qvar), view<T>(mvar)); });
+  return applies;
+}
+
+void blocked_read_weights(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
+                          const Arr& mloc, const Arr& mvar, int64_t b, int64_t q0, int64_t n, uintptr_t tile,
+                          int64_t ld, uintptr_t lse) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::blocked_read_weights_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), b, q0, n,
+                                    ptr<T>(tile), ld, ptr<T>(lse));
+  });
+}
+
+void blocked_read_backward_block(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
+                                 const Arr& mloc, const Arr& mvar, int64_t b, int64_t q0, int64_t n, uintptr_t lse,
+                                 uintptr_t grad_out, uintptr_t out, uintptr_t tile, uintptr_t dp, int64_t ld,
+                                 uintptr_t g_qloc, uintptr_t g_qvar, uintptr_t g_mloc, uintptr_t g_mvar) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::blocked_read_backward_block_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), b, q0, n,
+                                           ptr<const T>(lse), ptr<const T>(grad_out), ptr<const T>(out),
+                                           ptr<T>(tile), ptr<const T>(dp), ld, ptr<T>(g_qloc), ptr<T>(g_qvar),
+                                           ptr<T>(g_mloc), ptr<T>(g_mvar));
+  });
+}
+
 void loo_errors(const std::string& dtype, const rk::LooShape& s, const Arr& mloc, const Arr& mvar,
                 const Arr& values, uintptr_t active, uintptr_t estimate, uintptr_t error, uintptr_t lse) {
   by_dtype(dtype, [&]<class T>() {
@@ -113,6 +141,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("read_forward", &read_forward, py::call_guard<py::gil_scoped_release>());
   m.def("read_backward", &read_backward, py::call_guard<py::gil_scoped_release>());
   m.def("read_forward_path", &read_forward_path);
+  m.def("blocked_read_applies", &blocked_read_applies);
+  m.def("blocked_read_row_lanes", [](const std::string& dtype, int64_t M) {
+    if (dtype != "float32" && dtype != "float64") throw std::invalid_argument("cpu backend: unsupported dtype " + dtype);
+    return rk::blocked_read_row_lanes(dtype == "float64", M);
+  });
+  m.def("blocked_read_weights", &blocked_read_weights, py::call_guard<py::gil_scoped_release>());
+  m.def("blocked_read_backward_block", &blocked_read_backward_block, py::call_guard<py::gil_scoped_release>());
   py::class_<rk::LooShape>(m, "LooShape")
       .def(py::init([](int64_t B, int64_t M, int64_t d, int64_t E, double threshold, bool uniform_var,
                        double uniform_var_value) {

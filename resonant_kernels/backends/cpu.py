@@ -2,7 +2,8 @@
 resonant_kernels._C. Tensors cross as (data_ptr, batch stride, row stride, column stride) in
 elements; nothing is copied, and every output is allocated here.
 
-    read_forward / read_backward   csrc/read_cpu.cpp
+    read_forward / read_backward   csrc/read_cpu.cpp, or for wide dense reads cpu_blocked.py
+                                   (csrc/read_blocked_cpu.cpp and torch's BLAS)
     loo_errors / loo_dependencies  csrc/loo_cpu.cpp
     sample_probs / sample_indices  csrc/sample_cpu.cpp
 """
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _registry
-from . import SUMMARIES
+from . import SUMMARIES, cpu_blocked
 
 NAME = "cpu"
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
@@ -47,25 +48,37 @@ def _read_shape(query_loc, mem_values, threshold, uniform_var):
     return module().ReadShape(B, Q, M, d, E, threshold, uniform_var >= 0, max(uniform_var, 0.0))
 
 
+def _blocked(query_loc, mem_values, shape, views):
+    """Whether the read goes to cpu_blocked (its rule: cpu_blocked.applies)."""
+    return cpu_blocked.applies(module(), DTYPE_NAMES[query_loc.dtype], shape, views[1], views[3],
+                               query_loc.shape[-1], mem_values.shape[-1])
+
+
 def read_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, allow_tf32=False):
     B, Q, _ = query_loc.shape
+    shape = _read_shape(query_loc, mem_values, threshold, uniform_var)
+    views = (view(query_loc, "query_loc"), view(query_var, "query_var"), view(mem_loc, "mem_loc"),
+             view(mem_var, "mem_var"))
+    if _blocked(query_loc, mem_values, shape, views):
+        return cpu_blocked.read_forward(module(), DTYPE_NAMES[query_loc.dtype], shape, views, query_loc, mem_values)
     out = mem_values.new_empty((B, Q, mem_values.shape[-1]))
     lse = query_loc.new_empty((B, Q))
-    module().read_forward(
-        DTYPE_NAMES[query_loc.dtype], _read_shape(query_loc, mem_values, threshold, uniform_var),
-        view(query_loc, "query_loc"), view(query_var, "query_var"), view(mem_loc, "mem_loc"),
-        view(mem_var, "mem_var"), view(mem_values, "mem_values"), out.data_ptr(), lse.data_ptr(),
-    )
+    module().read_forward(DTYPE_NAMES[query_loc.dtype], shape, *views, view(mem_values, "mem_values"), out.data_ptr(),
+                          lse.data_ptr())
     return out, lse
 
 
 def read_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var,
                   allow_tf32=False):
+    shape = _read_shape(query_loc, mem_values, threshold, uniform_var)
+    views = (view(query_loc, "query_loc"), view(query_var, "query_var"), view(mem_loc, "mem_loc"),
+             view(mem_var, "mem_var"))
+    if _blocked(query_loc, mem_values, shape, views):
+        return cpu_blocked.read_backward(module(), DTYPE_NAMES[query_loc.dtype], shape, views, grad_out, out, lse,
+                                         query_loc, mem_loc, mem_values)
     grads = [torch.empty(t.shape, dtype=t.dtype) for t in (query_loc, query_var, mem_loc, mem_var, mem_values)]
     module().read_backward(
-        DTYPE_NAMES[query_loc.dtype], _read_shape(query_loc, mem_values, threshold, uniform_var),
-        view(query_loc, "query_loc"), view(query_var, "query_var"), view(mem_loc, "mem_loc"),
-        view(mem_var, "mem_var"), view(mem_values, "mem_values"),
+        DTYPE_NAMES[query_loc.dtype], shape, *views, view(mem_values, "mem_values"),
         grad_out.data_ptr(), out.data_ptr(), lse.data_ptr(), *(g.data_ptr() for g in grads),
     )
     return tuple(grads)

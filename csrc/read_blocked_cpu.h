@@ -1,0 +1,37 @@
+#pragma once
+#include <cstdint>
+
+#include "read_cpu.h"
+
+namespace rk {
+
+// The elementwise halves of the blocked dense read (csrc/read_blocked_cpu.cpp): the cpu backend
+// (resonant_kernels/backends/cpu.py) runs a dense read one block of queries at a time, these
+// kernels making the block's softmax weights (and, backward, its score gradients) and the BLAS
+// that torch ships multiplying them with the values. Only for calls without a threshold whose
+// every (query, entry) pair of a batch row shares its variance (blocked_read_applies).
+template <class T>
+bool blocked_read_applies(const ReadShape& s, View3<const T> qvar, View3<const T> mvar);
+
+// Entries per weights row, rounded up to whole vectors: a tile row's stride must be at least this.
+int64_t blocked_read_row_lanes(bool is_double, int64_t M);
+
+// tile[i · ld + j] = the softmax weight of entry j for query q0 + i of batch row b (i < n, j < M;
+// zero for M ≤ j < row lanes), lse[i] = that query's log-sum-exp (−inf where nothing is read).
+template <class T>
+void blocked_read_weights_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                              View3<const T> mvar, int64_t b, int64_t q0, int64_t n, T* tile, int64_t ld, T* lse);
+
+// The backward of one block of queries, its product dp[i · ld + j] = g_i · z_j ready (the output
+// gradients times the values; zero for M ≤ j < row lanes): tile gets the block's weights again,
+// recomputed from the saved lse (the dL/dz product needs them next); with ds = w (dp − δ_i),
+// δ_i = g_i · out_i (grad_out and out contiguous (B, Q, E)), rows q0 .. q0 + n of g_qloc / g_qvar
+// (contiguous (B, Q, d)) are written and batch row b of g_mloc / g_mvar (contiguous (B, M, d))
+// added to.
+template <class T>
+void blocked_read_backward_block_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
+                                     View3<const T> mloc, View3<const T> mvar, int64_t b, int64_t q0, int64_t n,
+                                     const T* lse, const T* grad_out, const T* out, T* tile, const T* dp, int64_t ld,
+                                     T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar);
+
+}  // namespace rk
