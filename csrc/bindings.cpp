@@ -72,10 +72,10 @@ bool blocked_read_applies(const std::string& dtype, const rk::ReadShape& s, cons
 
 void blocked_read_weights(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
                           const Arr& mloc, const Arr& mvar, int64_t b, int64_t q0, int64_t n, uintptr_t tile,
-                          int64_t ld, uintptr_t lse) {
+                          int64_t ld, uintptr_t lse, uintptr_t scale) {
   by_dtype(dtype, [&]<class T>() {
     rk::blocked_read_weights_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), b, q0, n,
-                                    ptr<T>(tile), ld, ptr<T>(lse));
+                                    ptr<T>(tile), ld, ptr<T>(lse), ptr<T>(scale));
   });
 }
 

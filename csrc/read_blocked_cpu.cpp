@@ -43,24 +43,43 @@ namespace {
 using dense::Cfg;
 using dense::Metric;
 
-constexpr int64_t kChunkEntries = 256;  // backward: entries per task (its accumulators, 5 × 1 KB at d = 2, stay in L1)
+// Backward: the entries are cut into column chunks of about kChunkEntries (their accumulators, 5 × 2 KB
+// at d = 2, stay in L1; each row of a chunk ends in horizontal sums, which narrower chunks paid
+// for: 0.64 against 0.54 ns per pair at 256 and 512 entries, runs/mb/bbench.cpp), their number a
+// multiple of kChunkMultiple so that 1, 2 or 4 threads share them evenly. From the shapes alone.
+constexpr int64_t kChunkEntries = 512;
+constexpr int64_t kChunkMultiple = 4;
+
+struct Chunks {
+  int64_t count, width;  // chunk c holds lanes [c · width, min((c + 1) · width, lanes))
+};
+
+template <class T>
+Chunks column_chunks(int64_t lanes) {
+  constexpr int64_t L = Cfg<T>::L;
+  const int64_t vectors = lanes / L;
+  const int64_t wanted = round_up((lanes + kChunkEntries - 1) / kChunkEntries, kChunkMultiple);
+  const int64_t width = ((vectors + std::min(wanted, vectors) - 1) / std::min(wanted, vectors)) * L;
+  return {(lanes + width - 1) / width, width};
+}
 constexpr double kLog2e = 1.4426950408889634074;
+constexpr int64_t kMaxGenericDim = 31;  // the blocked read takes d < 32 (cpu_blocked.BLOCKED_BELOW_D)
 
 #if defined(__AVX512F__)
-// 2^x for 16 floats, exactly 0 below −126 (so no weight is a denormal, which the BLAS multiplies
-// many times slower, and none is below 2^−126 of the row's largest): x = n/16 + r, |r| ≤ 1/32, n
+// 2^x for 16 floats, exactly 0 below cut ≥ −126 (so no weight is a denormal, which the BLAS
+// multiplies many times slower: see kept_below): x = n/16 + r, |r| ≤ 1/32, n
 // the nearest integer to 16 x by the shifter trick (1.5 · 2^19 puts 1/16 in the last place: the
 // shifted number's low 4 bits are n mod 16, the table index of vpermps); 2^x = 2^⌊n/16⌋ ·
 // 2^((n mod 16)/16) · 2^r, the last a cubic (Taylor; its error (r ln 2)^4 / 24 ≤ 1e-8, below a
 // tenth of a float's unit roundoff). Within 1.5 units in the last place of the exact value
 // (tests/test_read_blocked.py compares against exp on a grid).
-inline __m512 exp2_table_avx512(__m512 x) {
+inline __m512 exp2_table_avx512(__m512 x, float cut) {
   const __m512 table = _mm512_setr_ps(1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f,
                                       1.1892070770263672f, 1.2418577671051025f, 1.2968395948410034f,
                                       1.3542555570602417f, 1.4142135381698608f, 1.4768261909484863f,
                                       1.5422108173370361f, 1.610490322113037f, 1.6817928552627563f,
                                       1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f);
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);  // false for -inf, NaN
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(cut), _CMP_GE_OQ);  // false for -inf, NaN
   const __m512 shifter = _mm512_set1_ps(786432.0f);                                     // 1.5 · 2^19
   const __m512 shifted = _mm512_add_ps(x, shifter);
   const __m512 n16 = _mm512_sub_ps(shifted, shifter);  // n / 16, exactly
@@ -74,7 +93,8 @@ inline __m512 exp2_table_avx512(__m512 x) {
 #endif
 
 // The weights' exp on a vector: exp2 (the table above) for AVX-512 floats, fast_exp.h's exp
-// elsewhere; scores are multiplied by kLogScale (log2 e, or 1) before it.
+// elsewhere; scores are multiplied by kLogScale (log2 e, or 1) before it. Arguments below `cut`
+// (cutoff()) give exactly 0.
 template <class T>
 struct WeightExp {
   using Vec = typename Cfg<T>::Vec;
@@ -84,25 +104,48 @@ struct WeightExp {
   static constexpr bool kBase2 = false;
 #endif
   static constexpr T kLogScale = kBase2 ? T(kLog2e) : T(1);
-  static inline Vec apply(Vec x) {
+  static inline Vec apply(Vec x, T cut) {
 #if defined(__AVX512F__)
-    if constexpr (kBase2) return Vec(exp2_table_avx512(__m512(x)));
+    if constexpr (kBase2) return Vec(exp2_table_avx512(__m512(x), cut));
 #endif
-    return exp_nonpositive_lanes(x);  // ≤ 0 but for rounding (see below): fine up to 88 / 709
+    return exp_nonpositive_lanes(x < cut ? S::splat(neg_inf<T>()) : x);  // ≤ 0 but for rounding: fine up to 88 / 709
   }
+  // The smallest argument kept: the log (in the exp's base) of the smallest normal number.
+  static T cutoff() { return T(std::log(double(std::numeric_limits<T>::min())) * double(kLogScale)); }
+  using S = typename Cfg<T>::S;
 };
 
-// Batch row b's entry locations as [dim][lanes], lanes = M rounded up to a vector, zero padding.
+// Batch row b's entry locations as [dim][lanes], lanes = M rounded up to a vector, and their
+// bounding box (lo, hi per dimension). The padding lanes sit at kFar in every dimension: their
+// squared distance to any finite query overflows to +inf, so their weight is exactly 0, and with it
+// every gradient term (0 × (q − kFar) = 0), with no test per vector.
 template <class T>
 struct EntryLanes {
+  static constexpr T kFar = std::numeric_limits<T>::max() / 4;
   int64_t lanes;
-  std::vector<T> soa;
+  std::vector<T> soa, lo, hi;
   EntryLanes(const View3<const T>& mloc, int64_t b, int64_t M, int64_t d)
-      : lanes(round_up(M, Cfg<T>::L)), soa(size_t(std::max<int64_t>(d, 1) * lanes), T(0)) {
+      : lanes(round_up(M, Cfg<T>::L)), soa(size_t(std::max<int64_t>(d, 1) * lanes), kFar),
+        lo(size_t(d), std::numeric_limits<T>::infinity()), hi(size_t(d), -std::numeric_limits<T>::infinity()) {
     for (int64_t j = 0; j < M; ++j)
-      for (int64_t k = 0; k < d; ++k) soa[k * lanes + j] = mloc(b, j, k);
+      for (int64_t k = 0; k < d; ++k) {
+        const T x = mloc(b, j, k);
+        soa[k * lanes + j] = x;
+        lo[k] = std::min(lo[k], x);
+        hi[k] = std::max(hi[k], x);
+      }
   }
   const T* dim(int64_t k) const { return soa.data() + k * lanes; }
+
+  // A lower bound of the weighted squared distance from q to every entry: to the bounding box.
+  T box_distance(const Metric<T>& mt, const T* q, int64_t d) const {
+    T dist = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const T out = std::max({lo[k] - q[k], q[k] - hi[k], T(0)});
+      dist += out * out * (mt.unit ? T(1) : mt.w[k]);
+    }
+    return dist;
+  }
 };
 
 // The weighted squared distance Σ_k w_k (q_k − m_k)² from one query (q: its d coordinates) to the
@@ -122,27 +165,27 @@ inline typename Cfg<T>::Vec lane_distances(const Metric<T>& mt, const T* q, cons
   return dist;
 }
 
-// Lanes from j0 at or past M: +inf distances (weight 0).
-template <class T>
-inline typename Cfg<T>::Vec mask_tail(typename Cfg<T>::Vec dist, int64_t j0, int64_t M) {
+// A vector's lanes reduced as a tree (halves added, then quarters, ...): a few dependent
+// operations instead of a chain of L (per row of a block, several times: in the backward's chunks
+// the chain cost as much as the chunk's pairs).
+template <class T, class Op>
+inline T lanes_reduce(typename Cfg<T>::Vec v, Op op) {
   constexpr int64_t L = Cfg<T>::L;
-  if (j0 + L <= M) return dist;
-  for (int64_t l = M - j0; l < L; ++l) dist[l] = std::numeric_limits<T>::infinity();
-  return dist;
+  T buf[L];
+  Cfg<T>::S::store(buf, v);
+  for (int64_t half = L / 2; half >= 1; half /= 2)
+    for (int64_t l = 0; l < half; ++l) buf[l] = op(buf[l], buf[l + half]);
+  return buf[0];
 }
 
 template <class T>
 inline T lanes_min(const typename Cfg<T>::Vec& v) {
-  T m = v[0];
-  for (int64_t l = 1; l < Cfg<T>::L; ++l) m = std::min(m, v[l]);
-  return m;
+  return lanes_reduce<T>(v, [](T x, T y) { return std::min(x, y); });
 }
 
 template <class T>
 inline T lanes_sum(const typename Cfg<T>::Vec& v) {
-  T s = 0;
-  for (int64_t l = 0; l < Cfg<T>::L; ++l) s += v[l];
-  return s;
+  return lanes_reduce<T>(v, [](T x, T y) { return x + y; });
 }
 
 template <class T>
@@ -152,46 +195,71 @@ std::vector<T> query_row(const View3<const T>& qloc, int64_t b, int64_t q, int64
   return r;
 }
 
+// The rows' weights are left unnormalised: the product's rows are divided by their sums instead
+// (scale[i] = 1 / sum, a pass over E numbers per row instead of M). least_sum(): a row whose sum is at
+// least this (2^−62 float, 2^−510 double) has its largest weight at least that / M, so the weights
+// the exp drops (below the smallest normal) are below M · 2^−64 ≤ 2^−34 of it (M < 2^30), their
+// sum too: nothing at working precision.
+template <class T>
+inline T least_sum() { return std::ldexp(T(1), std::numeric_limits<T>::min_exponent / 2); }
+
+// One query's weights against every entry, in one pass: exp(−½ scale (dist − shift)) with the shift
+// the distance to the entries' bounding box (box_distance: at most the smallest distance, so every
+// weight is at most 1: nothing overflows, and no pass for the row's maximum is needed). Where that
+// leaves the sum below least_sum() (the query far from every entry but inside their box: clustered
+// entries, a small σ), the row is redone with the exact shift, the smallest distance.
 template <class T, int D, bool Unit>
-void row_weights(const ReadShape& s, const Metric<T>& mt, const T* q, const EntryLanes<T>& m, T* row, T& lse) {
+void row_weights(const ReadShape& s, const Metric<T>& mt, const T* q, const EntryLanes<T>& m, T* row, T& lse,
+                 T& scale) {
   using C = Cfg<T>;
   using S = typename C::S;
   using Vec = typename C::Vec;
   constexpr int64_t L = C::L;
   const int64_t M = s.M, lanes = m.lanes;
-  // 1. distances, and the smallest
-  Vec low = S::splat(std::numeric_limits<T>::infinity());
-  for (int64_t j0 = 0; j0 < lanes; j0 += L) {
-    const Vec dist = mask_tail<T>(lane_distances<T, D, Unit>(mt, q, m, s.d, j0, nullptr), j0, M);
-    S::store(row + j0, dist);
-    low = dist < low ? dist : low;
-  }
-  const T dmin = lanes_min<T>(low);
-  // 2. weights exp(−½ scale (dist − dmin)) as one multiply-add: x = dist · a + c (x at dmin is
-  // a rounding error of a · dmin, |x| ≤ its half unit: exp fine)
-  const T a = T(-0.5) * mt.scale * WeightExp<T>::kLogScale;
-  const T c = -a * dmin;
+  const T a = T(-0.5) * mt.scale * WeightExp<T>::kLogScale, cut = WeightExp<T>::cutoff();
+  T shift = m.box_distance(mt, q, s.d);
+  // x = dist · a + c as one multiply-add (x at the shift: a rounding error of a · shift, |x| ≤ its
+  // half unit: exp fine)
   Vec sum{};
   for (int64_t j0 = 0; j0 < lanes; j0 += L) {
-    const Vec w = WeightExp<T>::apply(S::load(row + j0) * a + c);
+    const Vec dist = lane_distances<T, D, Unit>(mt, q, m, s.d, j0, nullptr);
+    const Vec w = WeightExp<T>::apply(dist * a + (-a * shift), cut);
     S::store(row + j0, w);
     sum += w;
   }
-  const T total = lanes_sum<T>(sum);
+  T total = lanes_sum<T>(sum);
+  if (!(total >= least_sum<T>())) {  // redo: the distances and their minimum, then the weights
+    Vec low = S::splat(std::numeric_limits<T>::infinity());
+    for (int64_t j0 = 0; j0 < lanes; j0 += L) {
+      const Vec dist = lane_distances<T, D, Unit>(mt, q, m, s.d, j0, nullptr);
+      S::store(row + j0, dist);
+      low = dist < low ? dist : low;
+    }
+    shift = lanes_min<T>(low);
+    sum = Vec{};
+    for (int64_t j0 = 0; j0 < lanes; j0 += L) {
+      const Vec w = WeightExp<T>::apply(S::load(row + j0) * a + (-a * shift), cut);
+      S::store(row + j0, w);
+      sum += w;
+    }
+    total = lanes_sum<T>(sum);
+  }
   if (!(total > T(0)) || !std::isfinite(total)) {  // no finite distance (overflowing coordinates): nothing read
     std::fill(row, row + lanes, T(0));
     lse = neg_inf<T>();
+    scale = T(0);
     return;
   }
-  // 3. normalised
-  const T inv = T(1) / total;
-  for (int64_t j0 = 0; j0 < lanes; j0 += L) S::store(row + j0, S::load(row + j0) * inv);
-  lse = mt.norm + T(-0.5) * mt.scale * dmin + std::log(total);
+  scale = T(1) / total;
+  lse = mt.norm + T(-0.5) * mt.scale * shift + std::log(total);
 }
 
 template <class T>
 void check_block(const ReadShape& s, int64_t b, int64_t q0, int64_t n, int64_t ld) {
   if (s.threshold >= 0) throw std::invalid_argument("blocked read: only calls without a threshold");
+  if (s.d < 1 || s.d > kMaxGenericDim)
+    throw std::invalid_argument("blocked read: d must be in [1, " + std::to_string(kMaxGenericDim) + "], got " +
+                                std::to_string(s.d));
   if (b < 0 || b >= s.B || q0 < 0 || n < 0 || q0 + n > s.Q)
     throw std::invalid_argument("blocked read: block (b=" + std::to_string(b) + ", q0=" + std::to_string(q0) +
                                 ", n=" + std::to_string(n) + ") outside B=" + std::to_string(s.B) +
@@ -211,11 +279,11 @@ int threads_for(int64_t tasks) {
 
 template <class T, int D, bool Unit>
 void weights_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, const EntryLanes<T>& m, int64_t b,
-                  int64_t q0, int64_t n, T* tile, int64_t ld, T* lse) {
+                  int64_t q0, int64_t n, T* tile, int64_t ld, T* lse, T* scale) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(n))
   for (int64_t i = 0; i < n; ++i) {
     const std::vector<T> q = query_row(qloc, b, q0 + i, s.d);
-    row_weights<T, D, Unit>(s, mt, q.data(), m, tile + i * ld, lse[i]);
+    row_weights<T, D, Unit>(s, mt, q.data(), m, tile + i * ld, lse[i], scale[i]);
   }
 }
 
@@ -230,14 +298,10 @@ void chunk_grads(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, c
   using S = typename C::S;
   using Vec = typename C::Vec;
   constexpr int64_t L = C::L;
-  constexpr int kMaxDim = 3;
+  constexpr int64_t KD = D > 0 ? D : kMaxGenericDim;  // dimensions held in registers (D: all of them)
   const int64_t d = s.d, width = j_end - j_begin, sums = 1 + 2 * d;
-  const T a = T(-0.5) * mt.scale * WeightExp<T>::kLogScale;
+  const T a = T(-0.5) * mt.scale * WeightExp<T>::kLogScale, cut = WeightExp<T>::cutoff();
   std::fill(acc, acc + sums * width, T(0));
-  std::vector<Vec> diff_heap(D > 0 ? 0 : size_t(d)), row_heap(D > 0 ? 0 : size_t(sums));
-  Vec diff_fixed[kMaxDim], row_fixed[1 + 2 * kMaxDim];
-  Vec* diff = D > 0 ? diff_fixed : diff_heap.data();
-  Vec* rs = D > 0 ? row_fixed : row_heap.data();
   for (int64_t i = 0; i < n; ++i) {
     T* out_p = part + i * sums;
     if (!(lse[i] > neg_inf<T>())) {  // nothing read: zero weights, zero gradients
@@ -245,29 +309,38 @@ void chunk_grads(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, c
       for (int64_t j0 = j_begin; j0 < j_end; j0 += L) S::store(tile + i * ld + j0, Vec{});
       continue;
     }
-    const std::vector<T> q = query_row(qloc, b, q0 + i, d);
+    T q[KD];
+    for (int64_t k = 0; k < d; ++k) q[k] = qloc(b, q0 + i, k);
     const T c = (mt.norm - lse[i]) * WeightExp<T>::kLogScale;
     const Vec del = S::splat(delta[i]);
-    for (int64_t k = 0; k < sums; ++k) rs[k] = Vec{};
+    Vec r0{}, r1[KD], r2[KD];  // the row's Σ ds, Σ ds diff_k, Σ ds diff_k²
+    for (int64_t k = 0; k < d; ++k) r1[k] = r2[k] = Vec{};
+    T* wrow = tile + i * ld;
+    const T* dprow = dp + i * ld;
     for (int64_t j0 = j_begin; j0 < j_end; j0 += L) {
-      const Vec dist = mask_tail<T>(lane_distances<T, D, Unit>(mt, q.data(), m, d, j0, diff), j0, s.M);
-      const Vec w = WeightExp<T>::apply(dist * a + c);
-      S::store(tile + i * ld + j0, w);
-      const Vec ds = w * (S::load(dp + i * ld + j0) - del);  // padding lanes: w = 0 (dp there is never read past M)
+      Vec diff[KD];
+      const Vec dist = lane_distances<T, D, Unit>(mt, q, m, d, j0, diff);
+      const Vec w = WeightExp<T>::apply(dist * a + c, cut);
+      S::store(wrow + j0, w);
+      const Vec ds = w * (S::load(dprow + j0) - del);  // padding lanes: w = 0 and dp = 0
       T* ac = acc + (j0 - j_begin);
-      rs[0] += ds;
+      r0 += ds;
       S::store(ac, S::load(ac) + ds);
       for (int64_t k = 0; k < (D > 0 ? D : d); ++k) {
-        const Vec t = ds * diff[k];
-        rs[1 + k] += t;
-        rs[1 + d + k] += t * diff[k];
+        const Vec t = ds * diff[k], u = t * diff[k];
+        r1[k] += t;
+        r2[k] += u;
         T* a1 = ac + (1 + k) * width;
         T* a2 = ac + (1 + d + k) * width;
         S::store(a1, S::load(a1) + t);
-        S::store(a2, S::load(a2) + t * diff[k]);
+        S::store(a2, S::load(a2) + u);
       }
     }
-    for (int64_t k = 0; k < sums; ++k) out_p[k] = lanes_sum<T>(rs[k]);
+    out_p[0] = lanes_sum<T>(r0);
+    for (int64_t k = 0; k < d; ++k) {
+      out_p[1 + k] = lanes_sum<T>(r1[k]);
+      out_p[1 + d + k] = lanes_sum<T>(r2[k]);
+    }
   }
 }
 
@@ -275,9 +348,9 @@ template <class T, int D, bool Unit>
 void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, const EntryLanes<T>& m, int64_t b,
                 int64_t q0, int64_t n, const T* lse, const T* grad_out, const T* out, T* tile, const T* dp, int64_t ld,
                 T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar) {
-  constexpr int64_t L = Cfg<T>::L;
   const int64_t d = s.d, E = s.E, M = s.M, sums = 1 + 2 * d;
-  const int64_t chunks = (m.lanes + kChunkEntries - 1) / kChunkEntries;
+  const Chunks cut = column_chunks<T>(m.lanes);
+  const int64_t chunks = cut.count;
   // δ_i = g_i · out_i (rows of E, contiguous)
   std::vector<T> delta(size_t(std::max<int64_t>(n, 1)));
   for (int64_t i = 0; i < n; ++i) {
@@ -290,10 +363,10 @@ void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, co
   std::vector<T> part(size_t(chunks * std::max<int64_t>(n, 1) * sums));
 #pragma omp parallel num_threads(threads_for(chunks))
   {
-    std::vector<T> acc(size_t(sums * kChunkEntries));
+    std::vector<T> acc(size_t(sums * cut.width));
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t j_begin = ch * kChunkEntries, j_end = std::min(m.lanes, j_begin + kChunkEntries);
+      const int64_t j_begin = ch * cut.width, j_end = std::min(m.lanes, j_begin + cut.width);
       const int64_t width = j_end - j_begin;
       chunk_grads<T, D, Unit>(s, mt, qloc, m, b, q0, n, lse, delta.data(), tile, dp, ld, j_begin, j_end, acc.data(),
                               part.data() + ch * n * sums);
@@ -310,7 +383,6 @@ void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, co
       }
     }
   }
-  (void)L;
   // the queries: partial sums over the chunks, in chunk order
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t k = 0; k < d; ++k) {
@@ -342,7 +414,7 @@ void dispatch(const Metric<T>& mt, int64_t d, F&& f) {
 template <class T>
 bool blocked_read_applies(const ReadShape& s, View3<const T> qvar, View3<const T> mvar) {
   const bool shared = s.uniform_var || ((qvar.sr == 0 || s.Q <= 1) && (mvar.sr == 0 || s.M <= 1));
-  return shared && s.threshold < 0 && s.M >= 1;
+  return shared && s.threshold < 0 && s.M >= 1 && s.d >= 1 && s.d <= kMaxGenericDim;
 }
 
 int64_t blocked_read_row_lanes(bool is_double, int64_t M) {
@@ -351,13 +423,14 @@ int64_t blocked_read_row_lanes(bool is_double, int64_t M) {
 
 template <class T>
 void blocked_read_weights_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
-                              View3<const T> mvar, int64_t b, int64_t q0, int64_t n, T* tile, int64_t ld, T* lse) {
+                              View3<const T> mvar, int64_t b, int64_t q0, int64_t n, T* tile, int64_t ld, T* lse,
+                              T* scale) {
   check_block<T>(s, b, q0, n, ld);
   if (n == 0) return;
   if (s.M == 0) throw std::invalid_argument("blocked read: M must be at least 1");
   const Metric<T> mt(s, qvar, mvar, b);
   const EntryLanes<T> m(mloc, b, s.M, s.d);
-  dispatch(mt, s.d, [&]<int D, bool Unit>() { weights_impl<T, D, Unit>(s, mt, qloc, m, b, q0, n, tile, ld, lse); });
+  dispatch(mt, s.d, [&]<int D, bool Unit>() { weights_impl<T, D, Unit>(s, mt, qloc, m, b, q0, n, tile, ld, lse, scale); });
 }
 
 template <class T>
@@ -379,7 +452,7 @@ void blocked_read_backward_block_cpu(const ReadShape& s, View3<const T> qloc, Vi
 #define RK_INSTANTIATE(T)                                                                                          \
   template bool blocked_read_applies<T>(const ReadShape&, View3<const T>, View3<const T>);                        \
   template void blocked_read_weights_cpu<T>(const ReadShape&, View3<const T>, View3<const T>, View3<const T>,     \
-                                            View3<const T>, int64_t, int64_t, int64_t, T*, int64_t, T*);          \
+                                            View3<const T>, int64_t, int64_t, int64_t, T*, int64_t, T*, T*);      \
   template void blocked_read_backward_block_cpu<T>(const ReadShape&, View3<const T>, View3<const T>,               \
                                                    View3<const T>, View3<const T>, int64_t, int64_t, int64_t,     \
                                                    const T*, const T*, const T*, T*, const T*, int64_t, T*, T*, \

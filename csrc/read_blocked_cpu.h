@@ -16,11 +16,14 @@ bool blocked_read_applies(const ReadShape& s, View3<const T> qvar, View3<const T
 // Entries per weights row, rounded up to whole vectors: a tile row's stride must be at least this.
 int64_t blocked_read_row_lanes(bool is_double, int64_t M);
 
-// tile[i · ld + j] = the softmax weight of entry j for query q0 + i of batch row b (i < n, j < M;
-// zero for M ≤ j < row lanes), lse[i] = that query's log-sum-exp (−inf where nothing is read).
+// tile[i · ld + j] = scale[i] ⁻¹ × the softmax weight of entry j for query q0 + i of batch row b
+// (i < n, j < M; zero for M ≤ j < row lanes): the weights unnormalised, the product's row i to be
+// multiplied by scale[i] (0 where nothing is read); lse[i] = that query's log-sum-exp (−inf where
+// nothing is read).
 template <class T>
 void blocked_read_weights_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
-                              View3<const T> mvar, int64_t b, int64_t q0, int64_t n, T* tile, int64_t ld, T* lse);
+                              View3<const T> mvar, int64_t b, int64_t q0, int64_t n, T* tile, int64_t ld, T* lse,
+                              T* scale);
 
 // The backward of one block of queries, its product dp[i · ld + j] = g_i · z_j ready (the output
 // gradients times the values; zero for M ≤ j < row lanes): tile gets the block's weights again,
