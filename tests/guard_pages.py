@@ -5,7 +5,7 @@ preceded by one, so a read or write one element past either end kills the proces
 Run as a script (tests/test_guard_pages.py does, in a child process, so a crash fails a test
 instead of the whole session):
 
-    python tests/guard_pages.py [GROUP ...]      # groups: read, loo, sample (default: all)
+    python tests/guard_pages.py [GROUP ...]      # groups: read, loo, sample, blocked (default: all)
 
 Each case is printed before it runs; the last line printed names the case that crashed.
 Shapes cover the tails of every block size of the kernels (csrc/read_cpu.cpp: 8-query and 8-entry
@@ -231,15 +231,59 @@ def run_sample(C, shape, dtype, layouts, threshold, uniform, at_end):
                 raise AssertionError(f"draws out of range: {idx.min()}..{idx.max()} with M={M}")
 
 
+def run_blocked(C, shape, dtype, layouts, threshold, uniform, at_end):
+    """csrc/read_blocked_cpu.cpp's two kernels on the last n = min(Q, 5) queries of the last batch
+    row (resonant_kernels/backends/cpu_blocked.py's blocks): tile, dp, lse and scale exactly one
+    block's size, the tile rows blocked_read_row_lanes long (the kernels write and read whole
+    vectors up to there). Only calls the blocked read takes: no threshold, a variance every pair
+    shares (one number, or row-broadcast per-dimension variances)."""
+    B, Q, M, d, E = shape
+    qloc, qvar, mloc, mvar, _ = _inputs(B, Q, M, d, E, dtype, seed=sum(shape))
+    if uniform:
+        qvar, mvar = torch.full_like(qvar, 0.5), torch.full_like(mvar, 0.5)
+    layouts = list(layouts[:4])
+    if not uniform:
+        layouts[1] = layouts[3] = "row_broadcast"
+    qloc, qvar, mloc, mvar = (guarded_like(t, lay, at_end) for t, lay in zip((qloc, qvar, mloc, mvar), layouts))
+    s = C.ReadShape(B, Q, M, d, E, -1.0, uniform, 1.0 if uniform else 0.0)
+    name = DTYPES[dtype]
+    if not C.blocked_read_applies(name, s, arr(qvar), arr(mvar)):
+        raise AssertionError(f"the blocked read does not apply to {shape}")
+    ld = C.blocked_read_row_lanes(name, M)
+    b, n = B - 1, min(Q, 5)
+    q0 = Q - n
+    tile = guarded_empty(n * ld, dtype, at_end)
+    lse, scale = out_buffer((n,), dtype, at_end), out_buffer((n,), dtype, at_end)
+    C.blocked_read_weights(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), b, q0, n, tile.data_ptr(), ld,
+                           lse.data_ptr(), scale.data_ptr())
+    dp = out_buffer((n, ld), dtype, at_end)
+    dp[:, :M] = torch.randn(n, M, dtype=dtype)
+    grad_out = guarded_like(torch.randn(B, Q, E, dtype=dtype), "contiguous", at_end)
+    out = guarded_like(torch.randn(B, Q, E, dtype=dtype), "contiguous", at_end)
+    grads = [out_buffer(sh, dtype, at_end) for sh in ((B, Q, d), (B, Q, d), (B, M, d), (B, M, d))]
+    C.blocked_read_backward_block(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), b, q0, n, lse.data_ptr(),
+                                  grad_out.data_ptr(), out.data_ptr(), tile.data_ptr(), dp.data_ptr(), ld,
+                                  *(g.data_ptr() for g in grads))
+
+
+def _blocked_shapes():
+    """Lanes of 16 floats or 8 doubles (M around them), the backward's column chunks of about 512
+    entries in multiples of 4 (M = 1025, 2049, 2100), one to five query rows, d up to 31."""
+    shapes = {(1, 5, M, 2, 3) for M in (1, 7, 8, 9, 15, 16, 17, 33, 511, 513, 1025, 2049, 2100)}
+    shapes |= {(2, Q, 20, 2, 4) for Q in (1, 2, 6)} | {(1, 6, 21, d, 2) for d in (1, 3, 4, 7, 31)}
+    return sorted(shapes)
+
+
 PATHS = {}  # read forward kernel -> runs (csrc/read_cpu.h: read_forward_path)
-RUNNERS = {"read": run_read, "loo": run_loo, "sample": run_sample}
-N_INPUTS = {"read": 5, "loo": 3, "sample": 3}
+RUNNERS = {"read": run_read, "loo": run_loo, "sample": run_sample, "blocked": run_blocked}
+N_INPUTS = {"read": 5, "loo": 3, "sample": 3, "blocked": 5}
 
 
 def cases(group):
-    thresholds = (None, 0.3) if group != "loo" else (None, 0.5)
+    thresholds = {"loo": (None, 0.5), "blocked": (None,)}.get(group, (None, 0.3))
+    shapes = _blocked_shapes() if group == "blocked" else _shapes(group)
     for i, (shape, dtype, threshold, uniform) in enumerate(
-        itertools.product(_shapes(group), DTYPES, thresholds, (False, True))
+        itertools.product(shapes, DTYPES, thresholds, (False, True))
     ):
         for j, layouts in enumerate(_layouts(N_INPUTS[group], seed=i)):
             at_end = (i + j) % 4 != 3  # mostly guard the end; every fourth case guards the start

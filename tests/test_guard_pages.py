@@ -13,7 +13,7 @@ RUNNER = Path(__file__).with_name("guard_pages.py")
 
 
 @requires("cpu")
-@pytest.mark.parametrize("group", ["read", "loo", "sample"])
+@pytest.mark.parametrize("group", ["read", "loo", "sample", "blocked"])
 def test_kernels_stay_inside_their_buffers(group):
     run = subprocess.run([sys.executable, str(RUNNER), group], capture_output=True, text=True, timeout=600)
     last = run.stdout.strip().splitlines()[-1:] or ["<nothing printed>"]

@@ -31,21 +31,37 @@ EPS = {torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 
 @contextlib.contextmanager
 def forward_paths():
-    """Records the forward kernel of every cpu read_forward call made inside the block."""
+    """Records the forward kernel of every cpu read_forward call made inside the block: the path
+    csrc/read_cpu.cpp takes, or "dense-blocked" (resonant_kernels/backends/cpu_blocked.py, recorded
+    at the first block of a call)."""
     from resonant_kernels import _C
 
     seen = []
-    original = _C.read_forward
+    original, original_blocked = _C.read_forward, _C.blocked_read_weights
 
     def spy(dtype, shape, qloc, qvar, mloc, mvar, values, out, lse):
         seen.append(_C.read_forward_path(dtype, shape, qvar, mvar))
         return original(dtype, shape, qloc, qvar, mloc, mvar, values, out, lse)
 
-    _C.read_forward = spy
+    def spy_blocked(dtype, shape, qloc, qvar, mloc, mvar, b, q0, *rest):
+        if b == 0 and q0 == 0:
+            seen.append("dense-blocked")
+        return original_blocked(dtype, shape, qloc, qvar, mloc, mvar, b, q0, *rest)
+
+    _C.read_forward, _C.blocked_read_weights = spy, spy_blocked
     try:
         yield seen
     finally:
-        _C.read_forward = original
+        _C.read_forward, _C.blocked_read_weights = original, original_blocked
+
+
+def dense_path(d, E, threshold, product):
+    """The dense forward a call takes: blocked (no threshold, E ≥ 64, d < 32), else csrc/read_dense_cpu.cpp."""
+    from resonant_kernels.backends import cpu_blocked
+
+    if threshold is None and E >= cpu_blocked.BLOCKED_FROM_E and d < cpu_blocked.BLOCKED_BELOW_D:
+        return "dense-blocked"
+    return "dense-product" if product else "dense"
 
 
 def to64(x):
@@ -130,7 +146,7 @@ def test_dense_read_matches_float64_oracle(shape, threshold, sd_kind, dtype):
     typical = math.sqrt(2 * d)
     thr = {None: None, "moderate": 0.8 * typical, "tight": 0.3 * typical}[threshold]
     product = d >= 32 and (sd_kind != "per_dim" or thr is None)
-    check_against_oracle(q, qs, m, ms, z, thr, seed, "dense-product" if product else "dense")
+    check_against_oracle(q, qs, m, ms, z, thr, seed, dense_path(d, E, thr, product))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,0 +1,177 @@
+"""The cpu backend's blocked dense read (issue #17): resonant_kernels/backends/cpu_blocked.py with
+csrc/read_blocked_cpu.cpp, taken without a threshold when every pair of a batch row shares its
+variance, E ≥ 64 and d < 32. Each test checks that the blocked path ran (tests/test_read_cpu_paths.py's
+spy), and compares the read and all five gradients with the float64 oracle at the tolerance of
+tests/test_fuzz.py, on the shapes at the edges of its blocks: one query or one entry, the last block
+of queries shorter than the others, entries around a vector of lanes and the backward's column
+chunks, d = 1 and 31, batch dims, strided and broadcast values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import resonant_kernels as rk
+from backends import marks
+from resonant_kernels.backends import cpu_blocked
+from test_read_cpu_paths import (EPS, assert_within, check_against_oracle, conditioning, forward_paths, make,
+                                 read_and_grads, to64)
+
+pytestmark = marks("cpu", "gaussian_read")
+
+
+def rows_of(Q, M, dtype):
+    from resonant_kernels import _C
+
+    name = {torch.float32: "float32", torch.float64: "float64"}[dtype]
+    return cpu_blocked.block_rows(Q, _C.blocked_read_row_lanes(name, M) * torch.empty((), dtype=dtype).element_size())
+
+
+# (Q, M, d, E): one query; one entry; three blocks of up to 512 queries with a short last one (M
+# small); two blocks of 496 (M = 1025: rows of 1040 lanes, and the backward's four column chunks of
+# 272 entries); entries just past a vector; d = 1 and the largest d (31); a wide E
+SHAPES = [(1, 300, 2, 64), (700, 1, 2, 70), (1100, 40, 2, 65), (600, 1025, 3, 96), (70, 17, 1, 128),
+          (130, 33, 31, 64), (40, 513, 2, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sd_kind", ["float", "0d", "per_dim"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"Q{s[0]}-M{s[1]}-d{s[2]}-E{s[3]}" for s in SHAPES])
+def test_blocked_read_matches_float64_oracle(shape, sd_kind, dtype):
+    Q, M, d, E = shape
+    seed = sum(shape) + len(sd_kind)
+    q, qs, m, ms, z = make(Q, M, d, E, dtype, sd_kind, seed)
+    check_against_oracle(q, qs, m, ms, z, None, seed, "dense-blocked")
+
+
+def test_the_shapes_cover_several_blocks_and_a_short_last_one():
+    """The test shapes above reach the block loop's edges (so a change of block_rows cannot silently
+    leave them untested)."""
+    assert rows_of(1100, 40, torch.float32) == cpu_blocked.MOST_ROWS and 1100 % cpu_blocked.MOST_ROWS
+    rows = rows_of(600, 1025, torch.float32)
+    assert rows < 600 and 600 % rows
+
+
+def test_a_tile_stays_near_its_budget_whatever_q_and_m():
+    """Nothing of size Q × M: a block's tile is rows × (M rounded up to a vector), rows ≤ MOST_ROWS
+    and the tile within TILE_BYTES unless one LEAST_ROWS block alone exceeds it."""
+    for Q in (1, 17, 10_000, 1_000_000):
+        for M in (1, 1000, 100_000):
+            rows = rows_of(Q, M, torch.float32)
+            assert 1 <= rows <= min(Q, cpu_blocked.MOST_ROWS)
+            assert rows * M * 4 <= max(cpu_blocked.TILE_BYTES, cpu_blocked.LEAST_ROWS * (M + 16) * 4)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "column_major_values", "stride0_values", "batch_broadcast",
+                                    "batch_dims"])
+def test_blocked_read_takes_strided_broadcast_and_batched_inputs(layout):
+    q, qs, m, ms, z = make(90, 50, 2, 70, torch.float32, "float", 3)
+    if layout == "transposed":
+        q, m = (t.t().contiguous().t() for t in (q, m))
+    elif layout == "column_major_values":
+        z = z.t().contiguous().t()
+    elif layout == "stride0_values":  # every entry the same value row (stride 0 over entries)
+        z = z[:1].expand_as(z)
+    elif layout == "batch_broadcast":  # two batch rows sharing the memory (batch stride 0)
+        q, m, z = torch.stack([q, q.flip(0)]), m[None], z[None]
+    else:  # (2, 3) batch dims, the memory broadcast over the first
+        q = torch.stack([q, q.flip(0), q * 0.5]).expand(2, 3, 90, 2)
+        m, z = torch.stack([m, m.flip(0), m * 2])[None], torch.stack([z, -z, z.flip(0)])[None]
+    cot = torch.randn((*q.shape[:-1], z.shape[-1]), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with forward_paths() as paths:
+        out, grads = read_and_grads("cpu", q, qs, m, ms, z, None, cot)
+    assert paths == ["dense-blocked"]
+    oracle, oracle_grads = read_and_grads("reference", *(to64(t) for t in (q, qs, m, ms, z)), None, cot)
+    cond = conditioning(q, qs, m, ms)
+    assert_within(out, oracle, EPS[torch.float32], cond, "read")
+    for i, (g, og) in enumerate(zip(grads, oracle_grads)):
+        assert_within(g, og, EPS[torch.float32], 4 * cond, f"gradient {i}", 10.0)
+
+
+@pytest.mark.parametrize("E, path", [(0, "per-pair"), (1, "dense"), (63, "dense"), (64, "dense-blocked")])
+def test_narrow_values_keep_the_fused_kernel(E, path):
+    q, qs, m, ms, z = make(40, 30, 2, E, torch.float32, "float", E)
+    with forward_paths() as paths:
+        out = rk.gaussian_read(q, qs, m, ms, z, backend="cpu")
+    assert paths == [path] and out.shape == (40, E)
+    torch.testing.assert_close(out, rk.gaussian_read(q, qs, m, ms, z, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+def test_thresholds_and_many_dimensions_keep_the_fused_kernel():
+    q, qs, m, ms, z = make(40, 30, 2, 64, torch.float32, "float", 1)
+    with forward_paths() as paths:
+        rk.gaussian_read(q, qs, m, ms, z, match_threshold=3.0, backend="cpu")
+    assert paths == ["dense"]
+    q, qs, m, ms, z = make(40, 30, 32, 64, torch.float32, "float", 1)
+    with forward_paths() as paths:
+        rk.gaussian_read(q, qs, m, ms, z, backend="cpu")
+    assert paths == ["dense-product"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_queries_far_from_every_entry_inside_or_outside_their_box(dtype):
+    """The weights are shifted by the distance to the entries' bounding box. Queries outside the box,
+    hundreds of σ away, keep that shift; a query inside the box but far from every entry (two
+    clusters 100 apart, σ = 0.5: its weights all underflow against that shift) is redone with the
+    row's smallest distance: both read what the oracle reads (a weight spread over both clusters)."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.cat([torch.randn(40, 2, generator=gen, dtype=torch.float64) * 0.3 + torch.tensor([-50.0, 0.0]),
+                   torch.randn(40, 2, generator=gen, dtype=torch.float64) * 0.3 + torch.tensor([50.0, 0.0])])
+    q = torch.cat([torch.tensor([[0.0, 0.0], [0.0, 3.0], [400.0, 10.0], [-300.0, -300.0]], dtype=torch.float64),
+                   torch.randn(30, 2, generator=gen, dtype=torch.float64) * 60])
+    z = torch.randn(80, 64, generator=gen, dtype=torch.float64)
+    q, m, z = q.to(dtype), m.to(dtype), z.to(dtype)
+    check_against_oracle(q, 0.5, m, 0.5, z, None, 1, "dense-blocked")
+    out = rk.gaussian_read(q, 0.5, m, 0.5, z, backend="cpu")
+    assert out[0].abs().max() > 0.1  # the middle query reads its nearest entries, not zeros
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_weight_to_a_few_units_in_the_last_place(dtype):
+    """Value column c is 1 for entry c only, so out[:, c] is entry c's weight itself: every weight of
+    a spread of scores (0 to about −60 nats, the exp's table and polynomial over many arguments)
+    within 8 units in the last place of the float64 oracle's, relative, times 1 + |log w| (a score
+    of size S is only known to S units in the last place, so neither is its weight)."""
+    gen = torch.Generator().manual_seed(2)
+    M = 64
+    m = torch.linspace(0, 11, M, dtype=torch.float64)[:, None] * torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    q = torch.randn(50, 2, generator=gen, dtype=torch.float64) * 0.5
+    z = torch.eye(M, dtype=torch.float64)
+    out = rk.gaussian_read(q.to(dtype), 1.0, m.to(dtype), 1.0, z.to(dtype), backend="cpu")
+    want = rk.gaussian_read(q, 1.0, m, 1.0, z, backend="reference")
+    kept = want > 1e-30
+    rel = ((to64(out) - want).abs() / want / (1 + want.log().abs()))[kept]
+    assert float(rel.max()) <= 8 * EPS[dtype], float(rel.max()) / EPS[dtype]
+
+
+def test_blocked_read_is_the_same_bits_run_to_run():
+    q, qs, m, ms, z = make(1100, 300, 2, 80, torch.float32, "per_dim", 4)
+    cot = torch.randn(1100, 80, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    first = read_and_grads("cpu", q, qs, m, ms, z, None, cot)
+    for _ in range(2):
+        again = read_and_grads("cpu", q, qs, m, ms, z, None, cot)
+        assert torch.equal(again[0], first[0])
+        assert all(torch.equal(a, b) for a, b in zip(again[1], first[1]))
+
+
+def test_the_kernels_reject_blocks_outside_the_call():
+    from resonant_kernels import _C
+
+    q, m = torch.zeros(1, 4, 2), torch.zeros(1, 20, 2)
+    var = torch.ones(1, 1, 2).expand(1, 4, 2)
+    shape = _C.ReadShape(1, 4, 20, 2, 64, -1.0, True, 1.0)
+    views = tuple((t.data_ptr(), *t.stride()) for t in (q, var, m, var))
+    tile, lse, scale = torch.zeros(4, 32), torch.zeros(4), torch.zeros(4)
+    ld = _C.blocked_read_row_lanes("float32", 20)
+    with pytest.raises(ValueError, match="outside"):
+        _C.blocked_read_weights("float32", shape, *views, 0, 2, 3, tile.data_ptr(), ld, lse.data_ptr(),
+                                scale.data_ptr())
+    with pytest.raises(ValueError, match="row stride"):
+        _C.blocked_read_weights("float32", shape, *views, 0, 0, 4, tile.data_ptr(), 19, lse.data_ptr(),
+                                scale.data_ptr())
+    thresholded = _C.ReadShape(1, 4, 20, 2, 64, 1.0, True, 1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        _C.blocked_read_weights("float32", thresholded, *views, 0, 0, 4, tile.data_ptr(), ld, lse.data_ptr(),
+                                scale.data_ptr())
+    assert not math.isnan(float(lse.sum()))
