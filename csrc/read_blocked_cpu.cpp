@@ -280,7 +280,7 @@ int threads_for(int64_t tasks) {
 template <class T, int D, bool Unit>
 void weights_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, const EntryLanes<T>& m, int64_t b,
                   int64_t q0, int64_t n, T* tile, int64_t ld, T* lse, T* scale) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(n))
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads_for(n))
   for (int64_t i = 0; i < n; ++i) {
     const std::vector<T> q = query_row(qloc, b, q0 + i, s.d);
     row_weights<T, D, Unit>(s, mt, q.data(), m, tile + i * ld, lse[i], scale[i]);
@@ -289,7 +289,8 @@ void weights_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, 
 
 // One chunk of entries [j_begin, j_end) against the block's rows: weights from lse into tile, ds,
 // the chunk's entry sums (acc: [1 + 2d][chunk lanes]: Σ ds, Σ ds diff_k, Σ ds diff_k²) and the
-// rows' partial sums (part: [row][1 + 2d]).
+// rows' partial sums as vectors (part: [row][1 + 2d][L], reduced across lanes once per row, after
+// the chunks are added: grads_impl).
 template <class T, int D, bool Unit>
 void chunk_grads(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, const EntryLanes<T>& m, int64_t b,
                  int64_t q0, int64_t n, const T* lse, const T* delta, T* tile, const T* dp, int64_t ld,
@@ -303,9 +304,9 @@ void chunk_grads(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, c
   const T a = T(-0.5) * mt.scale * WeightExp<T>::kLogScale, cut = WeightExp<T>::cutoff();
   std::fill(acc, acc + sums * width, T(0));
   for (int64_t i = 0; i < n; ++i) {
-    T* out_p = part + i * sums;
+    T* out_p = part + i * sums * L;
     if (!(lse[i] > neg_inf<T>())) {  // nothing read: zero weights, zero gradients
-      std::fill(out_p, out_p + sums, T(0));
+      std::fill(out_p, out_p + sums * L, T(0));
       for (int64_t j0 = j_begin; j0 < j_end; j0 += L) S::store(tile + i * ld + j0, Vec{});
       continue;
     }
@@ -336,10 +337,10 @@ void chunk_grads(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, c
         S::store(a2, S::load(a2) + u);
       }
     }
-    out_p[0] = lanes_sum<T>(r0);
+    S::store(out_p, r0);
     for (int64_t k = 0; k < d; ++k) {
-      out_p[1 + k] = lanes_sum<T>(r1[k]);
-      out_p[1 + d + k] = lanes_sum<T>(r2[k]);
+      S::store(out_p + (1 + k) * L, r1[k]);
+      S::store(out_p + (1 + d + k) * L, r2[k]);
     }
   }
 }
@@ -360,16 +361,19 @@ void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, co
     for (int64_t e = 0; e < E; ++e) dot += g[e] * o[e];
     delta[i] = dot;
   }
-  std::vector<T> part(size_t(chunks * std::max<int64_t>(n, 1) * sums));
+  constexpr int64_t L = Cfg<T>::L;
+  using S = typename Cfg<T>::S;
+  using Vec = typename Cfg<T>::Vec;
+  std::vector<T> part(size_t(chunks * std::max<int64_t>(n, 1) * sums * L));
 #pragma omp parallel num_threads(threads_for(chunks))
   {
     std::vector<T> acc(size_t(sums * cut.width));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t j_begin = ch * cut.width, j_end = std::min(m.lanes, j_begin + cut.width);
       const int64_t width = j_end - j_begin;
       chunk_grads<T, D, Unit>(s, mt, qloc, m, b, q0, n, lse, delta.data(), tile, dp, ld, j_begin, j_end, acc.data(),
-                              part.data() + ch * n * sums);
+                              part.data() + ch * n * sums * L);
       // the chunk's entries: dlogk/dm = diff / v, dlogk/dv = ½ (diff² / v² − 1 / v)
       for (int64_t j = j_begin; j < std::min(j_end, M); ++j) {
         const int64_t l = j - j_begin;
@@ -383,17 +387,16 @@ void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, co
       }
     }
   }
-  // the queries: partial sums over the chunks, in chunk order
+  // the queries: partial sums over the chunks, in chunk order, then across the lanes
   for (int64_t i = 0; i < n; ++i) {
+    auto total = [&](int64_t k) {
+      Vec v{};
+      for (int64_t ch = 0; ch < chunks; ++ch) v += S::load(part.data() + ((ch * n + i) * sums + k) * L);
+      return lanes_sum<T>(v);
+    };
+    const T s0 = total(0);
     for (int64_t k = 0; k < d; ++k) {
-      T s0 = 0, s1 = 0, s2 = 0;
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const T* p = part.data() + (ch * n + i) * sums;
-        s0 += p[0];
-        s1 += p[1 + k];
-        s2 += p[1 + d + k];
-      }
-      const T inv = mt.inv(k);
+      const T s1 = total(1 + k), s2 = total(1 + d + k), inv = mt.inv(k);
       const int64_t at = ((b * s.Q) + q0 + i) * d + k;
       g_qloc[at] = -s1 * inv;
       g_qvar[at] = T(0.5) * (s2 * inv * inv - s0 * inv);

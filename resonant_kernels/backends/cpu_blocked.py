@@ -20,9 +20,12 @@ import threading
 
 import torch
 
-# Values at least this wide: below, the weights' exp and the block loop are a large share of the
-# product, and csrc/read_dense_cpu.cpp's fused kernel is the faster.
-BLOCKED_FROM_E = 64
+# Values at least this wide. Measured against csrc/read_dense_cpu.cpp's fused kernel (runs of
+# interleaved calls, both beside the bare product, float32, d = 2, σ = 10, no threshold; 2 threads):
+# the fused kernel was faster at E = 128, 256, 384 and 512 (forward 1.06-1.22x the bare product
+# against 1.20-1.28x here), this path at E = 768 and 1024 (1.14-1.18x against 1.19-1.26x, and
+# forward + backward 3.1-3.8x against 3.3-3.8x). With one thread this path was ahead from E = 384.
+BLOCKED_FROM_E = 768
 # Locations of fewer dimensions: from 32 on, csrc/read_dense_cpu.cpp computes the scores as a
 # product too, which these direct scores (d operations per pair) are not.
 BLOCKED_BELOW_D = 32
