@@ -13,8 +13,8 @@ import torch
 import resonant_kernels as rk
 from backends import marks
 from resonant_kernels.backends import cpu_blocked
-from test_read_cpu_paths import (EPS, assert_within, check_against_oracle, conditioning, forward_paths, make,
-                                 read_and_grads, to64)
+from test_read_cpu_paths import (EPS, check_against_oracle, check_float32_layout_against_oracle, forward_paths,
+                                 make, read_and_grads, to64)
 
 pytestmark = marks("cpu", "gaussian_read")
 
@@ -77,15 +77,7 @@ def test_blocked_read_takes_strided_broadcast_and_batched_inputs(layout):
     else:  # (2, 3) batch dims, the memory broadcast over the first
         q = torch.stack([q, q.flip(0), q * 0.5]).expand(2, 3, 90, 2)
         m, z = torch.stack([m, m.flip(0), m * 2])[None], torch.stack([z, -z, z.flip(0)])[None]
-    cot = torch.randn((*q.shape[:-1], z.shape[-1]), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with forward_paths() as paths:
-        out, grads = read_and_grads("cpu", q, qs, m, ms, z, None, cot)
-    assert paths == ["dense-blocked"]
-    oracle, oracle_grads = read_and_grads("reference", *(to64(t) for t in (q, qs, m, ms, z)), None, cot)
-    cond = conditioning(q, qs, m, ms)
-    assert_within(out, oracle, EPS[torch.float32], cond, "read")
-    for i, (g, og) in enumerate(zip(grads, oracle_grads)):
-        assert_within(g, og, EPS[torch.float32], 4 * cond, f"gradient {i}", 10.0)
+    check_float32_layout_against_oracle(q, qs, m, ms, z, "dense-blocked")
 
 
 @pytest.mark.parametrize("E, path", [(0, "per-pair"), (1, "dense"), (WIDE - 1, "dense"), (WIDE, "dense-blocked")])

@@ -204,11 +204,17 @@ def test_dense_read_takes_strided_and_broadcast_inputs(layout):
         z = z[:1].expand_as(z)
     else:  # two batch rows sharing the memory (batch stride 0)
         q, m, z = torch.stack([q, q.flip(0)]), m[None], z[None]
+    check_float32_layout_against_oracle(q, qs, m, ms, z, "dense")
+
+
+def check_float32_layout_against_oracle(q, qs, m, ms, z, expect_path):
+    """A float32 read of any shapes and strides (no threshold) on the expected path, its read and
+    gradients against the float64 oracle."""
     cot_shape = (*q.shape[:-1], z.shape[-1])
     cot = torch.randn(cot_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with forward_paths() as paths:
         out, grads = read_and_grads("cpu", q, qs, m, ms, z, None, cot)
-    assert paths == ["dense"]
+    assert paths == [expect_path]
     oracle, oracle_grads = read_and_grads("reference", *(to64(t) for t in (q, qs, m, ms, z)), None, cot)
     cond = conditioning(q, qs, m, ms)
     assert_within(out, oracle, EPS[torch.float32], cond, "read")
