@@ -79,6 +79,17 @@ void blocked_read_weights(const std::string& dtype, const rk::ReadShape& s, cons
   });
 }
 
+void blocked_read_forward(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
+                          const Arr& mloc, const Arr& mvar, const Arr& values, uintptr_t out, uintptr_t lse,
+                          uintptr_t gemm, uintptr_t local_threads) {
+  if (!gemm) throw std::invalid_argument("blocked read: no BLAS gemm");
+  by_dtype(dtype, [&]<class T>() {
+    rk::blocked_read_forward_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), view<T>(values),
+                                    ptr<T>(out), ptr<T>(lse), reinterpret_cast<rk::BlasGemm<T>>(gemm),
+                                    reinterpret_cast<rk::BlasLocalThreads>(local_threads));
+  });
+}
+
 void blocked_read_backward_block(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
                                  const Arr& mloc, const Arr& mvar, int64_t b, int64_t q0, int64_t n, uintptr_t lse,
                                  uintptr_t grad_out, uintptr_t out, uintptr_t tile, uintptr_t dp, int64_t ld,
@@ -147,6 +158,8 @@ PYBIND11_MODULE(_C, m) {
     return rk::blocked_read_row_lanes(dtype == "float64", M);
   });
   m.def("blocked_read_weights", &blocked_read_weights, py::call_guard<py::gil_scoped_release>());
+  m.def("blocked_read_forward", &blocked_read_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("blocked_read_block_rows", &rk::blocked_read_block_rows);
   m.def("blocked_read_backward_block", &blocked_read_backward_block, py::call_guard<py::gil_scoped_release>());
   py::class_<rk::LooShape>(m, "LooShape")
       .def(py::init([](int64_t B, int64_t M, int64_t d, int64_t E, double threshold, bool uniform_var,

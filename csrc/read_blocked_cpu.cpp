@@ -64,6 +64,10 @@ Chunks column_chunks(int64_t lanes) {
 }
 constexpr double kLog2e = 1.4426950408889634074;
 constexpr int64_t kMaxGenericDim = 31;  // the blocked read takes d < 32 (cpu_blocked.BLOCKED_BELOW_D)
+// A block's weights tile: it stays in the L2 cache (2 MB a core here) between the weights and the
+// product; 4 MB tiles made the weights ~15% slower per pair (runs/mb/bench.cpp at M = 4096).
+constexpr int64_t kTileBytes = int64_t(2) << 20;
+constexpr int64_t kLeastRows = 16, kMostRows = 512;
 
 #if defined(__AVX512F__)
 // 2^x for 16 floats, exactly 0 below cut ≥ −126 (so no weight is a denormal, which the BLAS
@@ -404,6 +408,59 @@ void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, co
   }
 }
 
+// The whole forward in one call, where the caller passes a BLAS gemm (Fortran interface, as the
+// BLAS that torch ships exports it): each thread takes whole blocks of queries (a fixed cut of
+// the shapes: blocked_read_block_rows), writes the block's weights into its own tile and
+// multiplies them with the values itself (the BLAS told to run on the calling thread alone:
+// local_threads(1), which also holds where the region has one thread and the BLAS would otherwise
+// start its own), then divides the rows by their sums. No barrier and no Python between blocks,
+// and each read row the product of one thread's sequential gemm on a block of a size fixed by the
+// shapes: the same bits for any thread count (not for a query read in a block of another size).
+template <class T>
+struct ThreadTile {
+  std::vector<T> data;
+  T* get(size_t n) {
+    if (data.size() < n + 16) data.resize(n + 16);
+    return data.data() + (16 - (reinterpret_cast<uintptr_t>(data.data()) / sizeof(T)) % 16) % 16;  // 64-byte aligned
+  }
+};
+
+template <class T, int D, bool Unit>
+void forward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, View3<const T> qloc,
+                  const std::vector<EntryLanes<T>>& entries, View3<const T> values, T* out, T* lse, int64_t rows,
+                  BlasGemm<T> gemm, BlasLocalThreads local_threads) {
+  const int64_t Q = s.Q, E = s.E, M = s.M, blocks = (Q + rows - 1) / rows, tasks = s.B * blocks;
+  const int64_t ld = entries[0].lanes;
+  const bool row_major = values.sc == 1;
+  const char trans_v = row_major ? 'N' : 'T';
+  const int ldv = int(row_major ? values.sr : values.sc), m_ = int(E), k_ = int(M), ldt = int(ld), ldo = int(E);
+  const T one = T(1), zero = T(0);
+#pragma omp parallel num_threads(threads_for(tasks))
+  {
+    thread_local ThreadTile<T> tile_buf;
+    T* tile = tile_buf.get(size_t(rows * ld));
+    std::vector<T> scale(static_cast<size_t>(rows));
+    const int previous = local_threads ? local_threads(1) : 0;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / blocks, q0 = task % blocks * rows, n = std::min(rows, Q - q0);
+      for (int64_t i = 0; i < n; ++i) {
+        T q[kMaxGenericDim];
+        for (int64_t k = 0; k < s.d; ++k) q[k] = qloc(b, q0 + i, k);
+        row_weights<T, D, Unit>(s, metrics[b], q, entries[b], tile + i * ld, lse[b * Q + q0 + i], scale[i]);
+      }
+      // out rows (row-major n × E) = tile (n × M, ld) · values (M × E): in the BLAS's column-major
+      // terms outᵀ (E × n) = valuesᵀ (E × M) · tileᵀ (M × n)
+      T* o = out + (b * Q + q0) * E;
+      const int n_ = int(n);
+      gemm(&trans_v, "N", &m_, &n_, &k_, &one, values.row(b, 0), &ldv, tile, &ldt, &zero, o, &ldo);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t e = 0; e < E; ++e) o[i * E + e] *= scale[i];
+    }
+    if (local_threads) local_threads(previous);
+  }
+}
+
 template <class T, class F>
 void dispatch(const Metric<T>& mt, int64_t d, F&& f) {
   dispatch_dim(d, [&]<int D>() {
@@ -452,6 +509,35 @@ void blocked_read_backward_block_cpu(const ReadShape& s, View3<const T> qloc, Vi
   });
 }
 
+int64_t blocked_read_block_rows(int64_t Q, int64_t row_bytes) {
+  const int64_t rows = std::clamp<int64_t>(kTileBytes / std::max<int64_t>(row_bytes, 1), kLeastRows, kMostRows);
+  return std::max<int64_t>(1, std::min(rows / kLeastRows * kLeastRows, Q));
+}
+
+template <class T>
+void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                              View3<const T> mvar, View3<const T> values, T* out, T* lse, BlasGemm<T> gemm,
+                              BlasLocalThreads local_threads) {
+  if (s.threshold >= 0 || s.d < 1 || s.d > kMaxGenericDim || s.M < 1 || s.E < 1)
+    throw std::invalid_argument("blocked read: only calls without a threshold, 1 ≤ d ≤ 31, M ≥ 1 and E ≥ 1");
+  const bool row_major = values.sc == 1 && values.sr >= s.E, column_major = values.sr == 1 && values.sc >= s.M;
+  if (!row_major && !column_major)
+    throw std::invalid_argument("blocked read: the values need one unit stride and the other at least their width");
+  if (std::max({s.M, s.E, round_up(s.M, Cfg<T>::L), values.sr, values.sc}) > int64_t(std::numeric_limits<int>::max()))
+    throw std::invalid_argument("blocked read: M, E and the values' strides must fit the BLAS's int");
+  if (s.Q == 0) return;
+  std::vector<Metric<T>> metrics;
+  std::vector<EntryLanes<T>> entries;
+  for (int64_t b = 0; b < s.B; ++b) {
+    metrics.emplace_back(s, qvar, mvar, b);
+    entries.emplace_back(mloc, b, s.M, s.d);
+  }
+  const int64_t rows = blocked_read_block_rows(s.Q, entries[0].lanes * int64_t(sizeof(T)));
+  dispatch(metrics[0], s.d, [&]<int D, bool Unit>() {
+    forward_impl<T, D, Unit>(s, metrics, qloc, entries, values, out, lse, rows, gemm, local_threads);
+  });
+}
+
 #define RK_INSTANTIATE(T)                                                                                          \
   template bool blocked_read_applies<T>(const ReadShape&, View3<const T>, View3<const T>);                        \
   template void blocked_read_weights_cpu<T>(const ReadShape&, View3<const T>, View3<const T>, View3<const T>,     \
@@ -462,6 +548,12 @@ void blocked_read_backward_block_cpu(const ReadShape& s, View3<const T> qloc, Vi
                                                    T*, T*);
 RK_INSTANTIATE(float)
 RK_INSTANTIATE(double)
+template void blocked_read_forward_cpu<float>(const ReadShape&, View3<const float>, View3<const float>,
+                                              View3<const float>, View3<const float>, View3<const float>, float*,
+                                              float*, BlasGemm<float>, BlasLocalThreads);
+template void blocked_read_forward_cpu<double>(const ReadShape&, View3<const double>, View3<const double>,
+                                               View3<const double>, View3<const double>, View3<const double>,
+                                               double*, double*, BlasGemm<double>, BlasLocalThreads);
 #undef RK_INSTANTIATE
 
 }  // namespace rk

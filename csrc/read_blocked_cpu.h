@@ -13,6 +13,28 @@ namespace rk {
 template <class T>
 bool blocked_read_applies(const ReadShape& s, View3<const T> qvar, View3<const T> mvar);
 
+// A BLAS gemm with the Fortran interface (sgemm_ / dgemm_: column-major, every argument by pointer).
+template <class T>
+using BlasGemm = void (*)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                          const T* alpha, const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c,
+                          const int* ldc);
+
+// The BLAS's "threads for calls from this thread" (MKL's mkl_set_num_threads_local: returns the
+// previous setting, 0 meaning the global one), or null.
+using BlasLocalThreads = int (*)(int threads);
+
+// Queries per block: the tile (rows × row_bytes) near 2 MB, a multiple of 16 rows, 16 to 512.
+int64_t blocked_read_block_rows(int64_t Q, int64_t row_bytes);
+
+// The whole forward (out (B, Q, E), lse (B, Q), contiguous), blocks of queries dealt to the threads,
+// each multiplying its block's weights with the values by `gemm` (the caller's BLAS) on its own
+// thread (local_threads(1) around the calls where given). The values need one unit stride (row-
+// or column-major).
+template <class T>
+void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                              View3<const T> mvar, View3<const T> values, T* out, T* lse, BlasGemm<T> gemm,
+                              BlasLocalThreads local_threads);
+
 // Entries per weights row, rounded up to whole vectors: a tile row's stride must be at least this.
 int64_t blocked_read_row_lanes(bool is_double, int64_t M);
 

@@ -19,19 +19,24 @@ from test_read_cpu_paths import (EPS, check_against_oracle, check_float32_layout
 pytestmark = marks("cpu", "gaussian_read")
 
 
+MOST_ROWS, LEAST_ROWS, TILE_BYTES = 512, 16, 2 << 20  # csrc/read_blocked_cpu.cpp's blocks
+
+
 def rows_of(Q, M, dtype):
     from resonant_kernels import _C
 
     name = {torch.float32: "float32", torch.float64: "float64"}[dtype]
-    return cpu_blocked.block_rows(Q, _C.blocked_read_row_lanes(name, M) * torch.empty((), dtype=dtype).element_size())
+    return cpu_blocked.block_rows(_C, Q, _C.blocked_read_row_lanes(name, M) * torch.empty((), dtype=dtype).element_size())
 
 
-WIDE = cpu_blocked.BLOCKED_FROM_E
+WIDE, WIDE_BACKWARD = cpu_blocked.BLOCKED_FROM_E, cpu_blocked.BLOCKED_BACKWARD_FROM_E
 # (Q, M, d, E): one query; one entry; three blocks of up to 512 queries with a short last one (M
 # small); two blocks of 496 (M = 1025: rows of 1040 lanes, and the backward's four column chunks of
-# 272 entries); entries just past a vector; d = 1 and the largest d (31); E past the smallest
-SHAPES = [(1, 300, 2, WIDE), (700, 1, 2, WIDE + 6), (1100, 40, 2, WIDE + 1), (600, 1025, 3, WIDE),
-          (70, 17, 1, WIDE + 33), (130, 33, 31, WIDE), (40, 513, 2, WIDE + 300)]
+# 272 entries); entries just past a vector; d = 1 and the largest d (31); E past the smallest; each
+# with the blocked backward (E ≥ WIDE_BACKWARD) and with the fused one behind the blocked forward
+SHAPES = [(1, 300, 2, WIDE_BACKWARD), (700, 1, 2, WIDE + 6), (1100, 40, 2, WIDE_BACKWARD + 1),
+          (1100, 40, 2, WIDE + 1), (600, 1025, 3, WIDE_BACKWARD), (600, 1025, 3, WIDE), (70, 17, 1, WIDE + 33),
+          (130, 33, 31, WIDE_BACKWARD), (40, 513, 2, WIDE_BACKWARD + 300)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -44,10 +49,21 @@ def test_blocked_read_matches_float64_oracle(shape, sd_kind, dtype):
     check_against_oracle(q, qs, m, ms, z, None, seed, "dense-blocked")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES[:6], ids=[f"Q{s[0]}-M{s[1]}-d{s[2]}-E{s[3]}" for s in SHAPES[:6]])
+def test_forward_from_python_blocks_where_the_blas_exports_no_gemm(shape, dtype, monkeypatch):
+    """cpu_blocked.read_forward_python: the blocks from Python around torch.mm (torch builds whose
+    library exports no BLAS gemm)."""
+    monkeypatch.setattr(cpu_blocked, "blas_gemm", lambda dtype_name: None)
+    Q, M, d, E = shape
+    q, qs, m, ms, z = make(Q, M, d, E, dtype, "per_dim", sum(shape))
+    check_against_oracle(q, qs, m, ms, z, None, sum(shape), "dense-blocked")
+
+
 def test_the_shapes_cover_several_blocks_and_a_short_last_one():
     """The test shapes above reach the block loop's edges (so a change of block_rows cannot silently
     leave them untested)."""
-    assert rows_of(1100, 40, torch.float32) == cpu_blocked.MOST_ROWS and 1100 % cpu_blocked.MOST_ROWS
+    assert rows_of(1100, 40, torch.float32) == MOST_ROWS and 1100 % MOST_ROWS
     rows = rows_of(600, 1025, torch.float32)
     assert rows < 600 and 600 % rows
 
@@ -58,14 +74,14 @@ def test_a_tile_stays_near_its_budget_whatever_q_and_m():
     for Q in (1, 17, 10_000, 1_000_000):
         for M in (1, 1000, 100_000):
             rows = rows_of(Q, M, torch.float32)
-            assert 1 <= rows <= min(Q, cpu_blocked.MOST_ROWS)
-            assert rows * M * 4 <= max(cpu_blocked.TILE_BYTES, cpu_blocked.LEAST_ROWS * (M + 16) * 4)
+            assert 1 <= rows <= min(Q, MOST_ROWS)
+            assert rows * M * 4 <= max(TILE_BYTES, LEAST_ROWS * (M + 16) * 4)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "column_major_values", "stride0_values", "batch_broadcast",
                                     "batch_dims"])
 def test_blocked_read_takes_strided_broadcast_and_batched_inputs(layout):
-    q, qs, m, ms, z = make(90, 50, 2, WIDE + 2, torch.float32, "float", 3)
+    q, qs, m, ms, z = make(90, 50, 2, WIDE_BACKWARD + 2, torch.float32, "float", 3)
     if layout == "transposed":
         q, m = (t.t().contiguous().t() for t in (q, m))
     elif layout == "column_major_values":
@@ -111,7 +127,7 @@ def test_queries_far_from_every_entry_inside_or_outside_their_box(dtype):
                    torch.randn(40, 2, generator=gen, dtype=torch.float64) * 0.3 + torch.tensor([50.0, 0.0])])
     q = torch.cat([torch.tensor([[0.0, 0.0], [0.0, 3.0], [400.0, 10.0], [-300.0, -300.0]], dtype=torch.float64),
                    torch.randn(30, 2, generator=gen, dtype=torch.float64) * 60])
-    z = torch.randn(80, WIDE, generator=gen, dtype=torch.float64)
+    z = torch.randn(80, WIDE_BACKWARD, generator=gen, dtype=torch.float64)
     q, m, z = q.to(dtype), m.to(dtype), z.to(dtype)
     check_against_oracle(q, 0.5, m, 0.5, z, None, 1, "dense-blocked")
     out = rk.gaussian_read(q, 0.5, m, 0.5, z, backend="cpu")
@@ -128,7 +144,7 @@ def test_each_weight_to_a_few_units_in_the_last_place(dtype):
     M = 64
     m = torch.linspace(0, 11, M, dtype=torch.float64)[:, None] * torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     q = torch.randn(50, 2, generator=gen, dtype=torch.float64) * 0.5
-    z = torch.eye(M, WIDE, dtype=torch.float64)
+    z = torch.eye(M, max(M, WIDE), dtype=torch.float64)
     out = rk.gaussian_read(q.to(dtype), 1.0, m.to(dtype), 1.0, z.to(dtype), backend="cpu")
     want = rk.gaussian_read(q, 1.0, m, 1.0, z, backend="reference")
     kept = want > 1e-30
@@ -138,11 +154,42 @@ def test_each_weight_to_a_few_units_in_the_last_place(dtype):
     assert float(rel.max()) <= 8 * EPS[dtype], float(rel.max()) / EPS[dtype]
 
 
+_THREADS_SCRIPT = r"""
+import sys, torch, resonant_kernels as rk
+gen = torch.Generator().manual_seed(0)
+reads = []
+for Q, M, E in ((1100, 300, 80), (600, 1025, 64), (1, 40, 70)):
+    q, m, z = torch.randn(Q, 2, generator=gen), torch.randn(M, 2, generator=gen), torch.randn(M, E, generator=gen)
+    reads.append(rk.gaussian_read(q, 0.8, m, 0.8, z, backend="cpu"))
+torch.save(reads, sys.argv[1])
+"""
+
+
+def test_blocked_forward_is_the_same_bits_for_any_thread_count(tmp_path):
+    """The one-call forward: each block's weights and gemm on one thread (the BLAS on that thread
+    alone, also where the call has a single block): 1, 2 and 3 threads read the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    if cpu_blocked.blas_gemm("float32") is None:
+        pytest.skip("torch's library exports no BLAS gemm: the forward runs from Python")
+    reads = []
+    for threads in (1, 2, 3):
+        path = tmp_path / f"t{threads}.pt"
+        run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(threads)), timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        reads.append(torch.load(path))
+    for other in reads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, reads[0]))
+
+
 def test_blocked_read_is_the_same_bits_run_to_run():
-    """For a given thread count (docs/design.md §7: the BLAS products may change in the last bits with
-    the thread count, the C++ parts do not)."""
-    q, qs, m, ms, z = make(1100, 300, 2, WIDE + 16, torch.float32, "per_dim", 4)
-    cot = torch.randn(1100, WIDE + 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    """For a given thread count (docs/design.md §7: the backward's BLAS products may change in the
+    last bits with the thread count)."""
+    q, qs, m, ms, z = make(1100, 300, 2, WIDE_BACKWARD + 16, torch.float32, "per_dim", 4)
+    cot = torch.randn(1100, WIDE_BACKWARD + 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     first = read_and_grads("cpu", q, qs, m, ms, z, None, cot)
     for _ in range(2):
         again = read_and_grads("cpu", q, qs, m, ms, z, None, cot)

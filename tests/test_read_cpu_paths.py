@@ -32,12 +32,12 @@ EPS = {torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 @contextlib.contextmanager
 def forward_paths():
     """Records the forward kernel of every cpu read_forward call made inside the block: the path
-    csrc/read_cpu.cpp takes, or "dense-blocked" (resonant_kernels/backends/cpu_blocked.py, recorded
-    at the first block of a call)."""
+    csrc/read_cpu.cpp takes, or "dense-blocked" (resonant_kernels/backends/cpu_blocked.py: its one
+    C++ call, or the first block of its Python loop)."""
     from resonant_kernels import _C
 
     seen = []
-    original, original_blocked = _C.read_forward, _C.blocked_read_weights
+    original, original_blocked, original_one_call = _C.read_forward, _C.blocked_read_weights, _C.blocked_read_forward
 
     def spy(dtype, shape, qloc, qvar, mloc, mvar, values, out, lse):
         seen.append(_C.read_forward_path(dtype, shape, qvar, mvar))
@@ -48,11 +48,15 @@ def forward_paths():
             seen.append("dense-blocked")
         return original_blocked(dtype, shape, qloc, qvar, mloc, mvar, b, q0, *rest)
 
-    _C.read_forward, _C.blocked_read_weights = spy, spy_blocked
+    def spy_one_call(*args):
+        seen.append("dense-blocked")
+        return original_one_call(*args)
+
+    _C.read_forward, _C.blocked_read_weights, _C.blocked_read_forward = spy, spy_blocked, spy_one_call
     try:
         yield seen
     finally:
-        _C.read_forward, _C.blocked_read_weights = original, original_blocked
+        _C.read_forward, _C.blocked_read_weights, _C.blocked_read_forward = original, original_blocked, original_one_call
 
 
 def dense_path(d, E, threshold, product):

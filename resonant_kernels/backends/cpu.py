@@ -48,10 +48,10 @@ def _read_shape(query_loc, mem_values, threshold, uniform_var):
     return module().ReadShape(B, Q, M, d, E, threshold, uniform_var >= 0, max(uniform_var, 0.0))
 
 
-def _blocked(query_loc, mem_values, shape, views):
-    """Whether the read goes to cpu_blocked (its rule: cpu_blocked.applies)."""
+def _blocked(query_loc, mem_values, shape, views, backward=False):
+    """Whether the read's forward (backward) goes to cpu_blocked (its rule: cpu_blocked.applies)."""
     return cpu_blocked.applies(module(), DTYPE_NAMES[query_loc.dtype], shape, views[1], views[3],
-                               query_loc.shape[-1], mem_values.shape[-1])
+                               query_loc.shape[-1], mem_values.shape[-1], backward)
 
 
 def read_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, allow_tf32=False):
@@ -73,7 +73,7 @@ def read_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, me
     shape = _read_shape(query_loc, mem_values, threshold, uniform_var)
     views = (view(query_loc, "query_loc"), view(query_var, "query_var"), view(mem_loc, "mem_loc"),
              view(mem_var, "mem_var"))
-    if _blocked(query_loc, mem_values, shape, views):
+    if _blocked(query_loc, mem_values, shape, views, backward=True):
         return cpu_blocked.read_backward(module(), DTYPE_NAMES[query_loc.dtype], shape, views, grad_out, out, lse,
                                          query_loc, mem_loc, mem_values)
     grads = [torch.empty(t.shape, dtype=t.dtype) for t in (query_loc, query_var, mem_loc, mem_var, mem_values)]

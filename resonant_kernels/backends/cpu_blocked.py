@@ -1,54 +1,77 @@
 """The cpu backend's dense read in blocks of queries (issue #17): for a read without a threshold whose
-every (query, entry) pair of a batch row shares its variance, with values at least
-BLOCKED_FROM_E wide and locations of fewer than BLOCKED_BELOW_D dimensions (`applies`).
+every (query, entry) pair of a batch row shares its variance, with locations of fewer than
+BLOCKED_BELOW_D dimensions and values at least BLOCKED_FROM_E wide (forward) or
+BLOCKED_BACKWARD_FROM_E wide (backward) (`applies`).
 
-Each block of queries gets its softmax weights in a tile (block rows × M, about TILE_BYTES) from
+Each block of queries gets its softmax weights in a tile (block rows × M, about 2 MB) from
 csrc/read_blocked_cpu.cpp, unnormalised, and the BLAS that torch ships (MKL on x86) multiplies the
 tile with the values, each product row then divided by its weights' sum: the product is the bare
 `logits @ V`'s, the elementwise work a few vector operations per pair, and nothing of size Q × M
-exists beyond the tile. Backward, per block: dp = g @ valuesᵀ (BLAS); the weights again from the
-saved log-sum-exps, the score gradients and from them the location and variance gradients (C++);
-dL/dvalues += weightsᵀ @ g (BLAS), the blocks in order.
+exists beyond one tile per thread. Where torch's library exports the BLAS's gemm (blas_gemm) the
+whole forward is one C++ call, each thread running its blocks' gemm itself; elsewhere the blocks
+run from Python around torch.mm (read_forward_python). Backward, per block: dp = g @ valuesᵀ
+(torch.mm); the weights again from the saved log-sum-exps, the score gradients and from them the
+location and variance gradients (C++); dL/dvalues += weightsᵀ @ g (torch.addmm_), blocks in order.
 
-Determinism: the C++ parts give the same bits for any thread count. The BLAS products are the same
-bits run to run for a given thread count, but MKL may split a product differently for another
-thread count or block size (docs/design.md §7).
+Determinism (docs/design.md §7): the one-call forward and the C++ parts give the same bits for any
+thread count; the Python-loop forward and the backward's products are the same bits run to run
+for a given thread count, but the BLAS may split a product differently for another. A query read
+in a block of another size (alone rather than in a batch) may differ in the last bits.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import threading
+from typing import Optional
 
 import torch
 
-# Values at least this wide. Measured against csrc/read_dense_cpu.cpp's fused kernel (runs of
-# interleaved calls, both beside the bare product, float32, d = 2, σ = 10, no threshold; 2 threads):
-# the fused kernel was faster at E = 128, 256, 384 and 512 (forward 1.06-1.22x the bare product
-# against 1.20-1.28x here), this path at E = 768 and 1024 (1.14-1.18x against 1.19-1.26x, and
-# forward + backward 3.1-3.8x against 3.3-3.8x). With one thread this path was ahead from E = 384.
-BLOCKED_FROM_E = 768
+# Values at least this wide (forward; backward). Measured against csrc/read_dense_cpu.cpp's fused
+# kernels in runs of interleaved calls, both beside the bare product (float32, d = 2, σ = 10, no
+# threshold, 2 threads on a shared 2-core machine): this forward (one C++ call, gemm on each
+# thread) was the faster at E = 128, 256, 768 and 1024 (0.98-1.20x the bare product against
+# 1.05-1.30x), level at 384 and 1.26x against 1.22x at E = 512; this backward (blocks from Python,
+# three BLAS calls and a C++ call each) was the slower up to E = 512 (forward + backward 3.5-4.1x
+# against 3.2-3.7x) and the faster at 768 and 1024 (3.2-3.8x against 3.3-3.8x).
+BLOCKED_FROM_E = 64
+BLOCKED_BACKWARD_FROM_E = 768
 # Locations of fewer dimensions: from 32 on, csrc/read_dense_cpu.cpp computes the scores as a
 # product too, which these direct scores (d operations per pair) are not.
 BLOCKED_BELOW_D = 32
-# Bytes of a block's weights tile: it stays in the L2 cache (2 MB a core here) between the kernel
-# that writes it and the product that reads it; 4 MB tiles made the kernel ~15% slower per pair
-# (runs/mb/bench.cpp at M = 4096).
-TILE_BYTES = 2 << 20
-MOST_ROWS = 512
-LEAST_ROWS = 16
 
 _scratch = threading.local()  # per thread: a call's kernels run with the GIL released
 
 
-def applies(module, dtype_name, shape, query_var_view, mem_var_view, d, E) -> bool:
-    return E >= BLOCKED_FROM_E and d < BLOCKED_BELOW_D and module.blocked_read_applies(
-        dtype_name, shape, query_var_view, mem_var_view)
+@functools.lru_cache(maxsize=None)
+def _torch_blas_symbol(symbol: str) -> Optional[int]:
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
-def block_rows(Q: int, row_bytes: int) -> int:
-    """Queries per block: the tile near TILE_BYTES, a multiple of LEAST_ROWS (the shapes alone decide
-    it, never the thread count)."""
-    rows = max(LEAST_ROWS, min(MOST_ROWS, TILE_BYTES // max(row_bytes, 1)) // LEAST_ROWS * LEAST_ROWS)
-    return max(1, min(rows, Q))
+def blas_gemm(dtype_name: str) -> Optional[tuple[int, int]]:
+    """The addresses of the gemm (Fortran interface: sgemm_ / dgemm_) of the BLAS that torch ships and
+    of its per-thread thread count (MKL_Set_Num_Threads_Local), where torch's CPU library exports them
+    (MKL builds do); None elsewhere, and the forward then runs its blocks from Python around torch.mm."""
+    gemm = _torch_blas_symbol({"float32": "sgemm_", "float64": "dgemm_"}[dtype_name])
+    local_threads = _torch_blas_symbol("MKL_Set_Num_Threads_Local")  # the C interface (by value)
+    return (gemm, local_threads) if gemm and local_threads else None
+
+
+def applies(module, dtype_name, shape, query_var_view, mem_var_view, d, E, backward=False) -> bool:
+    return E >= (BLOCKED_BACKWARD_FROM_E if backward else BLOCKED_FROM_E) and d < BLOCKED_BELOW_D and (
+        module.blocked_read_applies(dtype_name, shape, query_var_view, mem_var_view))
+
+
+def block_rows(module, Q: int, row_bytes: int) -> int:
+    """Queries per block (csrc/read_blocked_cpu.cpp: the tile near 2 MB; the shapes alone decide it)."""
+    return module.blocked_read_block_rows(Q, row_bytes)
 
 
 def scratch(name: str, rows: int, ld: int, dtype: torch.dtype) -> torch.Tensor:
@@ -64,7 +87,8 @@ def scratch(name: str, rows: int, ld: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _blas_operand(t: torch.Tensor) -> torch.Tensor:
-    """t (2-D) itself where BLAS reads it in place (one unit stride), else a contiguous copy."""
+    """t (2-D) itself where BLAS reads it in place (one unit stride, the other at least the width), else
+    a contiguous copy."""
     if (t.stride(-1) == 1 and t.stride(-2) >= max(t.shape[-1], 1)) or (
             t.stride(-2) == 1 and t.stride(-1) >= max(t.shape[-2], 1)):
         return t
@@ -78,7 +102,7 @@ class _Blocks:
     def __init__(self, module, dtype_name, query_loc, M, name):
         Q = query_loc.shape[1]
         self.ld = module.blocked_read_row_lanes(dtype_name, M)
-        self.rows = block_rows(Q, self.ld * query_loc.element_size())
+        self.rows = block_rows(module, Q, self.ld * query_loc.element_size())
         self.tile = scratch(name, self.rows, self.ld, query_loc.dtype)
         sizes = {self.rows, Q - (Q - 1) // self.rows * self.rows} if Q else set()
         self.weights = {n: self.tile[:n, :M] for n in sizes}  # a whole block's, the last's
@@ -91,6 +115,19 @@ def read_forward(module, dtype_name, shape, views, query_loc, mem_values):
     lse = query_loc.new_empty((B, Q))
     if Q == 0:
         return out, lse
+    gemm = blas_gemm(dtype_name)
+    if gemm is not None:  # the whole call in C++, each thread's blocks multiplied by the BLAS on that thread
+        values = mem_values if _blas_operand(mem_values[0]) is mem_values[0] else mem_values.contiguous()
+        module.blocked_read_forward(dtype_name, shape, *views, (values.data_ptr(), *values.stride()), out.data_ptr(),
+                                    lse.data_ptr(), *gemm)
+        return out, lse
+    return read_forward_python(module, dtype_name, shape, views, query_loc, mem_values, out, lse)
+
+
+def read_forward_python(module, dtype_name, shape, views, query_loc, mem_values, out, lse):
+    """The forward's blocks from Python, around torch.mm (where torch's BLAS exports no gemm)."""
+    B, Q, _ = query_loc.shape
+    M = mem_values.shape[1]
     blocks = _Blocks(module, dtype_name, query_loc, M, "weights")
     rows, tile_ptr = blocks.rows, blocks.tile.data_ptr()
     scale = query_loc.new_empty((rows, 1))  # 1 / each row's sum of weights
