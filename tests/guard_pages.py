@@ -23,6 +23,8 @@ import sys
 
 import torch
 
+from resonant_kernels.backends import cpu_blocked
+
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -232,8 +234,8 @@ def run_sample(C, shape, dtype, layouts, threshold, uniform, at_end):
 
 
 def run_blocked(C, shape, dtype, layouts, threshold, uniform, at_end):
-    """csrc/read_blocked_cpu.cpp's two kernels on the last n = min(Q, 5) queries of the last batch
-    row (resonant_kernels/backends/cpu_blocked.py's blocks): tile, dp, lse and scale exactly one
+    """csrc/read_blocked_cpu.cpp's kernels: the one-call forward (where torch exports a BLAS gemm),
+    and the block kernels on the last n = min(Q, 5) queries of the last batch row (resonant_kernels/backends/cpu_blocked.py's blocks): tile, dp, lse and scale exactly one
     block's size, the tile rows blocked_read_row_lanes long (the kernels write and read whole
     vectors up to there). Only calls the blocked read takes: no threshold, a variance every pair
     shares (one number, or row-broadcast per-dimension variances)."""
@@ -241,7 +243,7 @@ def run_blocked(C, shape, dtype, layouts, threshold, uniform, at_end):
     qloc, qvar, mloc, mvar, _ = _inputs(B, Q, M, d, E, dtype, seed=sum(shape))
     if uniform:
         qvar, mvar = torch.full_like(qvar, 0.5), torch.full_like(mvar, 0.5)
-    layouts = list(layouts[:4])
+    value_layout, layouts = layouts[4], list(layouts[:4])
     if not uniform:
         layouts[1] = layouts[3] = "row_broadcast"
     qloc, qvar, mloc, mvar = (guarded_like(t, lay, at_end) for t, lay in zip((qloc, qvar, mloc, mvar), layouts))
@@ -264,12 +266,20 @@ def run_blocked(C, shape, dtype, layouts, threshold, uniform, at_end):
     C.blocked_read_backward_block(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), b, q0, n, lse.data_ptr(),
                                   grad_out.data_ptr(), out.data_ptr(), tile.data_ptr(), dp.data_ptr(), ld,
                                   *(g.data_ptr() for g in grads))
+    gemm = cpu_blocked.blas_gemm(name)
+    if gemm is not None:  # the one-call forward, its values row- or column-major
+        values = torch.randn(B, M, E, dtype=dtype)
+        values = guarded_like(values, "transposed" if value_layout == "transposed" else "contiguous", at_end)
+        out_all, lse_all = out_buffer((B, Q, E), dtype, at_end), out_buffer((B, Q), dtype, at_end)
+        C.blocked_read_forward(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), arr(values), out_all.data_ptr(),
+                               lse_all.data_ptr(), *gemm)
 
 
 def _blocked_shapes():
     """Lanes of 16 floats or 8 doubles (M around them), the backward's column chunks of about 512
     entries in multiples of 4 (M = 1025, 2049, 2100), one to five query rows, d up to 31."""
     shapes = {(1, 5, M, 2, 3) for M in (1, 7, 8, 9, 15, 16, 17, 33, 511, 513, 1025, 2049, 2100)}
+    shapes |= {(2, 530, 9, 2, 5), (1, 1100, 70, 3, 1)}  # the forward's blocks of 512 queries, a short last one
     shapes |= {(2, Q, 20, 2, 4) for Q in (1, 2, 6)} | {(1, 6, 21, d, 2) for d in (1, 3, 4, 7, 31)}
     return sorted(shapes)
 
