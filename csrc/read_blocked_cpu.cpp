@@ -68,6 +68,7 @@ constexpr int64_t kMaxGenericDim = 31;  // the blocked read takes d < 32 (cpu_bl
 // product; 4 MB tiles made the weights ~15% slower per pair (runs/mb/bench.cpp at M = 4096).
 constexpr int64_t kTileBytes = int64_t(2) << 20;
 constexpr int64_t kLeastRows = 16, kMostRows = 512;
+constexpr size_t kRetainTileBytes = size_t(16) << 20;  // a thread's tile kept from call to call up to this
 
 #if defined(__AVX512F__)
 // 2^x for 16 floats, exactly 0 below cut ≥ −126 (so no weight is a denormal, which the BLAS
@@ -458,6 +459,7 @@ void forward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, Vie
         for (int64_t e = 0; e < E; ++e) o[i * E + e] *= scale[i];
     }
     if (local_threads) local_threads(previous);
+    if (tile_buf.data.capacity() * sizeof(T) > kRetainTileBytes) tile_buf.data = std::vector<T>();  // kept: ≤ 16 MB
   }
 }
 
@@ -525,7 +527,7 @@ void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<con
     throw std::invalid_argument("blocked read: the values need one unit stride and the other at least their width");
   if (std::max({s.M, s.E, round_up(s.M, Cfg<T>::L), values.sr, values.sc}) > int64_t(std::numeric_limits<int>::max()))
     throw std::invalid_argument("blocked read: M, E and the values' strides must fit the BLAS's int");
-  if (s.Q == 0) return;
+  if (s.Q == 0 || s.B == 0) return;
   std::vector<Metric<T>> metrics;
   std::vector<EntryLanes<T>> entries;
   for (int64_t b = 0; b < s.B; ++b) {

@@ -293,6 +293,7 @@ void backward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar,
 template <class T>
 void read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                       View3<const T> mvar, View3<const T> values, T* out, T* lse) {
+  if (s.B == 0) return;  // nothing to read (and the dense kernels' grouping divides by B)
   if (dense_read_applies<T>(s, qvar, mvar)) return dense_read_forward_cpu<T>(s, qloc, qvar, mloc, mvar, values, out, lse);
   dispatch_dim(s.d, [&]<int D>() { forward_impl<T, D>(s, qloc, qvar, mloc, mvar, values, out, lse); });
 }
@@ -307,6 +308,7 @@ template <class T>
 void read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                        View3<const T> mvar, View3<const T> values, const T* grad_out, const T* out,
                        const T* lse, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values) {
+  if (s.B == 0) return;  // no gradient to write
   if (dense_read_backward_applies<T>(s, qvar, mvar))
     return dense_read_backward_cpu<T>(s, qloc, qvar, mloc, mvar, values, grad_out, out, lse, g_qloc, g_qvar, g_mloc,
                                       g_mvar, g_values);

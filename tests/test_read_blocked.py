@@ -216,3 +216,13 @@ def test_the_kernels_reject_blocks_outside_the_call():
     with pytest.raises(ValueError, match="threshold"):
         _C.blocked_read_weights("float32", thresholded, *views, 0, 0, 4, tile.data_ptr(), ld, lse.data_ptr(),
                                 scale.data_ptr())
+
+
+@pytest.mark.parametrize("E", [16, WIDE, WIDE_BACKWARD])
+def test_an_empty_batch_reads_nothing_and_does_not_crash(E):
+    """Batch dims of size 0 (the fused kernels' grouping divided by the batch size: SIGFPE)."""
+    q, m = torch.randn(0, 30, 2), torch.randn(0, 40, 2)
+    z = torch.randn(0, 40, E, requires_grad=True)
+    out = rk.gaussian_read(q, 1.0, m, 1.0, z, backend="cpu")
+    out.sum().backward()
+    assert out.shape == (0, 30, E) and z.grad.shape == (0, 40, E)

@@ -74,25 +74,34 @@ def block_rows(module, Q: int, row_bytes: int) -> int:
     return module.blocked_read_block_rows(Q, row_bytes)
 
 
+SCRATCH_RETAIN_BYTES = 16 << 20
+
+
 def scratch(name: str, rows: int, ld: int, dtype: torch.dtype) -> torch.Tensor:
-    """A (rows, ld) buffer of the calling thread, kept from call to call: a fresh 2 MB tile costs its
-    page faults on first touch, a few percent of a call at the issue's shapes."""
+    """A (rows, ld) buffer of the calling thread, kept from call to call up to SCRATCH_RETAIN_BYTES (a
+    fresh 2 MB tile costs its page faults on first touch, a few percent of a call at the issue's
+    shapes); a larger one is the call's own."""
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = {}
     buf = buffers.get((name, dtype))
     if buf is None or buf.numel() < rows * ld:
-        buf = buffers[(name, dtype)] = torch.empty(rows * ld, dtype=dtype)
+        buf = torch.empty(rows * ld, dtype=dtype)
+        if buf.numel() * buf.element_size() <= SCRATCH_RETAIN_BYTES:
+            buffers[(name, dtype)] = buf
     return buf[:rows * ld].view(rows, ld)
 
 
+def _blas_layout(t: torch.Tensor) -> bool:
+    """Whether BLAS reads the matrices of t (..., rows, cols) in place: one unit stride, the other at
+    least the width."""
+    return (t.stride(-1) == 1 and t.stride(-2) >= max(t.shape[-1], 1)) or (
+        t.stride(-2) == 1 and t.stride(-1) >= max(t.shape[-2], 1))
+
+
 def _blas_operand(t: torch.Tensor) -> torch.Tensor:
-    """t (2-D) itself where BLAS reads it in place (one unit stride, the other at least the width), else
-    a contiguous copy."""
-    if (t.stride(-1) == 1 and t.stride(-2) >= max(t.shape[-1], 1)) or (
-            t.stride(-2) == 1 and t.stride(-1) >= max(t.shape[-2], 1)):
-        return t
-    return t.contiguous()
+    """t itself where BLAS reads it in place, else a contiguous copy."""
+    return t if _blas_layout(t) else t.contiguous()
 
 
 class _Blocks:
@@ -113,11 +122,11 @@ def read_forward(module, dtype_name, shape, views, query_loc, mem_values):
     M, E = mem_values.shape[1:]
     out = mem_values.new_empty((B, Q, E))
     lse = query_loc.new_empty((B, Q))
-    if Q == 0:
+    if B == 0 or Q == 0:
         return out, lse
     gemm = blas_gemm(dtype_name)
     if gemm is not None:  # the whole call in C++, each thread's blocks multiplied by the BLAS on that thread
-        values = mem_values if _blas_operand(mem_values[0]) is mem_values[0] else mem_values.contiguous()
+        values = _blas_operand(mem_values)  # (a batch stride of 0 stays)
         module.blocked_read_forward(dtype_name, shape, *views, (values.data_ptr(), *values.stride()), out.data_ptr(),
                                     lse.data_ptr(), *gemm)
         return out, lse
@@ -150,7 +159,7 @@ def read_backward(module, dtype_name, shape, views, grad_out, out, lse, query_lo
     g_qloc, g_qvar = query_loc.new_empty((B, Q, d)), query_loc.new_empty((B, Q, d))
     g_mloc, g_mvar = mem_loc.new_zeros((B, M, d)), mem_loc.new_zeros((B, M, d))
     g_values = mem_values.new_zeros((B, M, E))
-    if Q == 0:
+    if B == 0 or Q == 0:
         return g_qloc, g_qvar, g_mloc, g_mvar, g_values
     blocks = _Blocks(module, dtype_name, query_loc, M, "weights")
     rows, ld = blocks.rows, blocks.ld
