@@ -65,8 +65,10 @@ Chunks column_chunks(int64_t lanes) {
 constexpr double kLog2e = 1.4426950408889634074;
 constexpr int64_t kMaxGenericDim = 31;  // the blocked read takes d < 32 (cpu_blocked.BLOCKED_BELOW_D)
 // A block's weights tile: it stays in the L2 cache (2 MB a core here) between the weights and the
-// product; 4 MB tiles made the weights ~15% slower per pair (runs/mb/bench.cpp at M = 4096).
-constexpr int64_t kTileBytes = int64_t(2) << 20;
+// product. The forward at the four shapes (2 threads, interleaved with the bare product):
+// 1 MB tiles 1.02-1.13x the bare product, 2 MB 1.01-1.26x (E = 512 the slow one), 4 MB 1.07-1.28x,
+// 512 KB 1.04-1.30x (E = 1024: blocks of 128 queries).
+constexpr int64_t kTileBytes = int64_t(1) << 20;
 constexpr int64_t kLeastRows = 16, kMostRows = 512;
 constexpr size_t kRetainTileBytes = size_t(16) << 20;  // a thread's tile kept from call to call up to this
 

@@ -23,7 +23,7 @@ using BlasGemm = void (*)(const char* transa, const char* transb, const int* m, 
 // previous setting, 0 meaning the global one), or null.
 using BlasLocalThreads = int (*)(int threads);
 
-// Queries per block: the tile (rows × row_bytes) near 2 MB, a multiple of 16 rows, 16 to 512.
+// Queries per block: the tile (rows × row_bytes) near 1 MB, a multiple of 16 rows, 16 to 512.
 int64_t blocked_read_block_rows(int64_t Q, int64_t row_bytes);
 
 // The whole forward (out (B, Q, E), lse (B, Q), contiguous), blocks of queries dealt to the threads,

@@ -19,7 +19,7 @@ from test_read_cpu_paths import (EPS, check_against_oracle, check_float32_layout
 pytestmark = marks("cpu", "gaussian_read")
 
 
-MOST_ROWS, LEAST_ROWS, TILE_BYTES = 512, 16, 2 << 20  # csrc/read_blocked_cpu.cpp's blocks
+MOST_ROWS, LEAST_ROWS, TILE_BYTES = 512, 16, 1 << 20  # csrc/read_blocked_cpu.cpp's blocks
 
 
 def rows_of(Q, M, dtype):
@@ -31,8 +31,8 @@ def rows_of(Q, M, dtype):
 
 WIDE, WIDE_BACKWARD = cpu_blocked.BLOCKED_FROM_E, cpu_blocked.BLOCKED_BACKWARD_FROM_E
 # (Q, M, d, E): one query; one entry; three blocks of up to 512 queries with a short last one (M
-# small); two blocks of 496 (M = 1025: rows of 1040 lanes, and the backward's four column chunks of
-# 272 entries); entries just past a vector; d = 1 and the largest d (31); E past the smallest; each
+# small); blocks of 240 queries, the last of 120 (M = 1025: rows of 1040 lanes; the backward's blocks
+# of 480 and its four column chunks of 272 entries); entries just past a vector; d = 1 and the largest d (31); E past the smallest; each
 # with the blocked backward (E ≥ WIDE_BACKWARD) and with the fused one behind the blocked forward
 SHAPES = [(1, 300, 2, WIDE_BACKWARD), (700, 1, 2, WIDE + 6), (1100, 40, 2, WIDE_BACKWARD + 1),
           (1100, 40, 2, WIDE + 1), (600, 1025, 3, WIDE_BACKWARD), (600, 1025, 3, WIDE), (70, 17, 1, WIDE + 33),

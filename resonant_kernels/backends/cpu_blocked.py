@@ -3,7 +3,7 @@ every (query, entry) pair of a batch row shares its variance, with locations of 
 BLOCKED_BELOW_D dimensions and values at least BLOCKED_FROM_E wide (forward) or
 BLOCKED_BACKWARD_FROM_E wide (backward) (`applies`).
 
-Each block of queries gets its softmax weights in a tile (block rows × M, about 2 MB) from
+Each block of queries gets its softmax weights in a tile (block rows × M, about 1 MB) from
 csrc/read_blocked_cpu.cpp, unnormalised, and the BLAS that torch ships (MKL on x86) multiplies the
 tile with the values, each product row then divided by its weights' sum: the product is the bare
 `logits @ V`'s, the elementwise work a few vector operations per pair, and nothing of size Q × M
@@ -70,7 +70,7 @@ def applies(module, dtype_name, shape, query_var_view, mem_var_view, d, E, backw
 
 
 def block_rows(module, Q: int, row_bytes: int) -> int:
-    """Queries per block (csrc/read_blocked_cpu.cpp: the tile near 2 MB; the shapes alone decide it)."""
+    """Queries per block (csrc/read_blocked_cpu.cpp: the tile near 1 MB; the shapes alone decide it)."""
     return module.blocked_read_block_rows(Q, row_bytes)
 
 
@@ -106,12 +106,13 @@ def _blas_operand(t: torch.Tensor) -> torch.Tensor:
 
 class _Blocks:
     """A call's blocks of queries, with the views of the tile that each block size uses (made once:
-    the Python per block is a kernel call and the products)."""
+    the Python per block is a kernel call and the products). `scale` multiplies the rows of a block
+    (the backward's blocks are twice the forward's: each costs three products called from Python)."""
 
-    def __init__(self, module, dtype_name, query_loc, M, name):
+    def __init__(self, module, dtype_name, query_loc, M, name, scale=1):
         Q = query_loc.shape[1]
         self.ld = module.blocked_read_row_lanes(dtype_name, M)
-        self.rows = block_rows(module, Q, self.ld * query_loc.element_size())
+        self.rows = min(Q, scale * block_rows(module, Q, self.ld * query_loc.element_size()))
         self.tile = scratch(name, self.rows, self.ld, query_loc.dtype)
         sizes = {self.rows, Q - (Q - 1) // self.rows * self.rows} if Q else set()
         self.weights = {n: self.tile[:n, :M] for n in sizes}  # a whole block's, the last's
@@ -161,7 +162,7 @@ def read_backward(module, dtype_name, shape, views, grad_out, out, lse, query_lo
     g_values = mem_values.new_zeros((B, M, E))
     if B == 0 or Q == 0:
         return g_qloc, g_qvar, g_mloc, g_mvar, g_values
-    blocks = _Blocks(module, dtype_name, query_loc, M, "weights")
+    blocks = _Blocks(module, dtype_name, query_loc, M, "weights", scale=2)
     rows, ld = blocks.rows, blocks.ld
     dp = scratch("dp", rows, ld, query_loc.dtype).zero_()  # zero past M: the kernel reads whole vectors
     dps = {n: dp[:n, :M] for n in blocks.weights}
