@@ -29,12 +29,11 @@ from typing import Optional
 import torch
 
 # Values at least this wide (forward; backward). Measured against csrc/read_dense_cpu.cpp's fused
-# kernels in runs of interleaved calls, both beside the bare product (float32, d = 2, σ = 10, no
-# threshold, 2 threads on a shared 2-core machine): this forward (one C++ call, gemm on each
-# thread) was the faster at E = 128, 256, 768 and 1024 (0.98-1.20x the bare product against
-# 1.05-1.30x), level at 384 and 1.26x against 1.22x at E = 512; this backward (blocks from Python,
-# three BLAS calls and a C++ call each) was the slower up to E = 512 (forward + backward 3.5-4.1x
-# against 3.2-3.7x) and the faster at 768 and 1024 (3.2-3.8x against 3.3-3.8x).
+# kernels in one run of interleaved calls, each beside the bare product (float32, d = 2, σ = 10, no
+# threshold, 2 threads on a shared 2-core machine, load ~1.2: runs/abold.py): this forward 0.95-1.13x
+# the bare product at E = 64, 128, 256, 384, 512, 768, 1024 against 0.99-1.27x (the fused kernel
+# ahead only at E = 256 and 512, by 2-5%, within the noise); this backward within the noise of the
+# fused one up to E = 512 (forward + backward 3.1-3.7x either way), ahead from E = 768.
 BLOCKED_FROM_E = 64
 BLOCKED_BACKWARD_FROM_E = 768
 # Locations of fewer dimensions: from 32 on, csrc/read_dense_cpu.cpp computes the scores as a
