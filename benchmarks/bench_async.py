@@ -3,6 +3,8 @@
     python benchmarks/bench_async.py                          # local engine, 1 2 4 8 workers + sync
     python benchmarks/bench_async.py --engines local ray      # the same table on a local Ray instance
     python benchmarks/bench_async.py --workers-per-process 1 2 4   # also 2 and 4 workers per worker process
+    python benchmarks/bench_async.py --workers 8 --workers-per-process 4 --predictor-workers 0 4
+                                                              # also 4 of the 8 stepped by the predictor's process
     python benchmarks/bench_async.py --costs-only             # only the per-decision costs (projection)
 
 Every row trains LunarLander-v3 with `resonant train`'s default agent (local linear scores,
@@ -10,9 +12,13 @@ bandwidth 0.3, action repeat 4) for the same total number of episodes (--episode
 over the workers), so the memory grows alike in every row; decisions/s is decisions (engrams
 stored) over the run's time: for the asynchronous rows from the predictor's first answer to its
 last (worker processes or actors starting up are left out, and reported beside it as
-with_startup_decisions_per_s), for the synchronous row the whole train() call. The predictor
-reads with one torch thread, and the
-synchronous baseline runs with one thread too (as the LunarLander runs in BENCHMARKS.md).
+with_startup_decisions_per_s), for the synchronous rows the whole train() call. `all playing` is
+the asynchronous rate while every worker still played (until the first one had played its last
+episode: from then on fewer workers ask and the batches shrink, which the synchronous loop, whose
+eight environments play until the total is reached, never sees). The predictor reads with one
+torch thread; the synchronous baseline runs with one thread (as the LunarLander runs in
+BENCHMARKS.md) and with torch's default (one per core: what `resonant train` uses), each a row;
+`vs sync` is against the faster of them.
 
 Per-decision costs for the projection: the predictor's read (brain.action_scores) for batches of
 Q states against M engrams, and a worker's own work per decision (4 LunarLander steps and the
@@ -51,8 +57,11 @@ def default_options(seed: int) -> dict:
     return brain_options(build_parser().parse_args(["train", "lunarlander", "--seed", str(seed)]))
 
 
-def run_sync(episodes: int, seed: int) -> dict:
-    torch.set_num_threads(1)
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any row sets it
+
+
+def run_sync(episodes: int, seed: int, threads: int = 1) -> dict:
+    torch.set_num_threads(threads)
     brain = build_brain(default_options(seed), 8, 4)
     trainer = Trainer(brain, ENV, num_envs=8, seed=seed, action_repeat=4)
     load = uptime()
@@ -61,21 +70,25 @@ def run_sync(episodes: int, seed: int) -> dict:
     wall = time.perf_counter() - t0
     trainer.close()
     decisions = len(brain.store)  # one engram per decision (capacity not reached)
-    return {"mode": "sync --num-envs 8", "engine": "-", "workers": 8, "per_process": 8, "episodes": episodes,
+    return {"mode": f"sync --num-envs 8, {threads} thr", "engine": "-", "workers": 8, "per_process": 8,
+            "in_predictor": 8, "threads": threads, "episodes": episodes, "all_playing_decisions_per_s": None,
             "decisions": decisions,
             "wall_seconds": round(wall, 2), "decisions_per_s": round(decisions / wall, 1), "mean_batch": None,
             "latency_p50_ms": None, "latency_p99_ms": None, "uptime_before": load}
 
 
-def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_process: int = 1) -> dict:
+def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_process: int = 1,
+              predictor_workers: int = 0) -> dict:
     per_worker = max(1, episodes // workers)
     trainer = AsyncTrainer(functools.partial(build_brain, default_options(seed), 8, 4), ENV, num_workers=workers,
                            episodes_per_worker=per_worker, engine=engine, seed=seed, action_repeat=4,
-                           workers_per_process=workers_per_process)
+                           workers_per_process=workers_per_process, predictor_workers=predictor_workers)
     load = uptime()
     stats = trainer.train(progress=False)
     s = stats.summary()
     return {"mode": "async", "engine": engine, "workers": workers, "per_process": workers_per_process,
+            "in_predictor": predictor_workers,
+            "all_playing_decisions_per_s": s["all_playing_decisions_per_s"],
             "episodes": s["episodes"],
             "decisions": s["decisions"], "wall_seconds": s["answering_seconds"],
             "decisions_per_s": s["steady_decisions_per_s"], "with_startup_decisions_per_s": s["decisions_per_s"],
@@ -125,6 +138,12 @@ def main() -> int:
     p.add_argument("--workers-per-process", type=int, nargs="+", default=[1],
                    help="local engine: also run each worker count with this many workers per process "
                         "(default: %(default)s)")
+    p.add_argument("--predictor-workers", type=int, nargs="+", default=[0],
+                   help="local engine: also run each worker count with this many workers stepped by the predictor's "
+                        "own process (default: %(default)s)")
+    p.add_argument("--sync-threads", type=int, nargs="+", default=[1, DEFAULT_THREADS],
+                   help="torch threads of the synchronous baseline rows (default: %(default)s: one, and torch's "
+                        "default here)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--costs-only", action="store_true")
     p.add_argument("--out", default=str(run_dir("benchmarks") / "async_throughput.json"),
@@ -132,28 +151,35 @@ def main() -> int:
     args = p.parse_args()
     result = {"command": " ".join(sys.argv), "uptime_start": uptime(), "rows": []}
     if not args.costs_only:
-        rows = [run_sync(args.episodes, args.seed)]
-        print(rows[-1], flush=True)
+        rows = []
+        for threads in dict.fromkeys(args.sync_threads):
+            rows.append(run_sync(args.episodes, args.seed, threads))
+            print(rows[-1], flush=True)
+        sync = max(r["decisions_per_s"] for r in rows)
         for engine in args.engines:
             for k in (args.workers_per_process if engine == "local" else [1]):
-                for w in args.workers:
-                    if k > w:
-                        continue
-                    rows.append(run_async(engine, w, args.episodes, args.seed, k))
-                    print(rows[-1], flush=True)
-        sync = rows[0]["decisions_per_s"]
+                for pw in (args.predictor_workers if engine == "local" else [0]):
+                    for w in args.workers:
+                        if k > w or pw > w or (pw == w and k > 1):  # (all in the predictor: k plays no part)
+                            continue
+                        rows.append(run_async(engine, w, args.episodes, args.seed, k, pw))
+                        print(rows[-1], flush=True)
         for r in rows:
             r["vs_sync"] = round(r["decisions_per_s"] / sync, 2)
+            if r["all_playing_decisions_per_s"] is not None:
+                r["all_playing_vs_sync"] = round(r["all_playing_decisions_per_s"] / sync, 2)
         result["rows"] = rows
     result["costs"] = decision_costs(args.seed)
     result["uptime_end"] = uptime()
     write_text_atomic(args.out, json.dumps(result, indent=1))
-    print(f"{'mode':<18} {'engine':<6} {'workers':>7} {'per proc':>8} {'decisions':>9} {'wall s':>8} {'dec/s':>8} "
-          f"{'vs sync':>7} {'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
+    print(f"{'mode':<24} {'engine':<6} {'workers':>7} {'per proc':>8} {'in pred':>7} {'decisions':>9} {'wall s':>7} "
+          f"{'dec/s':>7} {'vs sync':>7} {'all playing':>11} {'vs sync':>7} {'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
     for r in result["rows"]:
-        print(f"{r['mode']:<18} {r['engine']:<6} {r['workers']:>7} {str(r['per_process']):>8} {r['decisions']:>9} "
-              f"{r['wall_seconds']:>8} {r['decisions_per_s']:>8} {r['vs_sync']:>7} {str(r['mean_batch']):>6} "
-              f"{str(r['latency_p50_ms']):>7} {str(r['latency_p99_ms']):>7}")
+        print(f"{r['mode']:<24} {r['engine']:<6} {r['workers']:>7} {str(r['per_process']):>8} "
+              f"{str(r['in_predictor']):>7} {r['decisions']:>9} {r['wall_seconds']:>7} {r['decisions_per_s']:>7} "
+              f"{r['vs_sync']:>7} {str(r['all_playing_decisions_per_s'] or '-'):>11} "
+              f"{str(r.get('all_playing_vs_sync', '-')):>7} {str(r['mean_batch']):>6} {str(r['latency_p50_ms']):>7} "
+              f"{str(r['latency_p99_ms']):>7}")
     print(json.dumps(result["costs"], indent=1))
     print("load:", result["uptime_start"], "->", result["uptime_end"])
     return 0

@@ -223,6 +223,34 @@ def test_latency_histogram_quantiles():
     assert 0.5 <= h.quantile(0.99) <= 0.54
 
 
+def test_all_playing_rate_stops_at_the_first_workers_last_episode(monkeypatch):
+    from resonant.parallel.stats import RunStats
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    stats = RunStats(2, episodes_per_worker=2)
+
+    def at(t, batch=None, episode=None):
+        now[0] = t
+        if batch is not None:
+            stats.record_batch(batch, np.zeros(batch))
+        if episode is not None:
+            worker, index = episode
+            e = chain_episode(worker, index, 3, np.random.default_rng(index))
+            stats.record_episode(e)
+
+    at(10.0, batch=2)  # the first answer starts the clock
+    at(11.0, batch=2)
+    at(12.0, batch=2, episode=(0, 0))  # not a last episode: both still play
+    at(13.0, batch=2)
+    at(13.5, episode=(1, 1))  # worker 1's last (its budget is 2): from here on one worker asks
+    at(14.0, batch=1)
+    at(15.0, batch=1)
+    summary = stats.summary()
+    assert summary["all_playing_decisions_per_s"] == pytest.approx(6 / 3.0)  # the answers at 11, 12, 13
+    assert summary["answering_seconds"] == pytest.approx(5.0)
+
+
 # ---- the local engine ----------------------------------------------------------------------
 def chain_brain():
     return EngramBrain(TorchEngramStore(2, 2), scoring=Scoring(bandwidth=0.5),
@@ -253,10 +281,13 @@ def collect_run(trainer, **kwargs):
     return episodes
 
 
-@pytest.mark.parametrize("memory, workers_per_process", [("shared", 1), ("isolated", 1), ("shared", 2)])
-def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_per_process):
+@pytest.mark.parametrize("memory, workers_per_process, predictor_workers",
+                         [("shared", 1, 0), ("isolated", 1, 0), ("shared", 2, 0), ("shared", 1, 1), ("isolated", 1, 3)])
+def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_per_process, predictor_workers):
+    # predictor_workers: the first workers are stepped by the predictor's own process (3: all of them)
     trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=3, episodes_per_worker=7, memory=memory,
-                           normalise_episodes=2, max_seconds=RUN_LIMIT, seed=5, workers_per_process=workers_per_process)
+                           normalise_episodes=2, max_seconds=RUN_LIMIT, seed=5, workers_per_process=workers_per_process,
+                           predictor_workers=predictor_workers)
     episodes = collect_run(trainer)
     stats = trainer.stats
     assert stats.stop_reason == "finished"
@@ -278,9 +309,12 @@ def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_p
     assert 0 < summary["predictor_busy_share"] < 1.05  # answering time split into the predictor's work and its waits
     # each worker's episodes start from the seeded resets, whatever the timing
     assert sorted(e.index for e in episodes if e.worker == 1) == list(range(7))
-    assert len(stats.worker_pids) == (3 if workers_per_process == 1 else 2)  # workers 0 and 1 share a process
-    if workers_per_process > 1:  # workers 0 and 1 post their decisions together, in one message
+    # workers 0 and 1 share a process with workers_per_process=2; the predictor's own need none
+    assert len(stats.worker_pids) == -(-(3 - predictor_workers) // workers_per_process)
+    if workers_per_process > 1 or predictor_workers > 1:  # several workers post their decisions together
         assert max(stats.batch_sizes) >= 2
+    # the rate while all three played: from the first answer until the first worker's last episode
+    assert 0 < summary["all_playing_decisions_per_s"]
 
 
 @pytest.mark.parametrize("memory", ["shared", "isolated"])
@@ -302,9 +336,11 @@ def failing_env_kwargs(tmp_path, mode):
     return {"fail_at_step": 9, "fail_mode": mode, "once_file": str(tmp_path / "failed")}
 
 
-def test_a_crashing_worker_stops_the_run_cleanly_with_its_traceback(tmp_path, capfd):
+@pytest.mark.parametrize("predictor_workers", [0, 3])
+def test_a_crashing_worker_stops_the_run_cleanly_with_its_traceback(tmp_path, capfd, predictor_workers):
     trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=3, episodes_per_worker=30, normalise_episodes=0,
-                           env_kwargs=failing_env_kwargs(tmp_path, "raise"), max_seconds=RUN_LIMIT)
+                           env_kwargs=failing_env_kwargs(tmp_path, "raise"), max_seconds=RUN_LIMIT,
+                           predictor_workers=predictor_workers)
     with pytest.raises(WorkerFailed, match="Chain crashed on purpose") as info:
         collect_run(trainer)
     stats = trainer.stats
@@ -316,12 +352,14 @@ def test_a_crashing_worker_stops_the_run_cleanly_with_its_traceback(tmp_path, ca
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("resonant-worker")]
 
 
-@pytest.mark.parametrize("workers_per_process", [1, 2])
-def test_a_crashed_worker_is_restarted_on_its_remaining_episodes(tmp_path, workers_per_process):
-    # with two workers in one process, the crash takes both down and both restart on their remaining episodes
+@pytest.mark.parametrize("workers_per_process, predictor_workers", [(1, 0), (2, 0), (1, 2)])
+def test_a_crashed_worker_is_restarted_on_its_remaining_episodes(tmp_path, workers_per_process, predictor_workers):
+    # with two workers in one process (or both in the predictor's), the crash takes both down and both
+    # restart on their remaining episodes
     trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=2, episodes_per_worker=6, normalise_episodes=0,
                            env_kwargs=failing_env_kwargs(tmp_path, "raise"), on_worker_error="restart",
-                           max_seconds=RUN_LIMIT, workers_per_process=workers_per_process)
+                           max_seconds=RUN_LIMIT, workers_per_process=workers_per_process,
+                           predictor_workers=predictor_workers)
     episodes = collect_run(trainer)
     stats = trainer.stats
     assert stats.stop_reason == "finished" and stats.restarts == 1 and len(stats.errors) == 1
@@ -329,8 +367,10 @@ def test_a_crashed_worker_is_restarted_on_its_remaining_episodes(tmp_path, worke
     for w in range(2):  # the restarted worker played exactly its remaining episodes
         assert sorted(e.index for e in episodes if e.worker == w) == list(range(6))
     assert len(trainer.server.brains[0].store) == sum(e.decisions for e in episodes)
-    assert len(stats.worker_pids) == (3 if workers_per_process == 1 else 2)
-    assert stats.errors[0]["worker"] in ((0, 1) if workers_per_process == 1 else ([0, 1],))
+    assert len(stats.worker_pids) == {(1, 0): 3, (2, 0): 2, (1, 2): 0}[workers_per_process, predictor_workers]
+    assert stats.errors[0]["worker"] in ((0, 1) if workers_per_process == predictor_workers + 1 else ([0, 1],))
+    if predictor_workers:
+        assert "in the predictor's process" in stats.errors[0]["report"]
 
 
 @pytest.mark.parametrize("mode, match", [("kill", "SIGKILL"), ("exit", "exited with code 3")])
@@ -347,7 +387,10 @@ def test_trainer_rejects_bad_arguments():
                           (dict(engine="dask"), "engine"), (dict(episodes_per_worker=0), "episodes"),
                           (dict(on_worker_error="ignore"), "on_worker_error"), (dict(max_seconds=0), "max_seconds"),
                           (dict(workers_per_process=0), "workers_per_process"),
-                          (dict(engine="ray", workers_per_process=2), "one worker per actor")]:
+                          (dict(engine="ray", workers_per_process=2), "one worker per actor"),
+                          (dict(predictor_workers=-1), "predictor_workers"),
+                          (dict(num_workers=2, predictor_workers=3), r"predictor_workers must be .* \[0, num_workers=2\]"),
+                          (dict(engine="ray", predictor_workers=1), "every worker as an actor")]:
         with pytest.raises(ValueError, match=match):
             AsyncTrainer(chain_brain, CHAIN, **kwargs)
     with pytest.raises(ValueError, match="brain expects"):
@@ -382,7 +425,7 @@ def test_cli_train_async_writes_the_report(tmp_path):
 
     assert main(["train-async", CHAIN, "--workers", "2", "--episodes-per-worker", "5", "--normalise-episodes", "2",
                  "--action-repeat", "1", "--bandwidth", "0.5", "--policy", "softmax", "--beta", "3",
-                 "--workers-per-process", "2",
+                 "--workers-per-process", "2", "--predictor-workers", "0",
                  "--max-seconds", str(RUN_LIMIT), "--out", str(tmp_path), "--name", "run", "--no-progress"]) == 0
     report = json.loads((tmp_path / "run.json").read_text())
     s = report["summary"]
@@ -390,6 +433,7 @@ def test_cli_train_async_writes_the_report(tmp_path):
     assert s["memory"]["memory_sizes"] == [s["decisions"]] == [sum(report["summary"]["memory"]["engrams_written"])]
     assert report["config"]["policy"] == "softmax" and report["config"]["beta"] == 3.0
     assert report["config"]["workers_per_process"] == 2 and report["cli"]["workers_per_process"] == 2
+    assert report["config"]["predictor_workers"] == 0
     assert set(s) >= {"episodes_per_s", "decisions_per_s", "mean_predictor_batch", "decision_latency_ms",
                       "request_wait_ms", "per_worker"}
     assert len(report["returns_worker1"]) == 5 and (tmp_path / "run.png").stat().st_size > 1000
@@ -410,21 +454,24 @@ def test_cli_train_async_avoid_repeats_and_relevance_reach_the_workers_and_the_r
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find the worker processes")
-def test_ctrl_c_stops_the_run_within_seconds_and_leaves_nothing_behind(tmp_path):
+@pytest.mark.parametrize("predictor_workers", [0, 1])
+def test_ctrl_c_stops_the_run_within_seconds_and_leaves_nothing_behind(tmp_path, predictor_workers):
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     log = open(tmp_path / "log.txt", "w")
     cmd = [sys.executable, "-m", "resonant.cli", "train-async", CHAIN, "--workers", "3", "--episodes-per-worker",
            "1000000", "--normalise-episodes", "0", "--action-repeat", "1", "--bandwidth", "0.5",
-           "--max-seconds", "300", "--out", str(tmp_path), "--name", "interrupted", "--no-progress"]
+           "--max-seconds", "300", "--out", str(tmp_path), "--name", "interrupted", "--no-progress",
+           "--predictor-workers", str(predictor_workers)]
+    expected = 4 - predictor_workers  # the fork server and the workers in processes
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while len(descendants(proc.pid)) < 4 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # the fork server and three workers
+        while len(descendants(proc.pid)) < expected and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "log.txt").read_text()
         time.sleep(1.0)  # decisions flowing
         started = descendants(proc.pid)
-        assert len(started) >= 4
+        assert len(started) >= expected
         t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
         code = proc.wait(timeout=60)

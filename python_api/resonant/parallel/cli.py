@@ -25,6 +25,10 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--workers-per-process", type=int, default=1,
                    help="local engine: workers one process hosts, stepped in lock step with one decision message per "
                         "step; e.g. 4 on 2 cores for 8 workers (default: %(default)s: a process per worker)")
+    p.add_argument("--predictor-workers", type=int, default=0,
+                   help="local engine: workers the predictor's own process steps between its reads, while the worker "
+                        "processes step theirs; e.g. 4 (and --workers-per-process 4) on 2 cores for 8 workers "
+                        "(default: %(default)s: every worker in a worker process)")
     p.add_argument("--episodes-per-worker", type=int, default=200,
                    help="episodes each worker plays (default: %(default)s)")
     p.add_argument("--memory", choices=("shared", "isolated"), default="shared",
@@ -72,7 +76,7 @@ def run(args) -> int:
                            batch_timeout=args.batch_timeout_ms / 1e3, on_worker_error=args.on_worker_error,
                            max_restarts=args.max_restarts, max_seconds=args.max_seconds,
                            ray_address=args.ray_address, predictor_threads=args.predictor_threads,
-                           workers_per_process=args.workers_per_process)
+                           workers_per_process=args.workers_per_process, predictor_workers=args.predictor_workers)
     status = 0
     try:
         trainer.train(progress=not args.no_progress)

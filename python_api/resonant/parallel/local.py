@@ -11,7 +11,16 @@ on a machine with fewer cores than workers, every extra process adds a wake-up p
 (`multiprocessing.connection.wait`), gathers pending decisions until it has one from every
 process still playing (at most `batch_size` decisions) or `batch_timeout` has passed since the
 first, stores every finished episode that arrived (one write), and answers the batch with one
-read. Workers start with the "forkserver" method on Linux (not "fork": this process already runs
+read.
+
+`predictor_workers=K` puts the first K workers in this process: the predictor steps them (one
+AgentGroup, as a worker process steps its own) right after sending the batch's other answers, so
+they play while the worker processes play theirs, and their next decisions open the next batch.
+On a machine with fewer cores than workers this fills the predictor's wait for the processes with
+work the synchronous loop would do anyway, without a process wake-up per decision (BENCHMARKS.md,
+"Throughput"); the price is that a slow or failing environment of these workers holds the predictor
+up for as long as it steps. They fail, restart and stop as one group, like a process's workers (an
+exception's traceback is reported; a crash of the interpreter itself takes the run with it). Workers start with the "forkserver" method on Linux (not "fork": this process already runs
 threads: torch's, tqdm's) and "spawn" elsewhere; like "spawn", the fork server imports the
 script that started the run, so a script must guard its run with `if __name__ == "__main__":`.
 
@@ -44,7 +53,7 @@ import numpy as np
 from .control import RunControl, check_failure_policy
 from .server import MemoryServer
 from .stats import RunStats
-from .worker import Episode, StopRequested, WorkerSpec, play_group
+from .worker import AgentGroup, Episode, StopRequested, WorkerSpec, play_group
 
 # message tags, first byte of every message
 DECIDE, EPISODE, FINISHED, ERROR, SCORES = b"D", b"E", b"F", b"X", b"A"
@@ -115,20 +124,40 @@ class _Process:
         return self.workers[0] if len(self.workers) == 1 else list(self.workers)
 
 
+@dataclass
+class _Inline:
+    """The workers that the predictor's own process steps between its reads (predictor_workers)."""
+
+    workers: list
+    group: Optional[AgentGroup] = None
+    restarts: int = 0
+    finished: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"worker{'s' if len(self.workers) > 1 else ''} {', '.join(map(str, self.workers))} (in the predictor's process)"
+
+    @property
+    def failure_key(self):
+        return self.workers[0] if len(self.workers) == 1 else list(self.workers)
+
+
 def default_start_method() -> str:
     methods = mp.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def process_groups(num_workers: int, workers_per_process: int) -> list:
-    """Workers 0 … num_workers − 1 in consecutive groups of workers_per_process (the last may be smaller)."""
-    return [list(range(i, min(i + workers_per_process, num_workers))) for i in range(0, num_workers, workers_per_process)]
+def process_groups(num_workers: int, workers_per_process: int, first: int = 0) -> list:
+    """Workers first … num_workers − 1 in consecutive groups of workers_per_process (the last may be smaller)."""
+    return [list(range(i, min(i + workers_per_process, num_workers)))
+            for i in range(first, num_workers, workers_per_process)]
 
 
 class LocalEngine:
     def __init__(self, *, batch_size: int = 64, batch_timeout: float = 0.005, start_method: Optional[str] = None,
                  on_worker_error: str = "stop", max_restarts: int = 3, poll_interval: float = 0.1,
-                 join_timeout: float = 5.0, max_seconds: Optional[float] = None, workers_per_process: int = 1):
+                 join_timeout: float = 5.0, max_seconds: Optional[float] = None, workers_per_process: int = 1,
+                 predictor_workers: int = 0):
         check_failure_policy(on_worker_error, max_restarts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -136,8 +165,10 @@ class LocalEngine:
             raise ValueError(f"batch_timeout must be >= 0 seconds, got {batch_timeout}")
         if isinstance(workers_per_process, bool) or not isinstance(workers_per_process, int) or workers_per_process < 1:
             raise ValueError(f"workers_per_process must be a positive integer, got {workers_per_process!r}")
+        if isinstance(predictor_workers, bool) or not isinstance(predictor_workers, int) or predictor_workers < 0:
+            raise ValueError(f"predictor_workers must be an integer >= 0, got {predictor_workers!r}")
         self.batch_size, self.batch_timeout = batch_size, batch_timeout
-        self.workers_per_process = workers_per_process
+        self.workers_per_process, self.predictor_workers = workers_per_process, predictor_workers
         self.ctx = mp.get_context(start_method or default_start_method())
         if self.ctx.get_start_method() == "forkserver":
             # imported once by the fork server, so each worker forks from it ready (not importing torch anew)
@@ -157,8 +188,63 @@ class LocalEngine:
         child.close()  # ours is closed so that the worker's death shows as EOF on `parent`
         p.conn, p.waiting_since = parent, None
 
-    def _stop_all(self, processes: dict, server: MemoryServer, stats: RunStats) -> None:
-        """Stores episodes still in the pipes, closes every pipe, joins every process."""
+    def _start_inline(self, inline: _Inline, spec: WorkerSpec, server, stats, batch, on_episode) -> Optional[str]:
+        """(Re)starts the predictor's own workers on their remaining episodes and puts their first
+        decision in the batch. Returns a failure report that stops the run, or None."""
+        playing = [w for w in inline.workers if self._episodes_done[w] < spec.episodes]
+        try:
+            inline.group = AgentGroup(spec, playing, [self._episodes_done[w] for w in playing], inline.restarts)
+        except Exception:
+            return self._on_inline_failure(inline, spec, server, stats, batch, on_episode, traceback.format_exc())
+        self._post_inline(inline, batch)
+        return None
+
+    @staticmethod
+    def _post_inline(inline: _Inline, batch: list) -> None:
+        pending = inline.group.pending()
+        if pending is None:
+            inline.finished = True
+            inline.group.close()
+        else:
+            batch.append((inline, *pending, time.monotonic()))
+
+    def _step_inline(self, inline: _Inline, scores: np.ndarray, latency: float, spec: WorkerSpec, server, stats,
+                     batch, on_episode) -> Optional[str]:
+        """The predictor's own workers play one step (while the worker processes play theirs) and
+        their next decision joins the (new) batch. Returns a failure report that stops the run, or None."""
+        try:
+            inline.group.act(scores, latency, lambda e: self._accept_episode(e, server, stats, on_episode))
+        except Exception:
+            return self._on_inline_failure(inline, spec, server, stats, batch, on_episode, traceback.format_exc())
+        self._post_inline(inline, batch)
+        return None
+
+    def _on_inline_failure(self, inline: _Inline, spec: WorkerSpec, server, stats, batch, on_episode,
+                           report: str) -> Optional[str]:
+        done = min(self._episodes_done[w] for w in inline.workers)
+        stats.record_failure(inline.failure_key, inline.restarts, done, f"{inline.name} failed:\n{report}")
+        if inline.group is not None:
+            inline.group.close()
+            inline.group = None
+        if self.on_worker_error == "restart" and stats.may_restart(self.max_restarts):
+            inline.restarts += 1
+            self._announce_restart(inline.workers, stats)
+            return self._start_inline(inline, spec, server, stats, batch, on_episode)
+        stats.stop_reason = f"{inline.name} failed"
+        inline.finished = True
+        return report
+
+    def _announce_restart(self, workers: list, stats: RunStats) -> None:
+        where = ", ".join(f"worker {w} from its episode {self._episodes_done[w]}" for w in workers)
+        print(f"resonant.parallel: restarting {where} (restart {stats.restarts} of at most {self.max_restarts})",
+              file=sys.stderr, flush=True)
+
+    def _stop_all(self, processes: dict, server: MemoryServer, stats: RunStats, inline: Optional[_Inline] = None) -> None:
+        """Stores episodes still in the pipes, closes every pipe, joins every process, closes the
+        predictor's own workers' environments."""
+        if inline is not None and inline.group is not None:
+            inline.group.close()
+            inline.group = None
         for p in processes.values():
             if p.conn is None:
                 continue
@@ -187,10 +273,12 @@ class LocalEngine:
                 proc.close()
             p.process = None
 
-    def _accept_episode(self, episode: Episode, server: MemoryServer, stats: RunStats) -> None:
+    def _accept_episode(self, episode: Episode, server: MemoryServer, stats: RunStats, on_episode=None) -> None:
         server.submit(episode)
         stats.record_episode(episode)
         self._episodes_done[episode.worker] = episode.index + 1
+        if on_episode is not None:
+            on_episode(episode)
 
     def _failure_report(self, p: _Process, report: Optional[str]) -> str:
         if report is None:
@@ -209,25 +297,32 @@ class LocalEngine:
         spec = specs[0]
         if any(s != spec for s in specs):
             raise ValueError("the local engine runs every worker with the same WorkerSpec")
+        if self.predictor_workers > len(specs):
+            raise ValueError(f"predictor_workers={self.predictor_workers} exceeds the {len(specs)} worker(s)")
         self._episodes_done = {w: 0 for w in range(len(specs))}
-        processes = {i: _Process(i, group) for i, group in enumerate(process_groups(len(specs),
-                                                                                     self.workers_per_process))}
-        batch: list = []  # (process, worker ids, observations, arrival time)
+        inline = _Inline(list(range(self.predictor_workers))) if self.predictor_workers else None
+        processes = {i: _Process(i, group) for i, group in enumerate(
+            process_groups(len(specs), self.workers_per_process, first=self.predictor_workers))}
+        batch: list = []  # (process or _Inline, worker ids, observations, arrival time)
         failure: Optional[str] = None
         with RunControl(self.max_seconds) as control:
             try:
                 for p in processes.values():
                     self._start(p, spec, stats)
+                if inline is not None:
+                    failure = self._start_inline(inline, spec, server, stats, batch, on_episode)
                 batch_deadline = None
-                while True:
+                while not failure:
                     live = [p for p in processes.values() if not p.finished]
-                    if not live:
+                    if not live and (inline is None or inline.finished):
                         break
                     stop = control.stop_reason()
                     if stop:
                         stats.stop_reason = stop
                         break
                     listening = [p for p in live if p.waiting_since is None]
+                    if batch and batch_deadline is None:  # (the predictor's own workers' decision came first)
+                        batch_deadline = batch[0][3] + self.batch_timeout
                     timeout = self.poll_interval if not batch else max(0.0, batch_deadline - time.monotonic())
                     ready = wait([p.conn for p in listening], timeout) if listening else []
                     by_conn = {id(p.conn): p for p in listening}
@@ -244,12 +339,15 @@ class LocalEngine:
                     waiting = sum(1 for p in processes.values() if not p.finished and p.waiting_since is None)
                     rows = sum(len(ids) for _, ids, _, _ in batch)
                     if batch and (not waiting or rows >= self.batch_size or time.monotonic() >= batch_deadline):
-                        self._answer(batch, server, stats)
+                        inline_answer = self._answer(batch, server, stats)
                         batch, batch_deadline = [], None
+                        if inline_answer is not None:  # after the processes' replies: both step at once
+                            failure = self._step_inline(inline, *inline_answer, spec, server, stats, batch,
+                                                        on_episode)
             finally:
                 server_error = None
                 try:
-                    self._stop_all(processes, server, stats)
+                    self._stop_all(processes, server, stats, inline)
                 finally:
                     try:
                         server.flush(final=True)
@@ -274,10 +372,7 @@ class LocalEngine:
                     batch.append((p, ids, obs, now))
                     return None
                 if tag == EPISODE:
-                    episode = pickle.loads(msg[1:])
-                    self._accept_episode(episode, server, stats)
-                    if on_episode is not None:
-                        on_episode(episode)
+                    self._accept_episode(pickle.loads(msg[1:]), server, stats, on_episode)
                 elif tag == FINISHED:
                     p.finished = True
                     p.process.join(self.join_timeout)
@@ -298,25 +393,29 @@ class LocalEngine:
         p.conn = p.process = None
         if self.on_worker_error == "restart" and stats.may_restart(self.max_restarts):
             p.restarts += 1
-            where = ", ".join(f"worker {w} from its episode {self._episodes_done[w]}" for w in p.workers)
-            print(f"resonant.parallel: restarting {where} (restart {stats.restarts} of at most {self.max_restarts})",
-                  file=sys.stderr, flush=True)
+            self._announce_restart(p.workers, stats)
             self._start(p, spec, stats)
             return None
         stats.stop_reason = f"{p.name} failed"
         p.finished = True
         return report
 
-    def _answer(self, batch: list, server: MemoryServer, stats: RunStats) -> None:
+    def _answer(self, batch: list, server: MemoryServer, stats: RunStats) -> Optional[tuple[np.ndarray, float]]:
+        """Answers the batch: one read, each process's scores sent. Returns the scores and the wait of
+        the predictor's own workers (None if they had no decision in it), for the caller to play after."""
         started = time.perf_counter()
+        inline_answer = None
         ids = np.concatenate([ids for _, ids, _, _ in batch])
         scores = server.decide(ids, np.concatenate([obs for _, _, obs, _ in batch]))
         now = time.monotonic()
         stats.record_batch(len(ids), np.repeat([now - t for _, _, _, t in batch], [len(i) for _, i, _, _ in batch]))
         start = 0
-        for p, rows, _, _ in batch:
+        for p, rows, _, arrived in batch:
             part = scores[start:start + len(rows)]
             start += len(rows)
+            if isinstance(p, _Inline):
+                inline_answer = (part, now - arrived)
+                continue
             p.waiting_since = None
             if p.conn is None:
                 continue
@@ -326,3 +425,4 @@ class LocalEngine:
                 pass  # the process died meanwhile: its pipe reports EOF on the next wait
         if stats.batch_sizes[1:]:  # from the first answer on, as answering_seconds
             stats.predictor_seconds = (stats.predictor_seconds or 0.0) + time.perf_counter() - started
+        return inline_answer

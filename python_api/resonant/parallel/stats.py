@@ -77,7 +77,14 @@ class RunStats:
     # local engine: seconds the predictor spent answering (store, read, reply); the rest of
     # answering_seconds it waited for the workers' next decisions
     predictor_seconds: Optional[float] = None
+    # each worker's budget (episodes), when known: the rate "while every worker plays" stops counting
+    # when the first worker has played its last episode (from then on fewer workers ask, the batches
+    # shrink, and the rate is no longer that of num_workers workers)
+    episodes_per_worker: Optional[int] = None
+    all_playing_decisions: int = 0  # answered after the first answer, while every worker still played
+    all_playing_seconds: float = 0.0
     _first_answer: Optional[float] = None
+    _first_done: bool = False
 
     def __post_init__(self):
         for w in range(self.num_workers):
@@ -90,6 +97,8 @@ class RunStats:
         self.env_steps[e.worker].append(e.env_steps)
         self.decisions[e.worker].append(e.decisions)
         self.episode_log.append((round(time.perf_counter() - self.started, 4), e.worker, e.total_reward, e.env_steps))
+        if self.episodes_per_worker is not None and e.index + 1 >= self.episodes_per_worker:
+            self._first_done = True
         self.decision_latency.add(e.latencies)
 
     def record_failure(self, worker: int, restart: int, episodes_done: int, report: str) -> None:
@@ -109,6 +118,9 @@ class RunStats:
         now = time.perf_counter()
         if self._first_answer is None:
             self._first_answer = now
+        elif not self._first_done:
+            self.all_playing_decisions += size
+            self.all_playing_seconds = now - self._first_answer
         self.answering_seconds = now - self._first_answer
         self.batch_sizes.append(size)
         self.request_wait.add(waits)
@@ -146,6 +158,8 @@ class RunStats:
             "answering_seconds": round(self.answering_seconds, 3),
             "steady_decisions_per_s": round(self.total_decisions / self.answering_seconds, 1)
             if self.answering_seconds > 0 else None,
+            "all_playing_decisions_per_s": round(self.all_playing_decisions / self.all_playing_seconds, 1)
+            if self.all_playing_seconds > 0 else None,
             "predictor_batches": len(batches), "mean_predictor_batch": round(float(batches.mean()), 3) if len(batches)
             else None,
             "predictor_busy_share": round(self.predictor_seconds / self.answering_seconds, 3)

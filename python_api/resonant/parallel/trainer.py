@@ -74,7 +74,7 @@ class AsyncTrainer:
                  batch_size: int = 64, batch_timeout: float = 0.005, on_worker_error: str = "stop",
                  max_restarts: int = 3, max_seconds: Optional[float] = None, start_method: Optional[str] = None,
                  ray_address: Optional[str] = None, predictor_threads: Optional[int] = 1,
-                 workers_per_process: int = 1):
+                 workers_per_process: int = 1, predictor_workers: int = 0):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         if memory not in MEMORIES:
@@ -84,6 +84,13 @@ class AsyncTrainer:
         if engine == "ray" and workers_per_process != 1:
             raise ValueError(f"workers_per_process={workers_per_process!r}: the Ray engine runs one worker per actor "
                              "(workers_per_process=1)")
+        if isinstance(predictor_workers, bool) or not isinstance(predictor_workers, int) or not (
+                0 <= predictor_workers <= num_workers):
+            raise ValueError(f"predictor_workers must be an integer in [0, num_workers={num_workers}], "
+                             f"got {predictor_workers!r}")
+        if engine == "ray" and predictor_workers != 0:
+            raise ValueError(f"predictor_workers={predictor_workers!r}: the Ray engine runs every worker as an actor "
+                             "(predictor_workers=0)")
         if max_seconds is not None and not max_seconds > 0:
             raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
         self.brain_factory, self.env_id, self.env_kwargs = brain_factory, env_id, dict(env_kwargs or {})
@@ -97,12 +104,14 @@ class AsyncTrainer:
         self.engine_options = dict(batch_size=batch_size, batch_timeout=batch_timeout,
                                    on_worker_error=on_worker_error, max_restarts=max_restarts,
                                    max_seconds=max_seconds, predictor_threads=predictor_threads,
-                                   workers_per_process=workers_per_process)
-        options = {k: v for k, v in self.engine_options.items() if k not in ("predictor_threads", "workers_per_process")}
+                                   workers_per_process=workers_per_process, predictor_workers=predictor_workers)
+        local_only = ("predictor_threads", "workers_per_process", "predictor_workers")
+        options = {k: v for k, v in self.engine_options.items() if k not in local_only}
         if engine == "local":
             from .local import LocalEngine
 
-            self._engine = LocalEngine(start_method=start_method, workers_per_process=workers_per_process, **options)
+            self._engine = LocalEngine(start_method=start_method, workers_per_process=workers_per_process,
+                                       predictor_workers=predictor_workers, **options)
         else:
             from .ray_engine import RayEngine
 
@@ -120,7 +129,7 @@ class AsyncTrainer:
         after a clean stop with every finished episode stored (self.stats holds the partial run).
         `on_episode(episode)` is called in this process for every finished episode (with the Ray
         engine, without its states)."""
-        self.stats = RunStats(self.num_workers)
+        self.stats = RunStats(self.num_workers, episodes_per_worker=self.spec.episodes)
         bar = tqdm(total=self.total_episodes, desc=f"async {self.env_id} x{self.num_workers}", unit="ep",
                    disable=not progress)
         recent: list = []

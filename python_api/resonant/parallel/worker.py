@@ -143,35 +143,61 @@ class _Agent:
             self.playing = self._next_episode()
 
 
+class AgentGroup:
+    """Several workers stepped in lock step by whoever hosts them (a worker process, or the
+    predictor's own process between its reads: LocalEngine's predictor_workers). `pending()` gives
+    the workers still playing and their observations, `act(scores, ...)` plays one step of each
+    with its row of scores. Worker w plays episodes first_episodes[i] … spec.episodes − 1."""
+
+    def __init__(self, spec: WorkerSpec, workers: Sequence[int], first_episodes: Sequence[int], restart: int = 0):
+        self.agents: list[_Agent] = []
+        try:
+            for w, first in zip(workers, first_episodes):
+                self.agents.append(_Agent(spec, w, first, restart))
+        except BaseException:
+            self.close()
+            raise
+        self._playing: list[_Agent] = []
+
+    def pending(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """(worker ids, observations (n, state_dim) float32) of the workers still playing; None when all are done."""
+        self._playing = [a for a in self.agents if a.playing]
+        if not self._playing:
+            return None
+        return (np.asarray([a.worker for a in self._playing], dtype=np.int64),
+                np.stack([a.obs for a in self._playing]))
+
+    def act(self, scores: np.ndarray, latency: float, submit: Callable[[Episode], None]) -> None:
+        """One step of each worker of the last pending(), with its row of `scores`."""
+        for a, row in zip(self._playing, np.asarray(scores)):
+            a.act(row, latency, submit)
+
+    def finished(self) -> dict:
+        return {a.worker: a.finished for a in self.agents}
+
+    def close(self) -> None:
+        for a in self.agents:
+            a.env.close()
+
+
 def play_group(spec: WorkerSpec, workers: Sequence[int], decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
                submit: Callable[[Episode], None], *, first_episodes: Sequence[int], restart: int = 0) -> dict:
-    """Plays the episodes of several workers in one process, in lock step: every step, ONE call
-    `decide(workers_playing, observations)` returns the scores (one row per worker still playing),
-    then each worker chooses its action (its own rng and epsilon schedule) and steps its own
-    environment. Worker w plays episodes first_episodes[i] … spec.episodes − 1. Returns
-    {worker: episodes finished}. A StopRequested from `decide` ends the run quietly (unfinished
-    episodes are dropped: engrams are stored per finished episode)."""
-    agents: list[_Agent] = []
+    """Plays the episodes of several workers in one process, in lock step (AgentGroup): every step,
+    ONE call `decide(workers_playing, observations)` returns the scores (one row per worker still
+    playing), then each worker chooses its action (its own rng and epsilon schedule) and steps its
+    own environment. Returns {worker: episodes finished}. A StopRequested from `decide` ends the run
+    quietly (unfinished episodes are dropped: engrams are stored per finished episode)."""
+    group = AgentGroup(spec, workers, first_episodes, restart)
     try:
-        for w, first in zip(workers, first_episodes):
-            agents.append(_Agent(spec, w, first, restart))
-        try:
-            while True:
-                playing = [a for a in agents if a.playing]
-                if not playing:
-                    break
-                ids = np.asarray([a.worker for a in playing], dtype=np.int64)
-                t0 = time.perf_counter()
-                scores = np.asarray(decide(ids, np.stack([a.obs for a in playing])))
-                latency = time.perf_counter() - t0
-                for a, row in zip(playing, scores):
-                    a.act(row, latency, submit)
-        except StopRequested:
-            pass
+        while (pending := group.pending()) is not None:
+            t0 = time.perf_counter()
+            scores = decide(*pending)
+            group.act(scores, time.perf_counter() - t0, submit)
+    except StopRequested:
+        pass
     finally:
-        for a in agents:
-            a.env.close()
-    return {a.worker: a.finished for a in agents}
+        group.close()
+    return group.finished()
 
 
 def play(spec: WorkerSpec, worker: int, decide: Callable[[np.ndarray], np.ndarray],
