@@ -408,7 +408,6 @@ class LocalEngine:
         ids = np.concatenate([ids for _, ids, _, _ in batch])
         scores = server.decide(ids, np.concatenate([obs for _, _, obs, _ in batch]))
         now = time.monotonic()
-        stats.record_batch(len(ids), np.repeat([now - t for _, _, _, t in batch], [len(i) for _, i, _, _ in batch]))
         start = 0
         for p, rows, _, arrived in batch:
             part = scores[start:start + len(rows)]
@@ -423,6 +422,8 @@ class LocalEngine:
                 p.conn.send_bytes(SCORES + np.ascontiguousarray(part, dtype=np.float32).tobytes())
             except OSError:
                 pass  # the process died meanwhile: its pipe reports EOF on the next wait
+        # (after the replies: the processes step meanwhile)
+        stats.record_batch(len(ids), np.repeat([now - t for _, _, _, t in batch], [len(i) for _, i, _, _ in batch]))
         if stats.batch_sizes[1:]:  # from the first answer on, as answering_seconds
             stats.predictor_seconds = (stats.predictor_seconds or 0.0) + time.perf_counter() - started
         return inline_answer
