@@ -517,6 +517,9 @@ def test_ray_engine_restarts_a_crashed_worker_and_stores_every_step_exactly_once
     assert stats.memory["engrams_written"] == stats.memory["memory_sizes"]
     assert sum(stats.batch_sizes) == stats.request_wait.count > 0
     assert 0 < stats.answering_seconds <= stats.wall_seconds
+    # counted in the memory actor, up to the first worker's last episode (none is a restart's loss)
+    assert 0 < stats.all_playing.decisions < sum(stats.batch_sizes)
+    assert 0 < stats.all_playing.seconds < stats.answering_seconds
 
 
 @pytest.mark.slow  # ~15-25 s of actor start-up on 2 cores; the restart test above covers crash reports on Ray

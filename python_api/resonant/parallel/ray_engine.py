@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 
 from .control import RunControl, check_failure_policy
-from .stats import LatencyHistogram, RunStats
+from .stats import AllPlayingRate, LatencyHistogram, RunStats
 from .worker import Episode, StopRequested, WorkerSpec, play
 
 
@@ -50,7 +50,7 @@ class MemoryActor:
     """The predictor and writer (a MemoryServer) inside one asyncio Ray actor."""
 
     def __init__(self, brain_factory, num_workers: int, memory: str, normalise_episodes: int, batch_size: int,
-                 batch_timeout: float, predictor_threads: Optional[int]):
+                 batch_timeout: float, predictor_threads: Optional[int], episodes_per_worker: Optional[int] = None):
         import torch
 
         from .trainer import build_server
@@ -65,6 +65,7 @@ class MemoryActor:
         self.records: list = []
         self.batch_sizes: list = []
         self.request_wait = LatencyHistogram()
+        self.all_playing = AllPlayingRate(episodes_per_worker)
         self.stopping = False
         self.first_answer = self.last_answer = None
 
@@ -97,6 +98,7 @@ class MemoryActor:
             self.first_answer = now
         self.last_answer = now
         self.batch_sizes.append(len(batch))
+        self.all_playing.batch(len(batch), now)
         self.request_wait.add([now - b[3] for b in batch])
         for b, row in zip(batch, scores):
             if not b[2].done():
@@ -107,6 +109,7 @@ class MemoryActor:
         episode = dataclasses.replace(episode, states=np.array(episode.states), actions=np.array(episode.actions),
                                       rewards=np.array(episode.rewards), final_state=np.array(episode.final_state))
         self.server.submit(episode)
+        self.all_playing.episode(episode.index)
         # the driver's record of the episode, without its states
         self.records.append(dataclasses.replace(episode, states=episode.states[:0], final_state=episode.final_state[:0]))
 
@@ -121,7 +124,7 @@ class MemoryActor:
 
     async def finish(self) -> tuple:
         """Stops answering, stores everything, returns (records, batch sizes, request waits, seconds
-        from the first answer to the last, counters)."""
+        from the first answer to the last, counters, the rate while every worker played)."""
         self.stopping = True
         for b in self.pending:
             b[2].set_exception(StopRequested("the run is stopping"))
@@ -132,7 +135,7 @@ class MemoryActor:
         for brain in self.server.brains:
             brain.store.close()
         answering = 0.0 if self.first_answer is None else self.last_answer - self.first_answer
-        return records, self.batch_sizes, self.request_wait, answering, counters
+        return records, self.batch_sizes, self.request_wait, answering, counters, self.all_playing
 
 
 class WorkerActor:
@@ -182,7 +185,7 @@ class RayEngine:
         memory_cls = ray.remote(num_cpus=1)(MemoryActor)
         worker_cls = ray.remote(num_cpus=self.worker_cpus)(WorkerActor)
         mem = memory_cls.remote(brain_factory, len(specs), memory, normalise_episodes, self.batch_size,
-                                self.batch_timeout, self.predictor_threads)
+                                self.batch_timeout, self.predictor_threads, specs[0].episodes)
         actors: dict = {}  # worker -> actor
         running: dict = {}  # ObjectRef -> worker
         done_episodes = [0] * len(specs)
@@ -235,11 +238,13 @@ class RayEngine:
                 for actor in actors.values():
                     ray.kill(actor)
                 try:
-                    records, batch_sizes, request_wait, answering, counters = ray.get(mem.finish.remote(), timeout=60)
+                    records, batch_sizes, request_wait, answering, counters, all_playing = ray.get(
+                        mem.finish.remote(), timeout=60)
                     absorb(records)
                     stats.batch_sizes.extend(batch_sizes)
                     stats.request_wait.merge(request_wait)
                     stats.answering_seconds = answering
+                    stats.all_playing = all_playing
                     stats.finish(counters)
                 finally:
                     ray.kill(mem)

@@ -56,6 +56,35 @@ class LatencyHistogram:
 
 
 @dataclass
+class AllPlayingRate:
+    """Decisions answered per second while every worker still plays: from the predictor's first
+    answer until the first worker has played the last episode of its budget (from then on fewer
+    workers ask, the batches shrink, and the rate is no longer that of all the workers). Kept where
+    the predictor answers (RunStats for the local engine, the memory actor on Ray)."""
+
+    episodes_per_worker: Optional[int] = None  # None: the budget is unknown, every batch counts
+    decisions: int = 0  # answered after the first answer, while every worker still played
+    seconds: float = 0.0
+    _first_answer: Optional[float] = None
+    _first_done: bool = False
+
+    def episode(self, index: int) -> None:
+        """A worker finished its episode `index` (0-based)."""
+        if self.episodes_per_worker is not None and index + 1 >= self.episodes_per_worker:
+            self._first_done = True
+
+    def batch(self, size: int, now: float) -> None:
+        if self._first_answer is None:
+            self._first_answer = now
+        elif not self._first_done:
+            self.decisions += size
+            self.seconds = now - self._first_answer
+
+    def rate(self) -> Optional[float]:
+        return round(self.decisions / self.seconds, 1) if self.seconds > 0 else None
+
+
+@dataclass
 class RunStats:
     num_workers: int
     returns: dict = field(default_factory=dict)  # worker -> [return per finished episode]
@@ -77,16 +106,13 @@ class RunStats:
     # local engine: seconds the predictor spent answering (store, read, reply); the rest of
     # answering_seconds it waited for the workers' next decisions
     predictor_seconds: Optional[float] = None
-    # each worker's budget (episodes), when known: the rate "while every worker plays" stops counting
-    # when the first worker has played its last episode (from then on fewer workers ask, the batches
-    # shrink, and the rate is no longer that of num_workers workers)
-    episodes_per_worker: Optional[int] = None
-    all_playing_decisions: int = 0  # answered after the first answer, while every worker still played
-    all_playing_seconds: float = 0.0
+    episodes_per_worker: Optional[int] = None  # each worker's budget, when known (for all_playing)
+    all_playing: AllPlayingRate = field(default=None)  # type: ignore[assignment]  (set in __post_init__)
     _first_answer: Optional[float] = None
-    _first_done: bool = False
 
     def __post_init__(self):
+        if self.all_playing is None:
+            self.all_playing = AllPlayingRate(self.episodes_per_worker)
         for w in range(self.num_workers):
             self.returns.setdefault(w, [])
             self.env_steps.setdefault(w, [])
@@ -97,8 +123,7 @@ class RunStats:
         self.env_steps[e.worker].append(e.env_steps)
         self.decisions[e.worker].append(e.decisions)
         self.episode_log.append((round(time.perf_counter() - self.started, 4), e.worker, e.total_reward, e.env_steps))
-        if self.episodes_per_worker is not None and e.index + 1 >= self.episodes_per_worker:
-            self._first_done = True
+        self.all_playing.episode(e.index)
         self.decision_latency.add(e.latencies)
 
     def record_failure(self, worker: int, restart: int, episodes_done: int, report: str) -> None:
@@ -118,9 +143,7 @@ class RunStats:
         now = time.perf_counter()
         if self._first_answer is None:
             self._first_answer = now
-        elif not self._first_done:
-            self.all_playing_decisions += size
-            self.all_playing_seconds = now - self._first_answer
+        self.all_playing.batch(size, now)
         self.answering_seconds = now - self._first_answer
         self.batch_sizes.append(size)
         self.request_wait.add(waits)
@@ -158,8 +181,7 @@ class RunStats:
             "answering_seconds": round(self.answering_seconds, 3),
             "steady_decisions_per_s": round(self.total_decisions / self.answering_seconds, 1)
             if self.answering_seconds > 0 else None,
-            "all_playing_decisions_per_s": round(self.all_playing_decisions / self.all_playing_seconds, 1)
-            if self.all_playing_seconds > 0 else None,
+            "all_playing_decisions_per_s": self.all_playing.rate(),
             "predictor_batches": len(batches), "mean_predictor_batch": round(float(batches.mean()), 3) if len(batches)
             else None,
             "predictor_busy_share": round(self.predictor_seconds / self.answering_seconds, 3)
