@@ -161,6 +161,23 @@ def read_backward(module, dtype_name, shape, views, grad_out, out, lse, query_lo
     g_values = mem_values.new_zeros((B, M, E))
     if B == 0 or Q == 0:
         return g_qloc, g_qvar, g_mloc, g_mvar, g_values
+    gemm = blas_gemm(dtype_name)
+    if gemm is not None:  # the whole call in C++, each thread's blocks multiplied by the BLAS on that thread
+        values = _blas_operand(mem_values)
+        grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+        module.blocked_read_backward(dtype_name, shape, *views, (values.data_ptr(), *values.stride()), lse.data_ptr(),
+                                     grad_out.data_ptr(), out.data_ptr(), g_qloc.data_ptr(), g_qvar.data_ptr(),
+                                     g_mloc.data_ptr(), g_mvar.data_ptr(), g_values.data_ptr(), *gemm)
+        return g_qloc, g_qvar, g_mloc, g_mvar, g_values
+    return read_backward_python(module, dtype_name, shape, views, grad_out, out, lse, query_loc, mem_values,
+                                (g_qloc, g_qvar, g_mloc, g_mvar, g_values))
+
+
+def read_backward_python(module, dtype_name, shape, views, grad_out, out, lse, query_loc, mem_values, grads):
+    """The backward's blocks from Python, around torch.mm (where torch's BLAS exports no gemm)."""
+    g_qloc, g_qvar, g_mloc, g_mvar, g_values = grads
+    B, Q, _ = query_loc.shape
+    M = mem_values.shape[1]
     blocks = _Blocks(module, dtype_name, query_loc, M, "weights", scale=2)
     rows, ld = blocks.rows, blocks.ld
     dp = scratch("dp", rows, ld, query_loc.dtype).zero_()  # zero past M: the kernel reads whole vectors
