@@ -28,6 +28,7 @@
 #include "read_dense_common.h"
 
 #include <algorithm>
+#include <memory>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -467,31 +468,33 @@ void forward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, Vie
   }
 }
 
-// The whole backward in one call, like the forward: each thread takes whole blocks of queries
-// (a static cut of the tasks: thread t the t-th contiguous run, so which blocks a thread sums is
-// fixed by the shapes and the thread count), and for each: dp = g_block · valuesᵀ by `gemm` on
-// that thread, the weights again from the saved lse with the score, query and entry gradients
-// (grads_impl on this thread alone), and the thread's partial dL/dvalues += weightsᵀ · g_block
-// (gemm, beta = 1 after the thread's first block of a batch row). The entries' gradients
-// (values, locations, variances) are per-thread partials over the batch rows the thread's run
-// touches, added at the end over the threads in thread order: the same bits run to run for a
-// given thread count (another count splits the sums otherwise). Scratch per thread: two tiles
-// (weights, dp) of blocked_read_block_rows rows, and its partials.
+// The whole backward in one call, like the forward: thread t of T takes the t-th of T equal runs
+// of the call's (batch row, query) rows, cut into blocks of at most `rows` queries within a batch
+// row (so the threads' shares differ by one query at most, and which queries a thread sums is fixed
+// by the shapes and the thread count). Per block: dp = g_block · valuesᵀ by `gemm` on that thread,
+// the weights again from the saved lse with the score, query and entry gradients (grads_impl on
+// this thread alone), and the thread's partial dL/dvalues += weightsᵀ · g_block (gemm, beta = 1
+// after the thread's first block of a batch row). The entries' gradients (values, locations,
+// variances) are per-thread partials over the batch rows the thread's run touches, added at the
+// end over the threads in thread order: the same bits run to run for a given thread count
+// (another count cuts the sums otherwise). Scratch per thread: two tiles (weights, dp) of `rows`
+// rows, kept from call to call up to kRetainTileBytes, and its partials.
 template <class T, int D, bool Unit>
 void backward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, View3<const T> qloc,
                    const std::vector<EntryLanes<T>>& entries, View3<const T> values, const T* lse, const T* grad_out,
                    const T* out, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values, int64_t rows,
                    BlasGemm<T> gemm, BlasLocalThreads local_threads) {
-  const int64_t B = s.B, Q = s.Q, E = s.E, M = s.M, d = s.d, blocks = (Q + rows - 1) / rows, tasks = B * blocks;
+  const int64_t B = s.B, Q = s.Q, E = s.E, M = s.M, d = s.d, total = B * Q;
   const int64_t ld = entries[0].lanes;
   const bool row_major = values.sc == 1;
-  const int threads = threads_for(tasks);
-  // thread t: tasks [first[t], first[t + 1]) and so batch rows [first[t] / blocks, (first[t + 1] - 1) / blocks]
+  const int threads = threads_for((total + rows - 1) / rows);
+  // thread t: global rows [first[t], first[t + 1]) (row b · Q + q), batch rows b_first(t) .. b_last(t)
   std::vector<int64_t> first(size_t(threads) + 1);
-  for (int t = 0; t <= threads; ++t) first[t] = tasks * t / threads;
-  auto b_first = [&](int t) { return first[t] / blocks; };
-  auto b_last = [&](int t) { return (first[t + 1] - 1) / blocks; };
-  std::vector<std::vector<T>> part_values(threads), part_loc(threads), part_var(threads);
+  for (int t = 0; t <= threads; ++t) first[t] = total * t / threads;
+  auto b_first = [&](int t) { return first[t] / Q; };
+  auto b_last = [&](int t) { return (first[t + 1] - 1) / Q; };
+  std::vector<std::unique_ptr<T[]>> part_values(threads);
+  std::vector<std::vector<T>> part_loc(threads), part_var(threads);
 #pragma omp parallel num_threads(threads)
   {
     int t = 0;
@@ -499,38 +502,41 @@ void backward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, Vi
     t = omp_get_thread_num();
 #endif
     const int64_t b0 = b_first(t), nb = b_last(t) - b0 + 1;
-    std::vector<T>& pv = part_values[t];
-    pv.resize(size_t(nb * M * E));
+    part_values[t].reset(new T[size_t(nb * M * E)]);  // each batch row's written by its first block (beta = 0)
     part_loc[t].assign(size_t(nb * M * d), T(0));
     part_var[t].assign(size_t(nb * M * d), T(0));
-    std::vector<T> tile_buf(size_t(rows * ld + 16)), dp_buf(size_t(rows * ld + 16), T(0));
-    T* tile = tile_buf.data() + (16 - (reinterpret_cast<uintptr_t>(tile_buf.data()) / sizeof(T)) % 16) % 16;
-    T* dp = dp_buf.data() + (16 - (reinterpret_cast<uintptr_t>(dp_buf.data()) / sizeof(T)) % 16) % 16;
+    thread_local ThreadTile<T> tile_buf, dp_buf;
+    T* tile = tile_buf.get(size_t(rows * ld));
+    T* dp = dp_buf.get(size_t(rows * ld));
     const int previous = local_threads ? local_threads(1) : 0;
     const char trans_v = row_major ? 'T' : 'N';
     const int ldv = int(row_major ? values.sr : values.sc), m_ = int(M), e_ = int(E), ldt = int(ld);
     const T one = T(1), zero = T(0);
     int64_t previous_b = -1;
-    for (int64_t task = first[t]; task < first[t + 1]; ++task) {
-      const int64_t b = task / blocks, q0 = task % blocks * rows, n = std::min(rows, Q - q0);
+    for (int64_t at = first[t]; at < first[t + 1];) {
+      const int64_t b = at / Q, q0 = at % Q, n = std::min({rows, Q - q0, first[t + 1] - at});
+      at += n;
       const int n_ = int(n);
       const T* g = grad_out + (b * Q + q0) * E;
-      // dp rows (row-major n × M, ld) = g (n × E) · valuesᵀ: column-major dpᵀ (M × n) = values (M × E) · gᵀ
+      // dp rows (row-major n × M, ld) = g (n × E) · valuesᵀ: column-major dpᵀ (M × n) = values (M × E) · gᵀ;
+      // the lanes past M zero (grads_impl reads whole vectors: 0 × a zero weight)
       gemm(&trans_v, "N", &m_, &n_, &e_, &one, values.row(b, 0), &ldv, g, &e_, &zero, dp, &ldt);
+      for (int64_t i = 0; i < n; ++i) std::fill(dp + i * ld + M, dp + (i + 1) * ld, T(0));
       grads_impl<T, D, Unit>(s, metrics[b], qloc, entries[b], b, q0, n, lse + b * Q + q0, grad_out, out, tile, dp, ld,
                              g_qloc, g_qvar, part_loc[t].data() + (b - b0) * M * d,
                              part_var[t].data() + (b - b0) * M * d, 1);
       // dL/dvalues rows (row-major M × E) += weightsᵀ (M × n) · g (n × E): column-major, its transpose
       // (E × M) += gᵀ (E × n) · weights (n × M)
       const T* beta = b == previous_b ? &one : &zero;
-      gemm("N", "T", &e_, &m_, &n_, &one, g, &e_, tile, &ldt, beta, pv.data() + (b - b0) * M * E, &e_);
+      gemm("N", "T", &e_, &m_, &n_, &one, g, &e_, tile, &ldt, beta, part_values[t].get() + (b - b0) * M * E, &e_);
       previous_b = b;
     }
     if (local_threads) local_threads(previous);
+    for (ThreadTile<T>* buf : {&tile_buf, &dp_buf})
+      if (buf->data.capacity() * sizeof(T) > kRetainTileBytes) buf->data = std::vector<T>();
 #pragma omp barrier
-    // the partials added over the threads in thread order, each element by one thread
-    const int64_t mine_begin = B * M * t / threads, mine_end = B * M * (t + 1) / threads;
-    for (int64_t bj = mine_begin; bj < mine_end; ++bj) {
+    // the partials added over the threads in thread order, each (batch row, entry) by one thread
+    for (int64_t bj = B * M * t / threads; bj < B * M * (t + 1) / threads; ++bj) {
       const int64_t b = bj / M, j = bj % M;
       T* gv = g_values + bj * E;
       T* gl = g_mloc + bj * d;
@@ -539,7 +545,7 @@ void backward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, Vi
       for (int u = 0; u < threads; ++u) {
         if (b < b_first(u) || b > b_last(u)) continue;
         const int64_t at = (b - b_first(u)) * M + j;
-        const T* pvu = part_values[u].data() + at * E;
+        const T* pvu = part_values[u].get() + at * E;
         const T* plu = part_loc[u].data() + at * d;
         const T* pru = part_var[u].data() + at * d;
         if (!any) {

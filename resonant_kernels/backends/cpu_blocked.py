@@ -157,17 +157,20 @@ def read_backward(module, dtype_name, shape, views, grad_out, out, lse, query_lo
     B, Q, d = query_loc.shape
     M, E = mem_values.shape[1:]
     g_qloc, g_qvar = query_loc.new_empty((B, Q, d)), query_loc.new_empty((B, Q, d))
-    g_mloc, g_mvar = mem_loc.new_zeros((B, M, d)), mem_loc.new_zeros((B, M, d))
-    g_values = mem_values.new_zeros((B, M, E))
-    if B == 0 or Q == 0:
-        return g_qloc, g_qvar, g_mloc, g_mvar, g_values
     gemm = blas_gemm(dtype_name)
-    if gemm is not None:  # the whole call in C++, each thread's blocks multiplied by the BLAS on that thread
+    if gemm is not None and B and Q:  # the whole call in C++ (writing every gradient), each thread's blocks
+        # multiplied by the BLAS on that thread
+        g_mloc, g_mvar = mem_loc.new_empty((B, M, d)), mem_loc.new_empty((B, M, d))
+        g_values = mem_values.new_empty((B, M, E))
         values = _blas_operand(mem_values)
         grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
         module.blocked_read_backward(dtype_name, shape, *views, (values.data_ptr(), *values.stride()), lse.data_ptr(),
                                      grad_out.data_ptr(), out.data_ptr(), g_qloc.data_ptr(), g_qvar.data_ptr(),
                                      g_mloc.data_ptr(), g_mvar.data_ptr(), g_values.data_ptr(), *gemm)
+        return g_qloc, g_qvar, g_mloc, g_mvar, g_values
+    g_mloc, g_mvar = mem_loc.new_zeros((B, M, d)), mem_loc.new_zeros((B, M, d))
+    g_values = mem_values.new_zeros((B, M, E))
+    if B == 0 or Q == 0:
         return g_qloc, g_qvar, g_mloc, g_mvar, g_values
     return read_backward_python(module, dtype_name, shape, views, grad_out, out, lse, query_loc, mem_values,
                                 (g_qloc, g_qvar, g_mloc, g_mvar, g_values))
