@@ -21,7 +21,9 @@
 // block's rows in order): the weights again (from the saved log-sum-exp), ds = w (dp − δ_i), the
 // entries' location and variance sums in the chunk's own arrays (added to the gradient at the end,
 // chunks holding disjoint entries), and the queries' sums as per-chunk partials added over the
-// chunks in chunk order: the same bits for any thread count.
+// chunks in chunk order: the same bits for any thread count. The one-call backward
+// (blocked_read_backward_cpu) runs that per block on one thread, the blocks' products by the BLAS
+// on the same thread, the entries' sums in per-thread partials (backward_impl).
 #include "read_blocked_cpu.h"
 
 #include "fast_exp.h"

@@ -9,14 +9,19 @@ tile with the values, each product row then divided by its weights' sum: the pro
 `logits @ V`'s, the elementwise work a few vector operations per pair, and nothing of size Q × M
 exists beyond one tile per thread. Where torch's library exports the BLAS's gemm (blas_gemm) the
 whole forward is one C++ call, each thread running its blocks' gemm itself; elsewhere the blocks
-run from Python around torch.mm (read_forward_python). Backward, per block: dp = g @ valuesᵀ
-(torch.mm); the weights again from the saved log-sum-exps, the score gradients and from them the
-location and variance gradients (C++); dL/dvalues += weightsᵀ @ g (torch.addmm_), blocks in order.
+run from Python around torch.mm (read_forward_python). The backward likewise (one C++ call where
+the gemm is exported): each thread takes an equal run of the (batch row, query) rows in blocks,
+and per block dp = g @ valuesᵀ (gemm); the weights again from the saved log-sum-exps, the score
+gradients and from them the location and variance gradients; dL/dvalues += weightsᵀ @ g (gemm)
+into the thread's own partial, the partials (values, entry locations and variances) added in
+thread order at the end. Elsewhere read_backward_python: the same per block from Python, the
+products by torch.mm / torch.addmm_, blocks in order.
 
-Determinism (docs/design.md §7): the one-call forward and the C++ parts give the same bits for any
-thread count; the Python-loop forward and the backward's products are the same bits run to run
-for a given thread count, but the BLAS may split a product differently for another. A query read
-in a block of another size (alone rather than in a batch) may differ in the last bits.
+Determinism (docs/design.md §7): the one-call forward and the C++ elementwise parts give the same
+bits for any thread count; the one-call backward, the Python-loop forward and backward are the
+same bits run to run for a given thread count, but another count sums the memory's gradients (or
+the BLAS splits a product) differently. A query read in a block of another size (alone rather
+than in a batch) may differ in the last bits.
 """
 from __future__ import annotations
 
@@ -32,8 +37,15 @@ import torch
 # kernels in one run of interleaved calls, each beside the bare product (float32, d = 2, σ = 10, no
 # threshold, 2 threads on a shared 2-core machine, load ~1.2: runs/abold.py): this forward 0.95-1.13x
 # the bare product at E = 64, 128, 256, 384, 512, 768, 1024 against 0.99-1.27x (the fused kernel
-# ahead only at E = 256 and 512, by 2-5%, within the noise); this backward within the noise of the
-# fused one up to E = 512 (forward + backward 3.1-3.7x either way), ahead from E = 768.
+# ahead only at E = 256 and 512, by 2-5%, within the noise); the backward's Python-loop blocks within
+# the noise of the fused one up to E = 512 (forward + backward 3.1-3.7x either way), ahead from
+# E = 768. The one-call backward (runs/abbw.py, runs/abpy.py: 2 threads, load 1.2-1.4, medians of
+# 7-9 interleaved rounds, forward + backward over the bare product), against the fused backward:
+# 3.27 / 3.28 at (Q, M, E) = (4096, 2048, 256), 3.46 / 3.13 at (4096, 4096, 128), 3.49-3.65 /
+# 3.57-3.61 at (3000, 1500, 512), 3.51-3.63 / 3.44-3.57 at (4096, 2048, 512): no win below E = 768;
+# 3.45-3.64 / 3.74 at (3000, 1500, 768), 2.95-3.07 / 3.20-3.27 at (10000, 1024, 1024), 3.83-3.87 /
+# 3.81-3.93 at (4096, 2048, 1024); and ahead of the Python-loop blocks at every E ≥ 512 measured
+# (3.07 against 3.32 at (10000, 1024, 1024)).
 BLOCKED_FROM_E = 64
 BLOCKED_BACKWARD_FROM_E = 768
 # Locations of fewer dimensions: from 32 on, csrc/read_dense_cpu.cpp computes the scores as a
@@ -106,7 +118,7 @@ def _blas_operand(t: torch.Tensor) -> torch.Tensor:
 class _Blocks:
     """A call's blocks of queries, with the views of the tile that each block size uses (made once:
     the Python per block is a kernel call and the products). `scale` multiplies the rows of a block
-    (the backward's blocks are twice the forward's: each costs three products called from Python)."""
+    (read_backward_python's blocks are twice the forward's: each costs three products called from Python)."""
 
     def __init__(self, module, dtype_name, query_loc, M, name, scale=1):
         Q = query_loc.shape[1]
