@@ -629,21 +629,30 @@ void check_blas_call(const ReadShape& s, View3<const T> values) {
     throw std::invalid_argument("blocked read: M, E and the values' strides must fit the BLAS's int");
 }
 
+// A one-call forward's or backward's per-batch-row metrics and packed entries, and its block rows.
+template <class T>
+struct CallRows {
+  std::vector<Metric<T>> metrics;
+  std::vector<EntryLanes<T>> entries;
+  int64_t rows;
+  CallRows(const ReadShape& s, View3<const T> qvar, View3<const T> mloc, View3<const T> mvar) {
+    for (int64_t b = 0; b < s.B; ++b) {
+      metrics.emplace_back(s, qvar, mvar, b);
+      entries.emplace_back(mloc, b, s.M, s.d);
+    }
+    rows = blocked_read_block_rows(s.Q, entries[0].lanes * int64_t(sizeof(T)));
+  }
+};
+
 template <class T>
 void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                               View3<const T> mvar, View3<const T> values, T* out, T* lse, BlasGemm<T> gemm,
                               BlasLocalThreads local_threads) {
   check_blas_call<T>(s, values);
   if (s.Q == 0 || s.B == 0) return;
-  std::vector<Metric<T>> metrics;
-  std::vector<EntryLanes<T>> entries;
-  for (int64_t b = 0; b < s.B; ++b) {
-    metrics.emplace_back(s, qvar, mvar, b);
-    entries.emplace_back(mloc, b, s.M, s.d);
-  }
-  const int64_t rows = blocked_read_block_rows(s.Q, entries[0].lanes * int64_t(sizeof(T)));
-  dispatch(metrics[0], s.d, [&]<int D, bool Unit>() {
-    forward_impl<T, D, Unit>(s, metrics, qloc, entries, values, out, lse, rows, gemm, local_threads);
+  const CallRows<T> c(s, qvar, mloc, mvar);
+  dispatch(c.metrics[0], s.d, [&]<int D, bool Unit>() {
+    forward_impl<T, D, Unit>(s, c.metrics, qloc, c.entries, values, out, lse, c.rows, gemm, local_threads);
   });
 }
 
@@ -654,16 +663,10 @@ void blocked_read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<co
                                BlasGemm<T> gemm, BlasLocalThreads local_threads) {
   check_blas_call<T>(s, values);
   if (s.Q == 0 || s.B == 0) return;
-  std::vector<Metric<T>> metrics;
-  std::vector<EntryLanes<T>> entries;
-  for (int64_t b = 0; b < s.B; ++b) {
-    metrics.emplace_back(s, qvar, mvar, b);
-    entries.emplace_back(mloc, b, s.M, s.d);
-  }
-  const int64_t rows = blocked_read_block_rows(s.Q, entries[0].lanes * int64_t(sizeof(T)));
-  dispatch(metrics[0], s.d, [&]<int D, bool Unit>() {
-    backward_impl<T, D, Unit>(s, metrics, qloc, entries, values, lse, grad_out, out, g_qloc, g_qvar, g_mloc, g_mvar,
-                              g_values, rows, gemm, local_threads);
+  const CallRows<T> c(s, qvar, mloc, mvar);
+  dispatch(c.metrics[0], s.d, [&]<int D, bool Unit>() {
+    backward_impl<T, D, Unit>(s, c.metrics, qloc, c.entries, values, lse, grad_out, out, g_qloc, g_qvar, g_mloc,
+                              g_mvar, g_values, c.rows, gemm, local_threads);
   });
 }
 
