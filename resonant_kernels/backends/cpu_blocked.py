@@ -39,13 +39,15 @@ import torch
 # the bare product at E = 64, 128, 256, 384, 512, 768, 1024 against 0.99-1.27x (the fused kernel
 # ahead only at E = 256 and 512, by 2-5%, within the noise); the backward's Python-loop blocks within
 # the noise of the fused one up to E = 512 (forward + backward 3.1-3.7x either way), ahead from
-# E = 768. The one-call backward (runs/abbw.py, runs/abpy.py: 2 threads, load 1.2-1.4, medians of
-# 7-9 interleaved rounds, forward + backward over the bare product), against the fused backward:
-# 3.27 / 3.28 at (Q, M, E) = (4096, 2048, 256), 3.46 / 3.13 at (4096, 4096, 128), 3.49-3.65 /
-# 3.57-3.61 at (3000, 1500, 512), 3.51-3.63 / 3.44-3.57 at (4096, 2048, 512): no win below E = 768;
-# 3.45-3.64 / 3.74 at (3000, 1500, 768), 2.95-3.07 / 3.20-3.27 at (10000, 1024, 1024), 3.83-3.87 /
-# 3.81-3.93 at (4096, 2048, 1024); and ahead of the Python-loop blocks at every E ≥ 512 measured
-# (3.07 against 3.32 at (10000, 1024, 1024)).
+# E = 768. The one-call backward (runs/abbw.py, runs/abpy.py, runs/group.py: 2 threads on the shared
+# 2-core machine, load 1.0-1.4, medians of 7-9 interleaved rounds, forward + backward over the bare
+# product, the range over 3-6 runs), against the fused backward: 3.27-3.41 / 3.16-3.37 at
+# (Q, M, E) = (4096, 2048, 256), 3.46-3.64 / 3.13-3.23 at (4096, 4096, 128), 3.49-3.65 / 3.58-3.65
+# at (3000, 1500, 512), 3.51-3.63 / 3.44-3.57 at (4096, 2048, 512): no win below E = 768; from there
+# 3.45-3.64 / 3.69-3.74 at (3000, 1500, 768), 2.95-3.12 / 3.20-3.36 at (10000, 1024, 1024),
+# 3.83-4.06 / 3.81-4.11 at (4096, 2048, 1024). Against the Python-loop blocks it replaced: ahead at
+# E = 512 and 768 and (10000, 1024, 1024) (3.07-3.12 against 3.32-3.33), 3.87-4.06 / 3.88-3.94 at
+# (4096, 2048, 1024).
 BLOCKED_FROM_E = 64
 BLOCKED_BACKWARD_FROM_E = 768
 # Locations of fewer dimensions: from 32 on, csrc/read_dense_cpu.cpp computes the scores as a
