@@ -48,6 +48,13 @@ def _read_shape(query_loc, mem_values, threshold, uniform_var):
     return module().ReadShape(B, Q, M, d, E, threshold, uniform_var >= 0, max(uniform_var, 0.0))
 
 
+def _read_args(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var):
+    """The read's ReadShape and the views of its locations and variances (forward and backward alike)."""
+    shape = _read_shape(query_loc, mem_values, threshold, uniform_var)
+    return shape, (view(query_loc, "query_loc"), view(query_var, "query_var"), view(mem_loc, "mem_loc"),
+                   view(mem_var, "mem_var"))
+
+
 def _blocked(query_loc, mem_values, shape, views, backward=False):
     """Whether the read's forward (backward) goes to cpu_blocked (its rule: cpu_blocked.applies)."""
     return cpu_blocked.applies(module(), DTYPE_NAMES[query_loc.dtype], shape, views[1], views[3],
@@ -56,9 +63,7 @@ def _blocked(query_loc, mem_values, shape, views, backward=False):
 
 def read_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, allow_tf32=False):
     B, Q, _ = query_loc.shape
-    shape = _read_shape(query_loc, mem_values, threshold, uniform_var)
-    views = (view(query_loc, "query_loc"), view(query_var, "query_var"), view(mem_loc, "mem_loc"),
-             view(mem_var, "mem_var"))
+    shape, views = _read_args(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var)
     if _blocked(query_loc, mem_values, shape, views):
         return cpu_blocked.read_forward(module(), DTYPE_NAMES[query_loc.dtype], shape, views, query_loc, mem_values)
     out = mem_values.new_empty((B, Q, mem_values.shape[-1]))
@@ -70,9 +75,7 @@ def read_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, 
 
 def read_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var,
                   allow_tf32=False):
-    shape = _read_shape(query_loc, mem_values, threshold, uniform_var)
-    views = (view(query_loc, "query_loc"), view(query_var, "query_var"), view(mem_loc, "mem_loc"),
-             view(mem_var, "mem_var"))
+    shape, views = _read_args(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var)
     if _blocked(query_loc, mem_values, shape, views, backward=True):
         return cpu_blocked.read_backward(module(), DTYPE_NAMES[query_loc.dtype], shape, views, grad_out, out, lse,
                                          query_loc, mem_loc, mem_values)

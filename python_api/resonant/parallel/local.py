@@ -298,9 +298,9 @@ class LocalEngine:
         p.conn = p.process = None
         if self.on_worker_error == "restart" and stats.may_restart(self.max_restarts):
             p.restarts += 1
-            where = ", ".join(f"{w} at its episode {self._episodes_done[w]}" for w in p.workers)
-            print(f"resonant.parallel: restarting worker {where} "
-                  f"(restart {stats.restarts} of at most {self.max_restarts})", file=sys.stderr, flush=True)
+            where = ", ".join(f"worker {w} from its episode {self._episodes_done[w]}" for w in p.workers)
+            print(f"resonant.parallel: restarting {where} (restart {stats.restarts} of at most {self.max_restarts})",
+                  file=sys.stderr, flush=True)
             self._start(p, spec, stats)
             return None
         stats.stop_reason = f"{p.name} failed"
