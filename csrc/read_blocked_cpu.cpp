@@ -73,6 +73,12 @@ constexpr int64_t kMaxGenericDim = 31;  // the blocked read takes d < 32 (cpu_bl
 // 512 KB 1.04-1.30x (E = 1024: blocks of 128 queries).
 constexpr int64_t kTileBytes = int64_t(1) << 20;
 constexpr int64_t kLeastRows = 16, kMostRows = 512;
+// The one-call backward's blocks: this many times the forward's rows (a weights and a dp tile of
+// ~2 MB each per thread). Its dL/dvalues product adds a block's weightsᵀ · g into the thread's
+// M × E partial, which then is read and written once per block: at (Q, M, E) = (3000, 1500, 512)
+// forward + backward took 3.66x the bare product with 1x, 3.46x with 2x, 3.45-3.50x with 3-4x
+// (resonant_kernels/backends/cpu_blocked.py has the measurements).
+constexpr int64_t kBackwardRows = 2;
 constexpr size_t kRetainTileBytes = size_t(16) << 20;  // a thread's tile kept from call to call up to this
 
 #if defined(__AVX512F__)
@@ -666,7 +672,7 @@ void blocked_read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<co
   const CallRows<T> c(s, qvar, mloc, mvar);
   dispatch(c.metrics[0], s.d, [&]<int D, bool Unit>() {
     backward_impl<T, D, Unit>(s, c.metrics, qloc, c.entries, values, lse, grad_out, out, g_qloc, g_qvar, g_mloc,
-                              g_mvar, g_values, c.rows, gemm, local_threads);
+                              g_mvar, g_values, std::min(s.Q, c.rows * kBackwardRows), gemm, local_threads);
   });
 }
 

@@ -34,22 +34,20 @@ from typing import Optional
 import torch
 
 # Values at least this wide (forward; backward). Measured against csrc/read_dense_cpu.cpp's fused
-# kernels in one run of interleaved calls, each beside the bare product (float32, d = 2, σ = 10, no
-# threshold, 2 threads on a shared 2-core machine, load ~1.2: runs/abold.py): this forward 0.95-1.13x
-# the bare product at E = 64, 128, 256, 384, 512, 768, 1024 against 0.99-1.27x (the fused kernel
-# ahead only at E = 256 and 512, by 2-5%, within the noise); the backward's Python-loop blocks within
-# the noise of the fused one up to E = 512 (forward + backward 3.1-3.7x either way), ahead from
-# E = 768. The one-call backward (runs/abbw.py, runs/abpy.py, runs/group.py: 2 threads on the shared
-# 2-core machine, load 1.0-1.4, medians of 7-9 interleaved rounds, forward + backward over the bare
-# product, the range over 3-6 runs), against the fused backward: 3.27-3.41 / 3.16-3.37 at
-# (Q, M, E) = (4096, 2048, 256), 3.46-3.64 / 3.13-3.23 at (4096, 4096, 128), 3.49-3.65 / 3.58-3.65
-# at (3000, 1500, 512), 3.51-3.63 / 3.44-3.57 at (4096, 2048, 512): no win below E = 768; from there
-# 3.45-3.64 / 3.69-3.74 at (3000, 1500, 768), 2.95-3.12 / 3.20-3.36 at (10000, 1024, 1024),
-# 3.83-4.06 / 3.81-4.11 at (4096, 2048, 1024). Against the Python-loop blocks it replaced: ahead at
-# E = 512 and 768 and (10000, 1024, 1024) (3.07-3.12 against 3.32-3.33), 3.87-4.06 / 3.88-3.94 at
-# (4096, 2048, 1024).
+# kernels in interleaved calls, each beside the bare product (float32, d = 2, σ = 10, no threshold,
+# 2 threads on a 2-core machine, medians of 7-9 rounds; forward + backward over the bare product).
+# Forward (load ~1.2): 0.95-1.13x at E = 64, 128, 256, 384, 512, 768, 1024 against the fused
+# kernel's 0.99-1.27x. Backward, the one-call backward with blocks twice the forward's
+# (kBackwardRows in csrc/read_blocked_cpu.cpp) against the fused backward, two quiet runs (load
+# 1.2-1.3): 3.33 / 3.39 and 3.43 / 3.56 at (Q, M, E) = (4096, 2048, 64), 3.45 / 3.48 at
+# (4096, 2048, 128), 3.49 / 3.47 and 3.48 / 3.35 at (4096, 4096, 128), 3.33 / 3.43 and 3.40 / 3.55 at
+# (4096, 2048, 256), 3.46 / 3.64 and 3.46 / 3.70 at (3000, 1500, 512), 3.61 / 3.91 at
+# (10000, 1024, 1024): ahead from E = 256, level below. With blocks of the forward's size it was no
+# faster than the fused backward below E = 768 (3.66 at (3000, 1500, 512)): its per-block
+# dL/dvalues product, weightsᵀ (M × rows) times the block's gradients, adds into an M × E partial
+# that twice the rows update half as often.
 BLOCKED_FROM_E = 64
-BLOCKED_BACKWARD_FROM_E = 768
+BLOCKED_BACKWARD_FROM_E = 64
 # Locations of fewer dimensions: from 32 on, csrc/read_dense_cpu.cpp computes the scores as a
 # product too, which these direct scores (d operations per pair) are not.
 BLOCKED_BELOW_D = 32
