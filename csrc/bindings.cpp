@@ -90,6 +90,20 @@ void blocked_read_forward(const std::string& dtype, const rk::ReadShape& s, cons
   });
 }
 
+void blocked_read_backward(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
+                           const Arr& mloc, const Arr& mvar, const Arr& values, uintptr_t lse, uintptr_t grad_out,
+                           uintptr_t out, uintptr_t g_qloc, uintptr_t g_qvar, uintptr_t g_mloc, uintptr_t g_mvar,
+                           uintptr_t g_values, uintptr_t gemm, uintptr_t local_threads) {
+  if (!gemm) throw std::invalid_argument("blocked read: no BLAS gemm");
+  by_dtype(dtype, [&]<class T>() {
+    rk::blocked_read_backward_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), view<T>(values),
+                                     ptr<const T>(lse), ptr<const T>(grad_out), ptr<const T>(out), ptr<T>(g_qloc),
+                                     ptr<T>(g_qvar), ptr<T>(g_mloc), ptr<T>(g_mvar), ptr<T>(g_values),
+                                     reinterpret_cast<rk::BlasGemm<T>>(gemm),
+                                     reinterpret_cast<rk::BlasLocalThreads>(local_threads));
+  });
+}
+
 void blocked_read_backward_block(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
                                  const Arr& mloc, const Arr& mvar, int64_t b, int64_t q0, int64_t n, uintptr_t lse,
                                  uintptr_t grad_out, uintptr_t out, uintptr_t tile, uintptr_t dp, int64_t ld,
@@ -160,6 +174,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("blocked_read_weights", &blocked_read_weights, py::call_guard<py::gil_scoped_release>());
   m.def("blocked_read_forward", &blocked_read_forward, py::call_guard<py::gil_scoped_release>());
   m.def("blocked_read_block_rows", &rk::blocked_read_block_rows);
+  m.def("blocked_read_backward", &blocked_read_backward, py::call_guard<py::gil_scoped_release>());
   m.def("blocked_read_backward_block", &blocked_read_backward_block, py::call_guard<py::gil_scoped_release>());
   py::class_<rk::LooShape>(m, "LooShape")
       .def(py::init([](int64_t B, int64_t M, int64_t d, int64_t E, double threshold, bool uniform_var,

@@ -21,13 +21,16 @@
 // block's rows in order): the weights again (from the saved log-sum-exp), ds = w (dp − δ_i), the
 // entries' location and variance sums in the chunk's own arrays (added to the gradient at the end,
 // chunks holding disjoint entries), and the queries' sums as per-chunk partials added over the
-// chunks in chunk order: the same bits for any thread count.
+// chunks in chunk order: the same bits for any thread count. The one-call backward
+// (blocked_read_backward_cpu) runs that per block on one thread, the blocks' products by the BLAS
+// on the same thread, the entries' sums in per-thread partials (backward_impl).
 #include "read_blocked_cpu.h"
 
 #include "fast_exp.h"
 #include "read_dense_common.h"
 
 #include <algorithm>
+#include <memory>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -70,6 +73,12 @@ constexpr int64_t kMaxGenericDim = 31;  // the blocked read takes d < 32 (cpu_bl
 // 512 KB 1.04-1.30x (E = 1024: blocks of 128 queries).
 constexpr int64_t kTileBytes = int64_t(1) << 20;
 constexpr int64_t kLeastRows = 16, kMostRows = 512;
+// The one-call backward's blocks: this many times the forward's rows (a weights and a dp tile of
+// ~2 MB each per thread). Its dL/dvalues product adds a block's weightsᵀ · g into the thread's
+// M × E partial, which then is read and written once per block: at (Q, M, E) = (3000, 1500, 512)
+// forward + backward took 3.66x the bare product with 1x, 3.46x with 2x, 3.45-3.50x with 3-4x
+// (resonant_kernels/backends/cpu_blocked.py has the measurements).
+constexpr int64_t kBackwardRows = 2;
 constexpr size_t kRetainTileBytes = size_t(16) << 20;  // a thread's tile kept from call to call up to this
 
 #if defined(__AVX512F__)
@@ -352,10 +361,12 @@ void chunk_grads(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, c
   }
 }
 
+// g_mloc_b / g_mvar_b: batch row b's (M, d) sums, added to; `threads` runs the chunks (1: on the
+// calling thread, as the one-call backward's threads do with their blocks).
 template <class T, int D, bool Unit>
 void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, const EntryLanes<T>& m, int64_t b,
                 int64_t q0, int64_t n, const T* lse, const T* grad_out, const T* out, T* tile, const T* dp, int64_t ld,
-                T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar) {
+                T* g_qloc, T* g_qvar, T* g_mloc_b, T* g_mvar_b, int threads) {
   const int64_t d = s.d, E = s.E, M = s.M, sums = 1 + 2 * d;
   const Chunks cut = column_chunks<T>(m.lanes);
   const int64_t chunks = cut.count;
@@ -372,7 +383,7 @@ void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, co
   using S = typename Cfg<T>::S;
   using Vec = typename Cfg<T>::Vec;
   std::vector<T> part(size_t(chunks * std::max<int64_t>(n, 1) * sums * L));
-#pragma omp parallel num_threads(threads_for(chunks))
+#pragma omp parallel num_threads(std::min(threads, threads_for(chunks)))
   {
     std::vector<T> acc(size_t(sums * cut.width));
 #pragma omp for schedule(dynamic, 1)
@@ -386,8 +397,8 @@ void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, co
         const int64_t l = j - j_begin;
         for (int64_t k = 0; k < d; ++k) {
           const T inv = mt.inv(k);
-          T* gm = g_mloc + (b * M + j) * d + k;
-          T* gv = g_mvar + (b * M + j) * d + k;
+          T* gm = g_mloc_b + j * d + k;
+          T* gv = g_mvar_b + j * d + k;
           *gm += acc[(1 + k) * width + l] * inv;
           *gv += T(0.5) * (acc[(1 + d + k) * width + l] * inv * inv - acc[l] * inv);
         }
@@ -465,6 +476,100 @@ void forward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, Vie
   }
 }
 
+// The whole backward in one call, like the forward: thread t of T takes the t-th of T equal runs
+// of the call's (batch row, query) rows, cut into blocks of at most `rows` queries within a batch
+// row (so the threads' shares differ by one query at most, and which queries a thread sums is fixed
+// by the shapes and the thread count). Per block: dp = g_block · valuesᵀ by `gemm` on that thread,
+// the weights again from the saved lse with the score, query and entry gradients (grads_impl on
+// this thread alone), and the thread's partial dL/dvalues += weightsᵀ · g_block (gemm, beta = 1
+// after the thread's first block of a batch row). The entries' gradients (values, locations,
+// variances) are per-thread partials over the batch rows the thread's run touches, added at the
+// end over the threads in thread order: the same bits run to run for a given thread count
+// (another count cuts the sums otherwise). Scratch per thread: two tiles (weights, dp) of `rows`
+// rows, kept from call to call up to kRetainTileBytes, and its partials.
+template <class T, int D, bool Unit>
+void backward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, View3<const T> qloc,
+                   const std::vector<EntryLanes<T>>& entries, View3<const T> values, const T* lse, const T* grad_out,
+                   const T* out, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values, int64_t rows,
+                   BlasGemm<T> gemm, BlasLocalThreads local_threads) {
+  const int64_t B = s.B, Q = s.Q, E = s.E, M = s.M, d = s.d, total = B * Q;
+  const int64_t ld = entries[0].lanes;
+  const bool row_major = values.sc == 1;
+  const int threads = threads_for((total + rows - 1) / rows);
+  // thread t: global rows [first[t], first[t + 1]) (row b · Q + q), batch rows b_first(t) .. b_last(t)
+  std::vector<int64_t> first(size_t(threads) + 1);
+  for (int t = 0; t <= threads; ++t) first[t] = total * t / threads;
+  auto b_first = [&](int t) { return first[t] / Q; };
+  auto b_last = [&](int t) { return (first[t + 1] - 1) / Q; };
+  std::vector<std::unique_ptr<T[]>> part_values(threads);
+  std::vector<std::vector<T>> part_loc(threads), part_var(threads);
+#pragma omp parallel num_threads(threads)
+  {
+    int t = 0;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+#endif
+    const int64_t b0 = b_first(t), nb = b_last(t) - b0 + 1;
+    part_values[t].reset(new T[size_t(nb * M * E)]);  // each batch row's written by its first block (beta = 0)
+    part_loc[t].assign(size_t(nb * M * d), T(0));
+    part_var[t].assign(size_t(nb * M * d), T(0));
+    thread_local ThreadTile<T> tile_buf, dp_buf;
+    T* tile = tile_buf.get(size_t(rows * ld));
+    T* dp = dp_buf.get(size_t(rows * ld));
+    const int previous = local_threads ? local_threads(1) : 0;
+    const char trans_v = row_major ? 'T' : 'N';
+    const int ldv = int(row_major ? values.sr : values.sc), m_ = int(M), e_ = int(E), ldt = int(ld);
+    const T one = T(1), zero = T(0);
+    int64_t previous_b = -1;
+    for (int64_t at = first[t]; at < first[t + 1];) {
+      const int64_t b = at / Q, q0 = at % Q, n = std::min({rows, Q - q0, first[t + 1] - at});
+      at += n;
+      const int n_ = int(n);
+      const T* g = grad_out + (b * Q + q0) * E;
+      // dp rows (row-major n × M, ld) = g (n × E) · valuesᵀ: column-major dpᵀ (M × n) = values (M × E) · gᵀ;
+      // the lanes past M zero (grads_impl reads whole vectors: 0 × a zero weight)
+      gemm(&trans_v, "N", &m_, &n_, &e_, &one, values.row(b, 0), &ldv, g, &e_, &zero, dp, &ldt);
+      for (int64_t i = 0; i < n; ++i) std::fill(dp + i * ld + M, dp + (i + 1) * ld, T(0));
+      grads_impl<T, D, Unit>(s, metrics[b], qloc, entries[b], b, q0, n, lse + b * Q + q0, grad_out, out, tile, dp, ld,
+                             g_qloc, g_qvar, part_loc[t].data() + (b - b0) * M * d,
+                             part_var[t].data() + (b - b0) * M * d, 1);
+      // dL/dvalues rows (row-major M × E) += weightsᵀ (M × n) · g (n × E): column-major, its transpose
+      // (E × M) += gᵀ (E × n) · weights (n × M)
+      const T* beta = b == previous_b ? &one : &zero;
+      gemm("N", "T", &e_, &m_, &n_, &one, g, &e_, tile, &ldt, beta, part_values[t].get() + (b - b0) * M * E, &e_);
+      previous_b = b;
+    }
+    if (local_threads) local_threads(previous);
+    for (ThreadTile<T>* buf : {&tile_buf, &dp_buf})
+      if (buf->data.capacity() * sizeof(T) > kRetainTileBytes) buf->data = std::vector<T>();
+#pragma omp barrier
+    // the partials added over the threads in thread order, each (batch row, entry) by one thread
+    for (int64_t bj = B * M * t / threads; bj < B * M * (t + 1) / threads; ++bj) {
+      const int64_t b = bj / M, j = bj % M;
+      T* gv = g_values + bj * E;
+      T* gl = g_mloc + bj * d;
+      T* gr = g_mvar + bj * d;
+      bool any = false;
+      for (int u = 0; u < threads; ++u) {
+        if (b < b_first(u) || b > b_last(u)) continue;
+        const int64_t at = (b - b_first(u)) * M + j;
+        const T* pvu = part_values[u].get() + at * E;
+        const T* plu = part_loc[u].data() + at * d;
+        const T* pru = part_var[u].data() + at * d;
+        if (!any) {
+          std::copy(pvu, pvu + E, gv);
+          std::copy(plu, plu + d, gl);
+          std::copy(pru, pru + d, gr);
+          any = true;
+        } else {
+          for (int64_t e = 0; e < E; ++e) gv[e] += pvu[e];
+          for (int64_t k = 0; k < d; ++k) gl[k] += plu[k], gr[k] += pru[k];
+        }
+      }
+    }
+  }
+}
+
 template <class T, class F>
 void dispatch(const Metric<T>& mt, int64_t d, F&& f) {
   dispatch_dim(d, [&]<int D>() {
@@ -508,8 +613,8 @@ void blocked_read_backward_block_cpu(const ReadShape& s, View3<const T> qloc, Vi
   const Metric<T> mt(s, qvar, mvar, b);
   const EntryLanes<T> m(mloc, b, s.M, s.d);
   dispatch(mt, s.d, [&]<int D, bool Unit>() {
-    grads_impl<T, D, Unit>(s, mt, qloc, m, b, q0, n, lse, grad_out, out, tile, dp, ld, g_qloc, g_qvar, g_mloc,
-                           g_mvar);
+    grads_impl<T, D, Unit>(s, mt, qloc, m, b, q0, n, lse, grad_out, out, tile, dp, ld, g_qloc, g_qvar,
+                           g_mloc + b * s.M * s.d, g_mvar + b * s.M * s.d, threads_for(s.M));
   });
 }
 
@@ -518,10 +623,9 @@ int64_t blocked_read_block_rows(int64_t Q, int64_t row_bytes) {
   return std::max<int64_t>(1, std::min(rows / kLeastRows * kLeastRows, Q));
 }
 
+// The one-call forward's and backward's arguments: what the BLAS calls need.
 template <class T>
-void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
-                              View3<const T> mvar, View3<const T> values, T* out, T* lse, BlasGemm<T> gemm,
-                              BlasLocalThreads local_threads) {
+void check_blas_call(const ReadShape& s, View3<const T> values) {
   if (s.threshold >= 0 || s.d < 1 || s.d > kMaxGenericDim || s.M < 1 || s.E < 1)
     throw std::invalid_argument("blocked read: only calls without a threshold, 1 ≤ d ≤ 31, M ≥ 1 and E ≥ 1");
   const bool row_major = values.sc == 1 && values.sr >= s.E, column_major = values.sr == 1 && values.sc >= s.M;
@@ -529,16 +633,46 @@ void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<con
     throw std::invalid_argument("blocked read: the values need one unit stride and the other at least their width");
   if (std::max({s.M, s.E, round_up(s.M, Cfg<T>::L), values.sr, values.sc}) > int64_t(std::numeric_limits<int>::max()))
     throw std::invalid_argument("blocked read: M, E and the values' strides must fit the BLAS's int");
-  if (s.Q == 0 || s.B == 0) return;
+}
+
+// A one-call forward's or backward's per-batch-row metrics and packed entries, and its block rows.
+template <class T>
+struct CallRows {
   std::vector<Metric<T>> metrics;
   std::vector<EntryLanes<T>> entries;
-  for (int64_t b = 0; b < s.B; ++b) {
-    metrics.emplace_back(s, qvar, mvar, b);
-    entries.emplace_back(mloc, b, s.M, s.d);
+  int64_t rows;
+  CallRows(const ReadShape& s, View3<const T> qvar, View3<const T> mloc, View3<const T> mvar) {
+    for (int64_t b = 0; b < s.B; ++b) {
+      metrics.emplace_back(s, qvar, mvar, b);
+      entries.emplace_back(mloc, b, s.M, s.d);
+    }
+    rows = blocked_read_block_rows(s.Q, entries[0].lanes * int64_t(sizeof(T)));
   }
-  const int64_t rows = blocked_read_block_rows(s.Q, entries[0].lanes * int64_t(sizeof(T)));
-  dispatch(metrics[0], s.d, [&]<int D, bool Unit>() {
-    forward_impl<T, D, Unit>(s, metrics, qloc, entries, values, out, lse, rows, gemm, local_threads);
+};
+
+template <class T>
+void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                              View3<const T> mvar, View3<const T> values, T* out, T* lse, BlasGemm<T> gemm,
+                              BlasLocalThreads local_threads) {
+  check_blas_call<T>(s, values);
+  if (s.Q == 0 || s.B == 0) return;
+  const CallRows<T> c(s, qvar, mloc, mvar);
+  dispatch(c.metrics[0], s.d, [&]<int D, bool Unit>() {
+    forward_impl<T, D, Unit>(s, c.metrics, qloc, c.entries, values, out, lse, c.rows, gemm, local_threads);
+  });
+}
+
+template <class T>
+void blocked_read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                               View3<const T> mvar, View3<const T> values, const T* lse, const T* grad_out,
+                               const T* out, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values,
+                               BlasGemm<T> gemm, BlasLocalThreads local_threads) {
+  check_blas_call<T>(s, values);
+  if (s.Q == 0 || s.B == 0) return;
+  const CallRows<T> c(s, qvar, mloc, mvar);
+  dispatch(c.metrics[0], s.d, [&]<int D, bool Unit>() {
+    backward_impl<T, D, Unit>(s, c.metrics, qloc, c.entries, values, lse, grad_out, out, g_qloc, g_qvar, g_mloc,
+                              g_mvar, g_values, std::min(s.Q, c.rows * kBackwardRows), gemm, local_threads);
   });
 }
 
@@ -558,6 +692,14 @@ template void blocked_read_forward_cpu<float>(const ReadShape&, View3<const floa
 template void blocked_read_forward_cpu<double>(const ReadShape&, View3<const double>, View3<const double>,
                                                View3<const double>, View3<const double>, View3<const double>,
                                                double*, double*, BlasGemm<double>, BlasLocalThreads);
+template void blocked_read_backward_cpu<float>(const ReadShape&, View3<const float>, View3<const float>,
+                                               View3<const float>, View3<const float>, View3<const float>,
+                                               const float*, const float*, const float*, float*, float*, float*,
+                                               float*, float*, BlasGemm<float>, BlasLocalThreads);
+template void blocked_read_backward_cpu<double>(const ReadShape&, View3<const double>, View3<const double>,
+                                                View3<const double>, View3<const double>, View3<const double>,
+                                                const double*, const double*, const double*, double*, double*,
+                                                double*, double*, double*, BlasGemm<double>, BlasLocalThreads);
 #undef RK_INSTANTIATE
 
 }  // namespace rk

@@ -35,6 +35,17 @@ void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<con
                               View3<const T> mvar, View3<const T> values, T* out, T* lse, BlasGemm<T> gemm,
                               BlasLocalThreads local_threads);
 
+// The whole backward of blocked_read_forward_cpu (lse, grad_out, out contiguous (B, Q, ·); writes
+// g_qloc, g_qvar (B, Q, d), g_mloc, g_mvar (B, M, d), g_values (B, M, E), all contiguous), blocks of
+// queries dealt to the threads in fixed runs, each thread's BLAS calls on its own thread; the
+// entries' gradients summed per thread and added over the threads in thread order (the same bits
+// run to run for a given thread count). Values as for the forward.
+template <class T>
+void blocked_read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                               View3<const T> mvar, View3<const T> values, const T* lse, const T* grad_out,
+                               const T* out, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values,
+                               BlasGemm<T> gemm, BlasLocalThreads local_threads);
+
 // Entries per weights row, rounded up to whole vectors: a tile row's stride must be at least this.
 int64_t blocked_read_row_lanes(bool is_double, int64_t M);
 

@@ -234,7 +234,7 @@ def run_sample(C, shape, dtype, layouts, threshold, uniform, at_end):
 
 
 def run_blocked(C, shape, dtype, layouts, threshold, uniform, at_end):
-    """csrc/read_blocked_cpu.cpp's kernels: the one-call forward (where torch exports a BLAS gemm),
+    """csrc/read_blocked_cpu.cpp's kernels: the one-call forward and backward (where torch exports a BLAS gemm),
     and the block kernels on the last n = min(Q, 5) queries of the last batch row (resonant_kernels/backends/cpu_blocked.py's blocks): tile, dp, lse and scale exactly one
     block's size, the tile rows blocked_read_row_lanes long (the kernels write and read whole
     vectors up to there). Only calls the blocked read takes: no threshold, a variance every pair
@@ -273,6 +273,10 @@ def run_blocked(C, shape, dtype, layouts, threshold, uniform, at_end):
         out_all, lse_all = out_buffer((B, Q, E), dtype, at_end), out_buffer((B, Q), dtype, at_end)
         C.blocked_read_forward(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), arr(values), out_all.data_ptr(),
                                lse_all.data_ptr(), *gemm)
+        # the one-call backward from that forward's lse, every gradient exactly its size
+        all_grads = [out_buffer(sh, dtype, at_end) for sh in ((B, Q, d), (B, Q, d), (B, M, d), (B, M, d), (B, M, E))]
+        C.blocked_read_backward(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), arr(values), lse_all.data_ptr(),
+                                grad_out.data_ptr(), out_all.data_ptr(), *(g.data_ptr() for g in all_grads), *gemm)
 
 
 def _blocked_shapes():

@@ -226,3 +226,71 @@ def test_an_empty_batch_reads_nothing_and_does_not_crash(E):
     out = rk.gaussian_read(q, 1.0, m, 1.0, z, backend="cpu")
     out.sum().backward()
     assert out.shape == (0, 30, E) and z.grad.shape == (0, 40, E)
+
+
+_BACKWARD_THREADS_SCRIPT = r"""
+import sys, torch, resonant_kernels as rk
+from resonant_kernels.backends import cpu_blocked
+sys.path.insert(0, sys.argv[2])
+from test_read_cpu_paths import read_and_grads
+gen = torch.Generator().manual_seed(0)
+runs = []
+# (batch rows, Q, M, E): three blocks of 512 queries per batch row, the last short, so that with 2-4
+# threads a thread's run of blocks ends inside a batch row and two threads' partials share it
+for B, Q, M, E in ((3, 1100, 300, cpu_blocked.BLOCKED_BACKWARD_FROM_E + 3), (1, 1, 40, cpu_blocked.BLOCKED_BACKWARD_FROM_E)):
+    for dtype in (torch.float32, torch.float64):
+        q, m = torch.randn(B, Q, 2, generator=gen, dtype=dtype), torch.randn(B, M, 2, generator=gen, dtype=dtype)
+        z = torch.randn(B, M, E, generator=gen, dtype=dtype)
+        cot = torch.randn(B, Q, E, generator=gen, dtype=torch.float64)
+        first = read_and_grads("cpu", q, 0.8, m, 0.9, z, None, cot)
+        again = read_and_grads("cpu", q, 0.8, m, 0.9, z, None, cot)
+        same = torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+        runs.append(((q, m, z, cot), first, same))
+torch.save(runs, sys.argv[1])
+"""
+
+
+def test_blocked_backward_with_1_to_4_threads_matches_the_oracle_and_repeats_its_bits(tmp_path):
+    """The one-call backward: each thread's run of blocks summed into its own partials of the entries'
+    gradients, added over the threads in order. With 1, 2, 3 and 4 threads (runs that end inside a
+    batch row, float32 and float64, batch dims, a single query): every gradient within the oracle's
+    tolerance, and a second call the same bits as the first."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    if cpu_blocked.blas_gemm("float32") is None:
+        pytest.skip("torch's library exports no BLAS gemm: the backward runs from Python")
+    from test_read_cpu_paths import EPS, assert_within, conditioning
+
+    tests_dir = str(pathlib.Path(__file__).parent)
+    for threads in (1, 2, 3, 4):
+        path = tmp_path / f"t{threads}.pt"
+        run = subprocess.run([sys.executable, "-c", _BACKWARD_THREADS_SCRIPT, str(path), tests_dir],
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        for (q, m, z, cot), (out, grads), same in torch.load(path):
+            assert same, f"{threads} threads: a second call gave other bits"
+            oracle, oracle_grads = read_and_grads("reference", to64(q), 0.8, to64(m), 0.9, to64(z), None, cot)
+            eps, cond = EPS[q.dtype], conditioning(q, 0.8, m, 0.9, None)
+            assert_within(out, oracle, eps, cond, "read")
+            terms = float(cot.abs().max()) * float(z.abs().max()) * z.shape[-1] ** 0.5
+            for i, (g, og) in enumerate(zip(grads, oracle_grads)):
+                assert_within(g, og, eps, 4 * cond, f"{threads} threads, gradient {i}", terms)
+
+
+def test_the_one_call_backward_rejects_values_the_blas_cannot_read():
+    from resonant_kernels import _C
+
+    q, m = torch.zeros(1, 4, 2), torch.zeros(1, 20, 2)
+    var = torch.ones(1, 1, 2).expand(1, 4, 2)
+    shape = _C.ReadShape(1, 4, 20, 2, 8, -1.0, True, 1.0)
+    views = tuple((t.data_ptr(), *t.stride()) for t in (q, var, m, var))
+    values = torch.zeros(1, 20, 16)[:, :, ::2]  # no unit stride
+    # lse, grad_out, out; the gradients of the query locations and variances, the entries', the values'
+    buffers = [torch.zeros(n) for n in (4, 32, 32, 8, 8, 40, 40, 160)]
+    with pytest.raises(ValueError, match="unit stride"):
+        _C.blocked_read_backward("float32", shape, *views, (values.data_ptr(), *values.stride()),
+                                 *(b.data_ptr() for b in buffers), *cpu_blocked.blas_gemm("float32") or (1, 0))

@@ -9,14 +9,19 @@ tile with the values, each product row then divided by its weights' sum: the pro
 `logits @ V`'s, the elementwise work a few vector operations per pair, and nothing of size Q × M
 exists beyond one tile per thread. Where torch's library exports the BLAS's gemm (blas_gemm) the
 whole forward is one C++ call, each thread running its blocks' gemm itself; elsewhere the blocks
-run from Python around torch.mm (read_forward_python). Backward, per block: dp = g @ valuesᵀ
-(torch.mm); the weights again from the saved log-sum-exps, the score gradients and from them the
-location and variance gradients (C++); dL/dvalues += weightsᵀ @ g (torch.addmm_), blocks in order.
+run from Python around torch.mm (read_forward_python). The backward likewise (one C++ call where
+the gemm is exported): each thread takes an equal run of the (batch row, query) rows in blocks,
+and per block dp = g @ valuesᵀ (gemm); the weights again from the saved log-sum-exps, the score
+gradients and from them the location and variance gradients; dL/dvalues += weightsᵀ @ g (gemm)
+into the thread's own partial, the partials (values, entry locations and variances) added in
+thread order at the end. Elsewhere read_backward_python: the same per block from Python, the
+products by torch.mm / torch.addmm_, blocks in order.
 
-Determinism (docs/design.md §7): the one-call forward and the C++ parts give the same bits for any
-thread count; the Python-loop forward and the backward's products are the same bits run to run
-for a given thread count, but the BLAS may split a product differently for another. A query read
-in a block of another size (alone rather than in a batch) may differ in the last bits.
+Determinism (docs/design.md §7): the one-call forward and the C++ elementwise parts give the same
+bits for any thread count; the one-call backward, the Python-loop forward and backward are the
+same bits run to run for a given thread count, but another count sums the memory's gradients (or
+the BLAS splits a product) differently. A query read in a block of another size (alone rather
+than in a batch) may differ in the last bits.
 """
 from __future__ import annotations
 
@@ -29,13 +34,20 @@ from typing import Optional
 import torch
 
 # Values at least this wide (forward; backward). Measured against csrc/read_dense_cpu.cpp's fused
-# kernels in one run of interleaved calls, each beside the bare product (float32, d = 2, σ = 10, no
-# threshold, 2 threads on a shared 2-core machine, load ~1.2: runs/abold.py): this forward 0.95-1.13x
-# the bare product at E = 64, 128, 256, 384, 512, 768, 1024 against 0.99-1.27x (the fused kernel
-# ahead only at E = 256 and 512, by 2-5%, within the noise); this backward within the noise of the
-# fused one up to E = 512 (forward + backward 3.1-3.7x either way), ahead from E = 768.
+# kernels in interleaved calls, each beside the bare product (float32, d = 2, σ = 10, no threshold,
+# 2 threads on a 2-core machine, medians of 7-9 rounds; forward + backward over the bare product).
+# Forward (load ~1.2): 0.95-1.13x at E = 64, 128, 256, 384, 512, 768, 1024 against the fused
+# kernel's 0.99-1.27x. Backward, the one-call backward with blocks twice the forward's
+# (kBackwardRows in csrc/read_blocked_cpu.cpp) against the fused backward, two quiet runs (load
+# 1.2-1.3): 3.33 / 3.39 and 3.43 / 3.56 at (Q, M, E) = (4096, 2048, 64), 3.45 / 3.48 at
+# (4096, 2048, 128), 3.49 / 3.47 and 3.48 / 3.35 at (4096, 4096, 128), 3.33 / 3.43 and 3.40 / 3.55 at
+# (4096, 2048, 256), 3.46 / 3.64 and 3.46 / 3.70 at (3000, 1500, 512), 3.61 / 3.91 at
+# (10000, 1024, 1024): ahead from E = 256, level below. With blocks of the forward's size it was no
+# faster than the fused backward below E = 768 (3.66 at (3000, 1500, 512)): its per-block
+# dL/dvalues product, weightsᵀ (M × rows) times the block's gradients, adds into an M × E partial
+# that twice the rows update half as often.
 BLOCKED_FROM_E = 64
-BLOCKED_BACKWARD_FROM_E = 768
+BLOCKED_BACKWARD_FROM_E = 64
 # Locations of fewer dimensions: from 32 on, csrc/read_dense_cpu.cpp computes the scores as a
 # product too, which these direct scores (d operations per pair) are not.
 BLOCKED_BELOW_D = 32
@@ -106,7 +118,7 @@ def _blas_operand(t: torch.Tensor) -> torch.Tensor:
 class _Blocks:
     """A call's blocks of queries, with the views of the tile that each block size uses (made once:
     the Python per block is a kernel call and the products). `scale` multiplies the rows of a block
-    (the backward's blocks are twice the forward's: each costs three products called from Python)."""
+    (read_backward_python's blocks are twice the forward's: each costs three products called from Python)."""
 
     def __init__(self, module, dtype_name, query_loc, M, name, scale=1):
         Q = query_loc.shape[1]
@@ -157,10 +169,30 @@ def read_backward(module, dtype_name, shape, views, grad_out, out, lse, query_lo
     B, Q, d = query_loc.shape
     M, E = mem_values.shape[1:]
     g_qloc, g_qvar = query_loc.new_empty((B, Q, d)), query_loc.new_empty((B, Q, d))
+    gemm = blas_gemm(dtype_name)
+    if gemm is not None and B and Q:  # the whole call in C++ (writing every gradient), each thread's blocks
+        # multiplied by the BLAS on that thread
+        g_mloc, g_mvar = mem_loc.new_empty((B, M, d)), mem_loc.new_empty((B, M, d))
+        g_values = mem_values.new_empty((B, M, E))
+        values = _blas_operand(mem_values)
+        grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+        module.blocked_read_backward(dtype_name, shape, *views, (values.data_ptr(), *values.stride()), lse.data_ptr(),
+                                     grad_out.data_ptr(), out.data_ptr(), g_qloc.data_ptr(), g_qvar.data_ptr(),
+                                     g_mloc.data_ptr(), g_mvar.data_ptr(), g_values.data_ptr(), *gemm)
+        return g_qloc, g_qvar, g_mloc, g_mvar, g_values
     g_mloc, g_mvar = mem_loc.new_zeros((B, M, d)), mem_loc.new_zeros((B, M, d))
     g_values = mem_values.new_zeros((B, M, E))
     if B == 0 or Q == 0:
         return g_qloc, g_qvar, g_mloc, g_mvar, g_values
+    return read_backward_python(module, dtype_name, shape, views, grad_out, out, lse, query_loc, mem_values,
+                                (g_qloc, g_qvar, g_mloc, g_mvar, g_values))
+
+
+def read_backward_python(module, dtype_name, shape, views, grad_out, out, lse, query_loc, mem_values, grads):
+    """The backward's blocks from Python, around torch.mm (where torch's BLAS exports no gemm)."""
+    g_qloc, g_qvar, g_mloc, g_mvar, g_values = grads
+    B, Q, _ = query_loc.shape
+    M = mem_values.shape[1]
     blocks = _Blocks(module, dtype_name, query_loc, M, "weights", scale=2)
     rows, ld = blocks.rows, blocks.ld
     dp = scratch("dp", rows, ld, query_loc.dtype).zero_()  # zero past M: the kernel reads whole vectors
