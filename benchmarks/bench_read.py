@@ -24,13 +24,18 @@ match_threshold = 25 (or none: every entry weighs in). Methods:
                   the CPU multiplies many times slower; a user who knows this flushes them
   bare_matmul     the speed-of-light yardstick: `logits @ V` for a ready (Q, M) float matrix and
                   the (M, E) values, forward only (also in the forward+backward blocks); every
-                  row's `x logits@V` is its time over this product's, same shape, same threads
+                  row's `x logits@V` is its time over this product's, same shape, same threads,
+                  measured in pairs: each of `--repeats` rounds calls the method once and the
+                  product once, and the ratio is the median of the rounds' ratios (so both see
+                  the same moments of a shared machine, where the product alone moved by 10-15%
+                  between blocks measured minutes apart)
 Ratios compare methods measured in the same run: `vs reference` is reference time / method time.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import os
 import sys
 import time
@@ -212,6 +217,24 @@ def rows_for(args):
     return threshold_rows(args.Q, args.M, backward=True, no_threshold_E=(16, 256))
 
 
+def paired_times(call, yardstick, repeats: int, max_seconds: float = 60.0) -> tuple[float, float]:
+    """(median seconds of call(), median over rounds of call's time / yardstick's time), the two
+    called alternately, one each per round."""
+    times, ratios = [], []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        yardstick()
+        t2 = time.perf_counter()
+        times.append(t1 - t0)
+        ratios.append((t1 - t0) / (t2 - t1))
+        if time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times), statistics.median(ratios)
+
+
 def first_call_seconds(call) -> float:
     """The first call's wall time: lazy set-up, KeOps' and torch.compile's compilation included."""
     t0 = time.perf_counter()
@@ -227,6 +250,9 @@ def run(args):
     methods = [m for m in METHODS if m in args.methods]
     progress = tqdm(total=len(rows) * len(methods), desc="bench_read", unit="case")
     for row in rows:
+        yardstick = build(YARDSTICK, **row) if YARDSTICK in methods else None
+        if yardstick is not None:
+            yardstick()  # its first call (allocation) outside the pairs
         for method in methods:
             entry = dict(row, method=method)
             why = skip_reason(method, row["backward"])
@@ -236,7 +262,11 @@ def run(args):
                 try:
                     call = build(method, **row)
                     entry["first_call_seconds"] = first_call_seconds(call)
-                    entry["seconds"] = median_time(call, repeats=args.repeats, warmup=0)
+                    if yardstick is None or method == YARDSTICK:
+                        entry["seconds"] = median_time(call, repeats=args.repeats, warmup=0)
+                    else:
+                        entry["seconds"], entry[f"paired_times_{YARDSTICK}"] = paired_times(
+                            call, yardstick, args.repeats)
                     if not row["backward"] and method != YARDSTICK:
                         # every row computes the same read: say how far each is from the reference
                         want = reference_outputs.setdefault(key(row), build("reference", **row)())
@@ -254,6 +284,8 @@ def run(args):
     for entry in results:  # as a multiple of the bare product's time: 1.15 means 15% slower than it
         if f"speedup_vs_{YARDSTICK}" in entry:
             entry[f"times_{YARDSTICK}"] = 1.0 / entry.pop(f"speedup_vs_{YARDSTICK}")
+        if f"paired_times_{YARDSTICK}" in entry:  # measured in the same moments: the ratio reported
+            entry[f"times_{YARDSTICK}"] = entry.pop(f"paired_times_{YARDSTICK}")
         if entry["method"] == YARDSTICK:  # not the read: no speed-up over it
             entry.pop("speedup_vs_reference", None)
     return results

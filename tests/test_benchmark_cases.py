@@ -104,3 +104,33 @@ def test_flushing_denormals_flushes_inside_the_call_only():
     inside = bench_read.flushing_denormals(lambda: tiny * 1.0)()
     assert inside.item() == 0.0
     assert (tiny * 1.0).item() > 0.0
+
+
+def test_paired_times_alternates_the_calls_and_takes_the_median_ratio(monkeypatch):
+    """bench_read's `x logits@V`: each round one call of the method and one of the product; the ratio
+    is the median of the rounds' ratios (a round where the machine was slow for both stays ~1)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_read
+    finally:
+        sys.path.pop(0)
+    now = [0.0]
+    monkeypatch.setattr(bench_read.time, "perf_counter", lambda: now[0])
+    order = []
+    # rounds: (method seconds, product seconds); the third round is slow for both
+    costs = iter([(3.0, 1.0), (2.0, 1.0), (30.0, 10.0), (2.5, 1.0), (2.0, 1.0)])
+    pending = []
+
+    def method():
+        order.append("m")
+        pending.append(next(costs))
+        now[0] += pending[-1][0]
+
+    def product():
+        order.append("p")
+        now[0] += pending[-1][1]
+
+    seconds, ratio = bench_read.paired_times(method, product, repeats=5)
+    assert order == ["m", "p"] * 5
+    assert seconds == 2.5  # median of 3, 2, 30, 2.5, 2
+    assert ratio == 2.5  # median of 3, 2, 3, 2.5, 2
