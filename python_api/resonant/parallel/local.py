@@ -20,7 +20,9 @@ On a machine with fewer cores than workers this fills the predictor's wait for t
 work the synchronous loop would do anyway, without a process wake-up per decision (BENCHMARKS.md,
 "Throughput"); the price is that a slow or failing environment of these workers holds the predictor
 up for as long as it steps. They fail, restart and stop as one group, like a process's workers (an
-exception's traceback is reported; a crash of the interpreter itself takes the run with it). Workers start with the "forkserver" method on Linux (not "fork": this process already runs
+exception's traceback is reported; a crash of the interpreter itself takes the run with it).
+
+Workers start with the "forkserver" method on Linux (not "fork": this process already runs
 threads: torch's, tqdm's) and "spawn" elsewhere; like "spawn", the fork server imports the
 script that started the run, so a script must guard its run with `if __name__ == "__main__":`.
 
@@ -205,6 +207,7 @@ class LocalEngine:
         if pending is None:
             inline.finished = True
             inline.group.close()
+            inline.group = None
         else:
             batch.append((inline, *pending, time.monotonic()))
 
