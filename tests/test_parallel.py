@@ -224,11 +224,11 @@ def test_latency_histogram_quantiles():
 
 
 def test_all_playing_rate_stops_at_the_first_workers_last_episode(monkeypatch):
-    from resonant.parallel.stats import RunStats
+    from resonant.parallel.stats import AllPlayingRate, RunStats
 
     now = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
-    stats = RunStats(2, episodes_per_worker=2)
+    stats = RunStats(2, all_playing=AllPlayingRate(episodes_per_worker=2))
 
     def at(t, batch=None, episode=None):
         now[0] = t

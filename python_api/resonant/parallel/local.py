@@ -103,6 +103,15 @@ def _decision(msg: bytes, state_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.frombuffer(msg, dtype=np.float32, offset=5 + 4 * k).reshape(k, state_dim)
 
 
+def _group_name(workers: list, where: str) -> str:
+    return f"worker{'s' if len(workers) > 1 else ''} {', '.join(map(str, workers))}{where}"
+
+
+def _failure_key(workers: list):
+    """How RunStats.errors names a failed group: the worker, or the list of a group's workers."""
+    return workers[0] if len(workers) == 1 else list(workers)
+
+
 @dataclass
 class _Process:
     """A worker process and the workers it hosts."""
@@ -117,13 +126,11 @@ class _Process:
 
     @property
     def name(self) -> str:
-        if len(self.workers) == 1:
-            return f"worker {self.workers[0]}"
-        return f"workers {', '.join(map(str, self.workers))} (one process)"
+        return _group_name(self.workers, " (one process)" if len(self.workers) > 1 else "")
 
     @property
     def failure_key(self):
-        return self.workers[0] if len(self.workers) == 1 else list(self.workers)
+        return _failure_key(self.workers)
 
 
 @dataclass
@@ -137,11 +144,11 @@ class _Inline:
 
     @property
     def name(self) -> str:
-        return f"worker{'s' if len(self.workers) > 1 else ''} {', '.join(map(str, self.workers))} (in the predictor's process)"
+        return _group_name(self.workers, " (in the predictor's process)")
 
     @property
     def failure_key(self):
-        return self.workers[0] if len(self.workers) == 1 else list(self.workers)
+        return _failure_key(self.workers)
 
 
 def default_start_method() -> str:
@@ -190,14 +197,14 @@ class LocalEngine:
         child.close()  # ours is closed so that the worker's death shows as EOF on `parent`
         p.conn, p.waiting_since = parent, None
 
-    def _start_inline(self, inline: _Inline, spec: WorkerSpec, server, stats, batch, on_episode) -> Optional[str]:
+    def _start_inline(self, inline: _Inline, spec: WorkerSpec, stats, batch) -> Optional[str]:
         """(Re)starts the predictor's own workers on their remaining episodes and puts their first
         decision in the batch. Returns a failure report that stops the run, or None."""
         playing = [w for w in inline.workers if self._episodes_done[w] < spec.episodes]
         try:
             inline.group = AgentGroup(spec, playing, [self._episodes_done[w] for w in playing], inline.restarts)
         except Exception:
-            return self._on_inline_failure(inline, spec, server, stats, batch, on_episode, traceback.format_exc())
+            return self._on_inline_failure(inline, spec, stats, batch, traceback.format_exc())
         self._post_inline(inline, batch)
         return None
 
@@ -218,12 +225,11 @@ class LocalEngine:
         try:
             inline.group.act(scores, latency, lambda e: self._accept_episode(e, server, stats, on_episode))
         except Exception:
-            return self._on_inline_failure(inline, spec, server, stats, batch, on_episode, traceback.format_exc())
+            return self._on_inline_failure(inline, spec, stats, batch, traceback.format_exc())
         self._post_inline(inline, batch)
         return None
 
-    def _on_inline_failure(self, inline: _Inline, spec: WorkerSpec, server, stats, batch, on_episode,
-                           report: str) -> Optional[str]:
+    def _on_inline_failure(self, inline: _Inline, spec: WorkerSpec, stats, batch, report: str) -> Optional[str]:
         done = min(self._episodes_done[w] for w in inline.workers)
         stats.record_failure(inline.failure_key, inline.restarts, done, f"{inline.name} failed:\n{report}")
         if inline.group is not None:
@@ -232,7 +238,7 @@ class LocalEngine:
         if self.on_worker_error == "restart" and stats.may_restart(self.max_restarts):
             inline.restarts += 1
             self._announce_restart(inline.workers, stats)
-            return self._start_inline(inline, spec, server, stats, batch, on_episode)
+            return self._start_inline(inline, spec, stats, batch)
         stats.stop_reason = f"{inline.name} failed"
         inline.finished = True
         return report
@@ -313,7 +319,7 @@ class LocalEngine:
                 for p in processes.values():
                     self._start(p, spec, stats)
                 if inline is not None:
-                    failure = self._start_inline(inline, spec, server, stats, batch, on_episode)
+                    failure = self._start_inline(inline, spec, stats, batch)
                 batch_deadline = None
                 while not failure:
                     live = [p for p in processes.values() if not p.finished]

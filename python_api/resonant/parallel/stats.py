@@ -106,13 +106,12 @@ class RunStats:
     # local engine: seconds the predictor spent answering (store, read, reply); the rest of
     # answering_seconds it waited for the workers' next decisions
     predictor_seconds: Optional[float] = None
-    episodes_per_worker: Optional[int] = None  # each worker's budget, when known (for all_playing)
-    all_playing: AllPlayingRate = field(default=None)  # type: ignore[assignment]  (set in __post_init__)
+    # the rate while every worker plays (AllPlayingRate: give it the workers' budget to stop counting
+    # when the first has played its last episode)
+    all_playing: AllPlayingRate = field(default_factory=AllPlayingRate)
     _first_answer: Optional[float] = None
 
     def __post_init__(self):
-        if self.all_playing is None:
-            self.all_playing = AllPlayingRate(self.episodes_per_worker)
         for w in range(self.num_workers):
             self.returns.setdefault(w, [])
             self.env_steps.setdefault(w, [])

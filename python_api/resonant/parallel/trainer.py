@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..engram.brain import EngramBrain
 from .server import MemoryServer, torch_threads
-from .stats import RunStats
+from .stats import AllPlayingRate, RunStats
 from .worker import Episode, WorkerSpec, make_env
 
 MEMORIES = ("shared", "isolated")
@@ -105,8 +105,8 @@ class AsyncTrainer:
                                    on_worker_error=on_worker_error, max_restarts=max_restarts,
                                    max_seconds=max_seconds, predictor_threads=predictor_threads,
                                    workers_per_process=workers_per_process, predictor_workers=predictor_workers)
-        local_only = ("predictor_threads", "workers_per_process", "predictor_workers")
-        options = {k: v for k, v in self.engine_options.items() if k not in local_only}
+        given_apart = ("predictor_threads", "workers_per_process", "predictor_workers")  # each engine takes its own
+        options = {k: v for k, v in self.engine_options.items() if k not in given_apart}
         if engine == "local":
             from .local import LocalEngine
 
@@ -129,7 +129,7 @@ class AsyncTrainer:
         after a clean stop with every finished episode stored (self.stats holds the partial run).
         `on_episode(episode)` is called in this process for every finished episode (with the Ray
         engine, without its states)."""
-        self.stats = RunStats(self.num_workers, episodes_per_worker=self.spec.episodes)
+        self.stats = RunStats(self.num_workers, all_playing=AllPlayingRate(self.spec.episodes))
         bar = tqdm(total=self.total_episodes, desc=f"async {self.env_id} x{self.num_workers}", unit="ep",
                    disable=not progress)
         recent: list = []
