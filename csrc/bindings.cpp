@@ -79,28 +79,43 @@ void blocked_read_weights(const std::string& dtype, const rk::ReadShape& s, cons
   });
 }
 
+// The BLAS's functions by address (resonant_kernels/backends/cpu_blocked.py blas_functions): gemm,
+// local threads, and the packed-gemm trio (pack size, pack, compute), each 0 where absent.
+using BlasAddresses = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
+
+template <class T>
+rk::Blas<T> blas_of(const BlasAddresses& a) {
+  const auto [gemm, local_threads, pack_size, pack, compute] = a;
+  if (!gemm) throw std::invalid_argument("blocked read: no BLAS gemm");
+  if ((pack_size || pack || compute) && !(pack_size && pack && compute))
+    throw std::invalid_argument("blocked read: the packed gemm needs its size, pack and compute functions, or none");
+  rk::Blas<T> blas;
+  blas.gemm = reinterpret_cast<rk::BlasGemm<T>>(gemm);
+  blas.local_threads = reinterpret_cast<rk::BlasLocalThreads>(local_threads);
+  blas.pack_size = reinterpret_cast<rk::BlasPackSize>(pack_size);
+  blas.pack = reinterpret_cast<rk::BlasPack<T>>(pack);
+  blas.compute = reinterpret_cast<rk::BlasCompute<T>>(compute);
+  return blas;
+}
+
 void blocked_read_forward(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
                           const Arr& mloc, const Arr& mvar, const Arr& values, uintptr_t out, uintptr_t lse,
-                          uintptr_t gemm, uintptr_t local_threads) {
-  if (!gemm) throw std::invalid_argument("blocked read: no BLAS gemm");
+                          const BlasAddresses& blas) {
   by_dtype(dtype, [&]<class T>() {
     rk::blocked_read_forward_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), view<T>(values),
-                                    ptr<T>(out), ptr<T>(lse), reinterpret_cast<rk::BlasGemm<T>>(gemm),
-                                    reinterpret_cast<rk::BlasLocalThreads>(local_threads));
+                                    ptr<T>(out), ptr<T>(lse), blas_of<T>(blas));
   });
 }
 
 void blocked_read_backward(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
                            const Arr& mloc, const Arr& mvar, const Arr& values, uintptr_t lse, uintptr_t grad_out,
                            uintptr_t out, uintptr_t g_qloc, uintptr_t g_qvar, uintptr_t g_mloc, uintptr_t g_mvar,
-                           uintptr_t g_values, uintptr_t gemm, uintptr_t local_threads) {
-  if (!gemm) throw std::invalid_argument("blocked read: no BLAS gemm");
+                           uintptr_t g_values, const BlasAddresses& blas) {
   by_dtype(dtype, [&]<class T>() {
     rk::blocked_read_backward_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar), view<T>(values),
                                      ptr<const T>(lse), ptr<const T>(grad_out), ptr<const T>(out), ptr<T>(g_qloc),
                                      ptr<T>(g_qvar), ptr<T>(g_mloc), ptr<T>(g_mvar), ptr<T>(g_values),
-                                     reinterpret_cast<rk::BlasGemm<T>>(gemm),
-                                     reinterpret_cast<rk::BlasLocalThreads>(local_threads));
+                                     blas_of<T>(blas));
   });
 }
 

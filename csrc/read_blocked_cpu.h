@@ -1,4 +1,5 @@
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "read_cpu.h"
@@ -23,17 +24,40 @@ using BlasGemm = void (*)(const char* transa, const char* transb, const int* m, 
 // previous setting, 0 meaning the global one), or null.
 using BlasLocalThreads = int (*)(int threads);
 
+// MKL's packed gemm (Fortran interface: sgemm_pack_get_size, sgemm_pack, sgemm_compute): an operand
+// packed once into the BLAS's internal layout and multiplied many times without packing it again.
+using BlasPackSize = size_t (*)(const char* identifier, const int* m, const int* n, const int* k);
+template <class T>
+using BlasPack = void (*)(const char* identifier, const char* trans, const int* m, const int* n, const int* k,
+                          const T* alpha, const T* src, const int* ld, T* dest);
+template <class T>
+using BlasCompute = void (*)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                             const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c,
+                             const int* ldc);
+
+// The BLAS functions of a one-call forward or backward: gemm is required; local_threads and the
+// packed-gemm trio (all three or none) may be null.
+template <class T>
+struct Blas {
+  BlasGemm<T> gemm = nullptr;
+  BlasLocalThreads local_threads = nullptr;
+  BlasPackSize pack_size = nullptr;
+  BlasPack<T> pack = nullptr;
+  BlasCompute<T> compute = nullptr;
+  bool packs() const { return pack_size && pack && compute; }
+};
+
 // Queries per block: the tile (rows × row_bytes) near 1 MB, a multiple of 16 rows, 16 to 512.
 int64_t blocked_read_block_rows(int64_t Q, int64_t row_bytes);
 
 // The whole forward (out (B, Q, E), lse (B, Q), contiguous), blocks of queries dealt to the threads,
-// each multiplying its block's weights with the values by `gemm` (the caller's BLAS) on its own
-// thread (local_threads(1) around the calls where given). The values need one unit stride (row-
+// each multiplying its block's weights with the values by the caller's BLAS on its own thread
+// (local_threads(1) around the calls where given; the values packed once per batch row where the
+// BLAS packs and a batch row has two whole blocks or more). The values need one unit stride (row-
 // or column-major).
 template <class T>
 void blocked_read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
-                              View3<const T> mvar, View3<const T> values, T* out, T* lse, BlasGemm<T> gemm,
-                              BlasLocalThreads local_threads);
+                              View3<const T> mvar, View3<const T> values, T* out, T* lse, const Blas<T>& blas);
 
 // The whole backward of blocked_read_forward_cpu (lse, grad_out, out contiguous (B, Q, ·); writes
 // g_qloc, g_qvar (B, Q, d), g_mloc, g_mvar (B, M, d), g_values (B, M, E), all contiguous), blocks of
@@ -44,7 +68,7 @@ template <class T>
 void blocked_read_backward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                                View3<const T> mvar, View3<const T> values, const T* lse, const T* grad_out,
                                const T* out, T* g_qloc, T* g_qvar, T* g_mloc, T* g_mvar, T* g_values,
-                               BlasGemm<T> gemm, BlasLocalThreads local_threads);
+                               const Blas<T>& blas);
 
 // Entries per weights row, rounded up to whole vectors: a tile row's stride must be at least this.
 int64_t blocked_read_row_lanes(bool is_double, int64_t M);

@@ -35,6 +35,7 @@ namespace {
 
 using dense::Cfg;
 using dense::Metric;
+using dense::dot;
 
 constexpr int64_t kQueryTile = 120;  // a multiple of every MR (6, 12): no partial register block inside a tile
 static_assert(kQueryTile % Cfg<float>::MR == 0 && kQueryTile % Cfg<double>::MR == 0);
@@ -94,29 +95,6 @@ struct Work {
     lane_valid.assign(G_pad, T(0));
   }
 };
-
-// Σ_k a[k] b[k · sb]. With b contiguous, in two vectors of lanes (k mod 2L), summed in lane order,
-// then the tail: one chain of scalar adds was latency-bound (4 cycles a number: δ alone took 3% of
-// the backward at Q = 10000, E = 1024). The order depends on n only: the same bits for any thread.
-template <class T>
-inline T dot(const T* a, const T* b, int64_t sb, int64_t n) {
-  using S = typename Cfg<T>::S;
-  using Vec = typename Cfg<T>::Vec;
-  constexpr int64_t L = Cfg<T>::L;
-  T acc = 0;
-  int64_t k = 0;
-  if (sb == 1 && n >= 2 * L) {
-    Vec v0{}, v1{};
-    for (; k + 2 * L <= n; k += 2 * L) {
-      v0 += S::load(a + k) * S::load(b + k);
-      v1 += S::load(a + k + L) * S::load(b + k + L);
-    }
-    const Vec v = v0 + v1;
-    for (int64_t l = 0; l < L; ++l) acc += v[l];
-  }
-  for (; k < n; ++k) acc += a[k] * b[k * sb];
-  return acc;
-}
 
 // w[i][lanes] for the tile's nq queries from q0 (0 for a query that matched nothing and for
 // padding lanes); returns how many are nonzero.

@@ -266,24 +266,28 @@ def run_blocked(C, shape, dtype, layouts, threshold, uniform, at_end):
     C.blocked_read_backward_block(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), b, q0, n, lse.data_ptr(),
                                   grad_out.data_ptr(), out.data_ptr(), tile.data_ptr(), dp.data_ptr(), ld,
                                   *(g.data_ptr() for g in grads))
-    gemm = cpu_blocked.blas_gemm(name)
-    if gemm is not None:  # the one-call forward, its values row- or column-major
+    blas = cpu_blocked.blas_functions(name)
+    if blas is not None:  # the one-call forward, its values row- or column-major
         values = torch.randn(B, M, E, dtype=dtype)
         values = guarded_like(values, "transposed" if value_layout == "transposed" else "contiguous", at_end)
         out_all, lse_all = out_buffer((B, Q, E), dtype, at_end), out_buffer((B, Q), dtype, at_end)
         C.blocked_read_forward(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), arr(values), out_all.data_ptr(),
-                               lse_all.data_ptr(), *gemm)
+                               lse_all.data_ptr(), blas)
         # the one-call backward from that forward's lse, every gradient exactly its size
         all_grads = [out_buffer(sh, dtype, at_end) for sh in ((B, Q, d), (B, Q, d), (B, M, d), (B, M, d), (B, M, E))]
         C.blocked_read_backward(name, s, arr(qloc), arr(qvar), arr(mloc), arr(mvar), arr(values), lse_all.data_ptr(),
-                                grad_out.data_ptr(), out_all.data_ptr(), *(g.data_ptr() for g in all_grads), *gemm)
+                                grad_out.data_ptr(), out_all.data_ptr(), *(g.data_ptr() for g in all_grads), blas)
 
 
 def _blocked_shapes():
     """Lanes of 16 floats or 8 doubles (M around them), the backward's column chunks of about 512
-    entries in multiples of 4 (M = 1025, 2049, 2100), one to five query rows, d up to 31."""
+    entries in multiples of 4 (M = 1025, 2049, 2100), one to five query rows, d up to 31, values
+    packed once (csrc/read_blocked_cpu.cpp ValuesOperand)."""
     shapes = {(1, 5, M, 2, 3) for M in (1, 7, 8, 9, 15, 16, 17, 33, 511, 513, 1025, 2049, 2100)}
     shapes |= {(2, 530, 9, 2, 5), (1, 1100, 70, 3, 1)}  # the forward's blocks of 512 queries, a short last one
+    # blocks of 48 queries (forward) and 96 (backward), whole ones multiplying the packed values of each
+    # batch row (float32, where torch's BLAS packs; the forward from E = 1024), a short last one not
+    shapes |= {(2, 200, 4100, 2, 1024)}
     shapes |= {(2, Q, 20, 2, 4) for Q in (1, 2, 6)} | {(1, 6, 21, d, 2) for d in (1, 3, 4, 7, 31)}
     return sorted(shapes)
 

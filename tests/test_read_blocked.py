@@ -54,7 +54,7 @@ def test_blocked_read_matches_float64_oracle(shape, sd_kind, dtype):
 def test_forward_from_python_blocks_where_the_blas_exports_no_gemm(shape, dtype, monkeypatch):
     """cpu_blocked.read_forward_python: the blocks from Python around torch.mm (torch builds whose
     library exports no BLAS gemm)."""
-    monkeypatch.setattr(cpu_blocked, "blas_gemm", lambda dtype_name: None)
+    monkeypatch.setattr(cpu_blocked, "blas_functions", lambda dtype_name: None)
     Q, M, d, E = shape
     q, qs, m, ms, z = make(Q, M, d, E, dtype, "per_dim", sum(shape))
     check_against_oracle(q, qs, m, ms, z, None, sum(shape), "dense-blocked")
@@ -94,6 +94,60 @@ def test_blocked_read_takes_strided_broadcast_and_batched_inputs(layout):
         q = torch.stack([q, q.flip(0), q * 0.5]).expand(2, 3, 90, 2)
         m, z = torch.stack([m, m.flip(0), m * 2])[None], torch.stack([z, -z, z.flip(0)])[None]
     check_float32_layout_against_oracle(q, qs, m, ms, z, "dense-blocked")
+
+
+def _counting_packed_gemm(calls):
+    """cpu_blocked.blas_functions("float32") with its packed-gemm functions (size, pack, compute)
+    wrapped in ctypes callbacks that count their calls in `calls` and forward to the BLAS's own;
+    None where torch's BLAS does not pack."""
+    import ctypes
+
+    blas = cpu_blocked.blas_functions("float32")
+    if blas is None or not all(blas[2:]):
+        return None
+    wrapped = []
+    for name, address, restype, arity in zip(("size", "pack", "compute"), blas[2:], (ctypes.c_size_t, None, None),
+                                             (4, 9, 12)):
+        kind = ctypes.CFUNCTYPE(restype, *[ctypes.c_void_p] * arity)
+        real = kind(address)
+
+        def spy(*args, real=real, name=name):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args)
+
+        wrapped.append(kind(spy))
+    functions = (*blas[:2], *(ctypes.cast(w, ctypes.c_void_p).value for w in wrapped))
+    return functions, wrapped  # the callbacks must outlive the calls
+
+
+@pytest.mark.parametrize("layout", ["one_batch_row", "batch_rows", "batch_broadcast", "column_major_values"])
+@pytest.mark.parametrize("E", [WIDE_BACKWARD, 1024])
+def test_whole_blocks_multiply_the_values_packed_once(layout, E, monkeypatch):
+    """csrc/read_blocked_cpu.cpp ValuesOperand: with M = 4100 the forward's blocks hold 48 queries
+    and the backward's 96, so 200 queries make four whole forward blocks (and a short last one) and
+    at least one whole backward block per thread. Each distinct batch row's values are packed once
+    per call (the forward's only from E = 1024: kPackForwardFromE) and the whole blocks multiply the
+    packed values; the read and every gradient match the float64 oracle."""
+    calls = {}
+    counting = _counting_packed_gemm(calls)
+    if counting is None:
+        pytest.skip("torch's BLAS exports no packed gemm: every block multiplies by the plain gemm")
+    monkeypatch.setattr(cpu_blocked, "blas_functions", lambda name: counting[0] if name == "float32" else None)
+    Q, M = 200, 4100
+    assert rows_of(Q, M, torch.float32) == 48
+    q, qs, m, ms, z = make(Q, M, 2, E, torch.float32, "float", E)
+    distinct = 1
+    if layout == "batch_rows":
+        q, m, z, distinct = torch.stack([q, q.flip(0)]), torch.stack([m, m.flip(0)]), torch.stack([z, -z]), 2
+    elif layout == "batch_broadcast":  # two batch rows reading one memory (values of batch stride 0)
+        q, m, z = torch.stack([q, q.flip(0)]), m[None], z[None]
+    elif layout == "column_major_values":
+        z = z.t().contiguous().t()
+    check_float32_layout_against_oracle(q, qs, m, ms, z, "dense-blocked")
+    batch_rows = q.shape[0] if q.dim() == 3 else 1
+    forward_packs = E >= 1024
+    assert calls.get("pack") == distinct * (1 + forward_packs)
+    assert calls.get("compute", 0) >= batch_rows * (4 * forward_packs + 1)
 
 
 @pytest.mark.parametrize("E, path", [(0, "per-pair"), (1, "dense"), (WIDE - 1, "dense"), (WIDE, "dense-blocked")])
@@ -172,7 +226,7 @@ def test_blocked_forward_is_the_same_bits_for_any_thread_count(tmp_path):
     import subprocess
     import sys
 
-    if cpu_blocked.blas_gemm("float32") is None:
+    if cpu_blocked.blas_functions("float32") is None:
         pytest.skip("torch's library exports no BLAS gemm: the forward runs from Python")
     reads = []
     for threads in (1, 2, 3):
@@ -260,7 +314,7 @@ def test_blocked_backward_with_1_to_4_threads_matches_the_oracle_and_repeats_its
     import subprocess
     import sys
 
-    if cpu_blocked.blas_gemm("float32") is None:
+    if cpu_blocked.blas_functions("float32") is None:
         pytest.skip("torch's library exports no BLAS gemm: the backward runs from Python")
     from test_read_cpu_paths import EPS, assert_within, conditioning
 
@@ -293,4 +347,4 @@ def test_the_one_call_backward_rejects_values_the_blas_cannot_read():
     buffers = [torch.zeros(n) for n in (4, 32, 32, 8, 8, 40, 40, 160)]
     with pytest.raises(ValueError, match="unit stride"):
         _C.blocked_read_backward("float32", shape, *views, (values.data_ptr(), *values.stride()),
-                                 *(b.data_ptr() for b in buffers), *cpu_blocked.blas_gemm("float32") or (1, 0))
+                                 *(b.data_ptr() for b in buffers), cpu_blocked.blas_functions("float32") or (1, 0, 0, 0, 0))

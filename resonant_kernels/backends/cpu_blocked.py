@@ -7,11 +7,12 @@ Each block of queries gets its softmax weights in a tile (block rows × M, about
 csrc/read_blocked_cpu.cpp, unnormalised, and the BLAS that torch ships (MKL on x86) multiplies the
 tile with the values, each product row then divided by its weights' sum: the product is the bare
 `logits @ V`'s, the elementwise work a few vector operations per pair, and nothing of size Q × M
-exists beyond one tile per thread. Where torch's library exports the BLAS's gemm (blas_gemm) the
-whole forward is one C++ call, each thread running its blocks' gemm itself; elsewhere the blocks
-run from Python around torch.mm (read_forward_python). The backward likewise (one C++ call where
-the gemm is exported): each thread takes an equal run of the (batch row, query) rows in blocks,
-and per block dp = g @ valuesᵀ (gemm); the weights again from the saved log-sum-exps, the score
+exists beyond one tile per thread. Where torch's library exports the BLAS's gemm (blas_functions) the
+whole forward is one C++ call, each thread running its blocks' gemm itself (from E = 1024 on values
+packed once per call where the BLAS packs: MKL's sgemm_pack); elsewhere the blocks run from Python
+around torch.mm (read_forward_python). The backward likewise (one C++ call where the gemm is
+exported): each thread takes an equal run of the (batch row, query) rows in blocks, and per block
+dp = g @ valuesᵀ (gemm; the values packed once per call where the BLAS packs); the weights again from the saved log-sum-exps, the score
 gradients and from them the location and variance gradients; dL/dvalues += weightsᵀ @ g (gemm)
 into the thread's own partial, the partials (values, entry locations and variances) added in
 thread order at the end. Elsewhere read_backward_python: the same per block from Python, the
@@ -66,13 +67,20 @@ def _torch_blas_symbol(symbol: str) -> Optional[int]:
         return None
 
 
-def blas_gemm(dtype_name: str) -> Optional[tuple[int, int]]:
-    """The addresses of the gemm (Fortran interface: sgemm_ / dgemm_) of the BLAS that torch ships and
-    of its per-thread thread count (MKL_Set_Num_Threads_Local), where torch's CPU library exports them
-    (MKL builds do); None elsewhere, and the forward then runs its blocks from Python around torch.mm."""
-    gemm = _torch_blas_symbol({"float32": "sgemm_", "float64": "dgemm_"}[dtype_name])
+def blas_functions(dtype_name: str) -> Optional[tuple[int, int, int, int, int]]:
+    """The addresses of the functions of the BLAS that torch ships that the one-call forward and
+    backward use, where torch's CPU library exports them (MKL builds do): its gemm (Fortran
+    interface: sgemm_ / dgemm_), its per-thread thread count (MKL_Set_Num_Threads_Local), and its
+    packed gemm (sgemm_pack_get_size, sgemm_pack, sgemm_compute; 0, 0, 0 where not exported, as for
+    doubles in torch 2.13's library: the blocks then multiply by the plain gemm). None where the
+    gemm or the thread count is missing: the blocks then run from Python around torch.mm."""
+    prefix = {"float32": "s", "float64": "d"}[dtype_name]
+    gemm = _torch_blas_symbol(f"{prefix}gemm_")
     local_threads = _torch_blas_symbol("MKL_Set_Num_Threads_Local")  # the C interface (by value)
-    return (gemm, local_threads) if gemm and local_threads else None
+    if not (gemm and local_threads):
+        return None
+    packed = tuple(_torch_blas_symbol(f"{prefix}gemm_{name}_") for name in ("pack_get_size", "pack", "compute"))
+    return (gemm, local_threads, *packed) if all(packed) else (gemm, local_threads, 0, 0, 0)
 
 
 def applies(module, dtype_name, shape, query_var_view, mem_var_view, d, E, backward=False) -> bool:
@@ -136,11 +144,11 @@ def read_forward(module, dtype_name, shape, views, query_loc, mem_values):
     lse = query_loc.new_empty((B, Q))
     if B == 0 or Q == 0:
         return out, lse
-    gemm = blas_gemm(dtype_name)
-    if gemm is not None:  # the whole call in C++, each thread's blocks multiplied by the BLAS on that thread
+    blas = blas_functions(dtype_name)
+    if blas is not None:  # the whole call in C++, each thread's blocks multiplied by the BLAS on that thread
         values = _blas_operand(mem_values)  # (a batch stride of 0 stays)
         module.blocked_read_forward(dtype_name, shape, *views, (values.data_ptr(), *values.stride()), out.data_ptr(),
-                                    lse.data_ptr(), *gemm)
+                                    lse.data_ptr(), blas)
         return out, lse
     return read_forward_python(module, dtype_name, shape, views, query_loc, mem_values, out, lse)
 
@@ -169,8 +177,8 @@ def read_backward(module, dtype_name, shape, views, grad_out, out, lse, query_lo
     B, Q, d = query_loc.shape
     M, E = mem_values.shape[1:]
     g_qloc, g_qvar = query_loc.new_empty((B, Q, d)), query_loc.new_empty((B, Q, d))
-    gemm = blas_gemm(dtype_name)
-    if gemm is not None and B and Q:  # the whole call in C++ (writing every gradient), each thread's blocks
+    blas = blas_functions(dtype_name)
+    if blas is not None and B and Q:  # the whole call in C++ (writing every gradient), each thread's blocks
         # multiplied by the BLAS on that thread
         g_mloc, g_mvar = mem_loc.new_empty((B, M, d)), mem_loc.new_empty((B, M, d))
         g_values = mem_values.new_empty((B, M, E))
@@ -178,7 +186,7 @@ def read_backward(module, dtype_name, shape, views, grad_out, out, lse, query_lo
         grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
         module.blocked_read_backward(dtype_name, shape, *views, (values.data_ptr(), *values.stride()), lse.data_ptr(),
                                      grad_out.data_ptr(), out.data_ptr(), g_qloc.data_ptr(), g_qvar.data_ptr(),
-                                     g_mloc.data_ptr(), g_mvar.data_ptr(), g_values.data_ptr(), *gemm)
+                                     g_mloc.data_ptr(), g_mvar.data_ptr(), g_values.data_ptr(), blas)
         return g_qloc, g_qvar, g_mloc, g_mvar, g_values
     g_mloc, g_mvar = mem_loc.new_zeros((B, M, d)), mem_loc.new_zeros((B, M, d))
     g_values = mem_values.new_zeros((B, M, E))
