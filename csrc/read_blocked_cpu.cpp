@@ -420,21 +420,38 @@ void grads_impl(const ReadShape& s, const Metric<T>& mt, View3<const T> qloc, co
   }
 }
 
+// A thread's scratch of n values, 64-byte aligned, kept from call to call (its pages touched once).
+template <class T>
+struct ThreadTile {
+  std::vector<T> data;
+  T* get(size_t n) {
+    if (data.size() < n + 16) data.resize(n + 16);
+    return data.data() + (16 - (reinterpret_cast<uintptr_t>(data.data()) / sizeof(T)) % 16) % 16;  // 64-byte aligned
+  }
+  void trim() {
+    if (data.capacity() * sizeof(T) > kRetainTileBytes) data = std::vector<T>();  // kept: ≤ 16 MB
+  }
+};
+
 // The values as the A operand of a one-call forward's or backward's products (op(A) = values or
 // valuesᵀ as `trans` says, m × k; each block multiplies it with an operand of n ≤ rows columns).
 // Where the BLAS packs (Blas::packs), the caller asks for it and a batch row has at least
 // kPackFromBlocks whole blocks, each distinct batch row's values are packed once (alpha 1; by one
-// thread each, the BLAS told to use one thread as the blocks' products are) and every whole block
-// multiplies the packed values; other blocks (a shorter last one) use the plain gemm, which packs
-// all of A on every call. Whether a block is packed depends on the shapes alone: the same bits
-// for any thread count. Measured (float32, d = 2, 2 threads, interleaved, forward + backward
-// or forward over the bare product, medians of 12-15 rounds): the backward's dp = g · valuesᵀ
-// packed was faster at every shape tried, E = 64 to 1024 (by 0.01-0.15: 3.52 → 3.48 at
-// (Q, M, E) = (3000, 1500, 512), 3.47 → 3.33 at (4096, 4096, 128), 3.38 → 3.26 at
+// thread each, the BLAS told to use one thread as the blocks' products are) into the calling
+// thread's retained buffer (never moved: MKL's packed layout depends on its address), and every
+// whole block multiplies the packed values; other blocks (a shorter last one) use the plain gemm,
+// which packs all of A on every call. Whether a block is packed depends on the shapes alone: the
+// same bits for any thread count. Measured (float32, d = 2, 2 threads, interleaved, forward +
+// backward or forward over the bare product, medians of 12-15 rounds): the backward's
+// dp = g · valuesᵀ packed was faster at every shape tried, E = 64 to 1024 (by 0.01-0.15: 3.52 →
+// 3.48 at (Q, M, E) = (3000, 1500, 512), 3.47 → 3.33 at (4096, 4096, 128), 3.38 → 3.26 at
 // (4096, 2048, 1024)); the forward's product packed was slower below E = 768 (1.03 → 1.08-1.13 at
 // (4096, 2048, 64-256), 1.14 → 1.17 at (3000, 1500, 512)), either way at 768 and faster from
 // E = 1024 (1.50 → 1.08 at (4096, 2048, 1024), 1.53 → 1.16 at (3000, 1500, 1024), 1.10 → 1.07 at
-// (10000, 1024, 1024), 1.29 → 1.24 at (4096, 256, 1024)): kPackForwardFromE.
+// (10000, 1024, 1024), 1.29 → 1.24 at (4096, 256, 1024)): kPackForwardFromE. A batch row's
+// packing runs on one thread while the others wait (0.3-1.2 ms at (M, E) = (1500, 512)); packed
+// in two runs of rows, one per thread, each block then multiplying two halves, it measured slower
+// (3.60 against 3.41 at (3000, 1500, 512)).
 constexpr int64_t kPackFromBlocks = 2;
 constexpr int64_t kPackForwardFromE = 1024;
 
@@ -446,24 +463,30 @@ class ValuesOperand {
       : blas_(blas), values_(values), trans_(trans), m_(m), k_(k), ld_(ld), rows_(int(rows)) {
     if (!pack || !blas.packs() || Q / std::max<int64_t>(rows, 1) < kPackFromBlocks) return;
     const int64_t distinct = values.sb == 0 ? 1 : B;
-    const size_t bytes = blas.pack_size("A", &m_, &rows_, &k_);
-    stride_ = (bytes + sizeof(T) - 1) / sizeof(T);
-    packed_.reset(new T[size_t(distinct) * stride_]);  // used where MKL packed it (never moved)
+    stride_ = size_t(round_up(int64_t((blas.pack_size("A", &m_, &rows_, &k_) + sizeof(T) - 1) / sizeof(T)), 16));
+    thread_local ThreadTile<T> buffer;  // the calling thread's (a call packs and multiplies before it returns)
+    packed_ = buffer.get(size_t(distinct) * stride_);
+    buffer_ = &buffer;
     const T one = T(1);
 #pragma omp parallel for num_threads(threads_for(distinct)) schedule(dynamic, 1)
     for (int64_t b = 0; b < distinct; ++b) {
       const int previous = blas.local_threads ? blas.local_threads(1) : 0;
-      blas.pack("A", &trans_, &m_, &rows_, &k_, &one, values.row(b, 0), &ld_, packed_.get() + b * stride_);
+      blas.pack("A", &trans_, &m_, &rows_, &k_, &one, values.row(b, 0), &ld_, packed_ + b * stride_);
       if (blas.local_threads) blas.local_threads(previous);
     }
   }
+  ~ValuesOperand() {
+    if (buffer_) buffer_->trim();
+  }
+  ValuesOperand(const ValuesOperand&) = delete;
+  ValuesOperand& operator=(const ValuesOperand&) = delete;
 
   // c (m × n, column-major, ldc) = op(batch row b's values) · x (k × n, ldx)
   void multiply(int64_t b, int n, const T* x, int ldx, T* c, int ldc) const {
     const T zero = T(0);
     if (packed_ && n == rows_) {
-      blas_.compute("P", "N", &m_, &n, &k_, packed_.get() + (values_.sb == 0 ? 0 : b) * stride_, &ld_, x, &ldx, &zero,
-                    c, &ldc);
+      blas_.compute("P", "N", &m_, &n, &k_, packed_ + (values_.sb == 0 ? 0 : b) * stride_, &ld_, x, &ldx, &zero, c,
+                    &ldc);
     } else {
       const T one = T(1);
       blas_.gemm(&trans_, "N", &m_, &n, &k_, &one, values_.row(b, 0), &ld_, x, &ldx, &zero, c, &ldc);
@@ -476,7 +499,8 @@ class ValuesOperand {
   char trans_;
   int m_, k_, ld_, rows_;
   size_t stride_ = 0;
-  std::unique_ptr<T[]> packed_;
+  T* packed_ = nullptr;
+  ThreadTile<T>* buffer_ = nullptr;
 };
 
 // The whole forward in one call, where the caller passes a BLAS gemm (Fortran interface, as the
@@ -487,14 +511,6 @@ class ValuesOperand {
 // region has one thread and the BLAS would otherwise start its own), then divides the rows by their sums. No barrier and no Python between blocks,
 // and each read row the product of one thread's sequential gemm on a block of a size fixed by the
 // shapes: the same bits for any thread count (not for a query read in a block of another size).
-template <class T>
-struct ThreadTile {
-  std::vector<T> data;
-  T* get(size_t n) {
-    if (data.size() < n + 16) data.resize(n + 16);
-    return data.data() + (16 - (reinterpret_cast<uintptr_t>(data.data()) / sizeof(T)) % 16) % 16;  // 64-byte aligned
-  }
-};
 
 template <class T, int D, bool Unit>
 void forward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, View3<const T> qloc,
@@ -529,7 +545,7 @@ void forward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, Vie
         for (int64_t e = 0; e < E; ++e) o[i * E + e] *= scale[i];
     }
     if (local_threads) local_threads(previous);
-    if (tile_buf.data.capacity() * sizeof(T) > kRetainTileBytes) tile_buf.data = std::vector<T>();  // kept: ≤ 16 MB
+    tile_buf.trim();
   }
 }
 
@@ -601,8 +617,8 @@ void backward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, Vi
       previous_b = b;
     }
     if (local_threads) local_threads(previous);
-    for (ThreadTile<T>* buf : {&tile_buf, &dp_buf})
-      if (buf->data.capacity() * sizeof(T) > kRetainTileBytes) buf->data = std::vector<T>();
+    tile_buf.trim();
+    dp_buf.trim();
 #pragma omp barrier
     // the partials added over the threads in thread order, each (batch row, entry) by one thread
     for (int64_t bj = B * M * t / threads; bj < B * M * (t + 1) / threads; ++bj) {

@@ -120,21 +120,27 @@ def _counting_packed_gemm(calls):
     return functions, wrapped  # the callbacks must outlive the calls
 
 
+# (Q, M, E, whole forward blocks per batch row, packings of the forward's values, of the backward's):
+# with M = 4100 the forward's blocks hold 48 queries and the backward's 96, so 200 queries make four
+# whole forward blocks and at least one whole backward block per thread (the forward packs from
+# E = kPackForwardFromE = 1024); with M = 300 the backward's blocks hold 1024 queries.
+PACKED = [(200, 4100, WIDE_BACKWARD, 4, 0, 1), (200, 4100, 1024, 4, 1, 1), (2100, 300, WIDE_BACKWARD, 4, 0, 1)]
+
+
 @pytest.mark.parametrize("layout", ["one_batch_row", "batch_rows", "batch_broadcast", "column_major_values"])
-@pytest.mark.parametrize("E", [WIDE_BACKWARD, 1024])
-def test_whole_blocks_multiply_the_values_packed_once(layout, E, monkeypatch):
-    """csrc/read_blocked_cpu.cpp ValuesOperand: with M = 4100 the forward's blocks hold 48 queries
-    and the backward's 96, so 200 queries make four whole forward blocks (and a short last one) and
-    at least one whole backward block per thread. Each distinct batch row's values are packed once
-    per call (the forward's only from E = 1024: kPackForwardFromE) and the whole blocks multiply the
-    packed values; the read and every gradient match the float64 oracle."""
+@pytest.mark.parametrize("case", PACKED, ids=[f"Q{c[0]}-M{c[1]}-E{c[2]}" for c in PACKED])
+def test_whole_blocks_multiply_the_values_packed_once(layout, case, monkeypatch):
+    """csrc/read_blocked_cpu.cpp ValuesOperand: each distinct batch row's values are packed once per
+    call and the whole blocks multiply the packed values; the read and every gradient match the
+    float64 oracle."""
     calls = {}
     counting = _counting_packed_gemm(calls)
     if counting is None:
         pytest.skip("torch's BLAS exports no packed gemm: every block multiplies by the plain gemm")
     monkeypatch.setattr(cpu_blocked, "blas_functions", lambda name: counting[0] if name == "float32" else None)
-    Q, M = 200, 4100
-    assert rows_of(Q, M, torch.float32) == 48
+    Q, M, E, forward_blocks, forward_packs, backward_packs = case
+    rows = rows_of(Q, M, torch.float32)
+    assert Q // rows == forward_blocks and Q // min(Q, 2 * rows) >= 2
     q, qs, m, ms, z = make(Q, M, 2, E, torch.float32, "float", E)
     distinct = 1
     if layout == "batch_rows":
@@ -145,9 +151,8 @@ def test_whole_blocks_multiply_the_values_packed_once(layout, E, monkeypatch):
         z = z.t().contiguous().t()
     check_float32_layout_against_oracle(q, qs, m, ms, z, "dense-blocked")
     batch_rows = q.shape[0] if q.dim() == 3 else 1
-    forward_packs = E >= 1024
-    assert calls.get("pack") == distinct * (1 + forward_packs)
-    assert calls.get("compute", 0) >= batch_rows * (4 * forward_packs + 1)
+    assert calls.get("pack") == distinct * (forward_packs + backward_packs)
+    assert calls.get("compute", 0) >= batch_rows * (forward_packs * forward_blocks + backward_packs)
 
 
 @pytest.mark.parametrize("E, path", [(0, "per-pair"), (1, "dense"), (WIDE - 1, "dense"), (WIDE, "dense-blocked")])
