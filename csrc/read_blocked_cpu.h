@@ -47,7 +47,8 @@ struct Blas {
   bool packs() const { return pack_size && pack && compute; }
 };
 
-// Queries per block: the tile (rows × row_bytes) near 1 MB, a multiple of 16 rows, 16 to 512.
+// Queries per block: at most the rows of a tile (rows × row_bytes) near 1 MB (a multiple of 16, 16
+// to 512), then a batch row's blocks rounded up to a multiple of 4 and its queries shared evenly.
 int64_t blocked_read_block_rows(int64_t Q, int64_t row_bytes);
 
 // The whole forward (out (B, Q, E), lse (B, Q), contiguous), blocks of queries dealt to the threads,

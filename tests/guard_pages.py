@@ -284,10 +284,10 @@ def _blocked_shapes():
     entries in multiples of 4 (M = 1025, 2049, 2100), one to five query rows, d up to 31, values
     packed once (csrc/read_blocked_cpu.cpp ValuesOperand)."""
     shapes = {(1, 5, M, 2, 3) for M in (1, 7, 8, 9, 15, 16, 17, 33, 511, 513, 1025, 2049, 2100)}
-    shapes |= {(2, 530, 9, 2, 5), (1, 1100, 70, 3, 1)}  # the forward's blocks of 512 queries, a short last one
-    # blocks of 48 queries (forward) and 96 (backward), whole ones multiplying the packed values of each
+    shapes |= {(2, 530, 9, 2, 5), (1, 1101, 70, 3, 1)}  # four blocks (of 133, of 276), a short last one
+    # blocks of 26 queries (forward) and 52 (backward), whole ones multiplying the packed values of each
     # batch row (float32, where torch's BLAS packs; the forward from E = 1024), a short last one not
-    shapes |= {(2, 200, 4100, 2, 1024)}
+    shapes |= {(2, 201, 4100, 2, 1024)}
     shapes |= {(2, Q, 20, 2, 4) for Q in (1, 2, 6)} | {(1, 6, 21, d, 2) for d in (1, 3, 4, 7, 31)}
     return sorted(shapes)
 

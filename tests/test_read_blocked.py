@@ -30,12 +30,13 @@ def rows_of(Q, M, dtype):
 
 
 WIDE, WIDE_BACKWARD = cpu_blocked.BLOCKED_FROM_E, cpu_blocked.BLOCKED_BACKWARD_FROM_E
-# (Q, M, d, E): one query; one entry; three blocks of up to 512 queries with a short last one (M
-# small); blocks of 240 queries, the last of 120 (M = 1025: rows of 1040 lanes; the backward's blocks
-# of 480 and its four column chunks of 272 entries); entries just past a vector; d = 1 and the largest d (31); E past the smallest; each
+# (Q, M, d, E): one query; one entry; four blocks of 276 queries with a short last one (M small: up
+# to 512 a block, their number rounded up to a multiple of 4); four of 151, the last of 148 (M = 1025:
+# rows of 1040 lanes, up to 240 a block; the backward's blocks of 302 and its four column chunks of
+# 272 entries); entries just past a vector; d = 1 and the largest d (31); E past the smallest; each
 # with the blocked backward (E ≥ WIDE_BACKWARD) and with the fused one behind the blocked forward
-SHAPES = [(1, 300, 2, WIDE_BACKWARD), (700, 1, 2, WIDE + 6), (1100, 40, 2, WIDE_BACKWARD + 1),
-          (1100, 40, 2, WIDE + 1), (600, 1025, 3, WIDE_BACKWARD), (600, 1025, 3, WIDE), (70, 17, 1, WIDE + 33),
+SHAPES = [(1, 300, 2, WIDE_BACKWARD), (700, 1, 2, WIDE + 6), (1101, 40, 2, WIDE_BACKWARD + 1),
+          (1101, 40, 2, WIDE + 1), (601, 1025, 3, WIDE_BACKWARD), (601, 1025, 3, WIDE), (70, 17, 1, WIDE + 33),
           (130, 33, 31, WIDE_BACKWARD), (40, 513, 2, WIDE_BACKWARD + 300)]
 
 
@@ -63,9 +64,19 @@ def test_forward_from_python_blocks_where_the_blas_exports_no_gemm(shape, dtype,
 def test_the_shapes_cover_several_blocks_and_a_short_last_one():
     """The test shapes above reach the block loop's edges (so a change of block_rows cannot silently
     leave them untested)."""
-    assert rows_of(1100, 40, torch.float32) == MOST_ROWS and 1100 % MOST_ROWS
-    rows = rows_of(600, 1025, torch.float32)
-    assert rows < 600 and 600 % rows
+    assert rows_of(1101, 40, torch.float32) == 276 and 1101 % 276
+    rows = rows_of(601, 1025, torch.float32)
+    assert rows == 151 and 601 % rows
+
+
+@pytest.mark.parametrize("Q, M, rows", [(3000, 1500, 150), (10000, 1024, 250), (4096, 2048, 128), (4096, 4096, 64),
+                                        (100, 1500, 25), (5, 40, 2), (1, 40, 1)])
+def test_a_batch_row_has_blocks_in_multiples_of_four(Q, M, rows):
+    """At most a tile's rows a block (160 for 1500 float entries, 256 for 1024, 512 for 40), the
+    blocks of a batch row rounded up to a multiple of 4 and the queries shared evenly: 2 or 4
+    threads get equal shares (3000 queries: 20 blocks of 150, not 18 of 160 and one of 120), and a
+    batch row of fewer queries than one tile holds still runs on several threads."""
+    assert rows_of(Q, M, torch.float32) == rows
 
 
 def test_a_tile_stays_near_its_budget_whatever_q_and_m():
@@ -121,10 +132,10 @@ def _counting_packed_gemm(calls):
 
 
 # (Q, M, E, whole forward blocks per batch row, packings of the forward's values, of the backward's):
-# with M = 4100 the forward's blocks hold 48 queries and the backward's 96, so 200 queries make four
+# with M = 4100 the forward's blocks hold 25 queries and the backward's 50, so 200 queries make eight
 # whole forward blocks and at least one whole backward block per thread (the forward packs from
-# E = kPackForwardFromE = 1024); with M = 300 the backward's blocks hold 1024 queries.
-PACKED = [(200, 4100, WIDE_BACKWARD, 4, 0, 1), (200, 4100, 1024, 4, 1, 1), (2100, 300, WIDE_BACKWARD, 4, 0, 1)]
+# E = kPackForwardFromE = 1024); with M = 300 the blocks hold 263 queries (526 backward).
+PACKED = [(200, 4100, WIDE_BACKWARD, 8, 0, 1), (200, 4100, 1024, 8, 1, 1), (2100, 300, WIDE_BACKWARD, 7, 0, 1)]
 
 
 @pytest.mark.parametrize("layout", ["one_batch_row", "batch_rows", "batch_broadcast", "column_major_values"])
