@@ -228,7 +228,7 @@ _THREADS_SCRIPT = r"""
 import sys, torch, resonant_kernels as rk
 gen = torch.Generator().manual_seed(0)
 reads = []
-for Q, M, E in ((1100, 300, 80), (600, 1025, 64), (1, 40, 70)):
+for Q, M, E in ((1100, 300, 80), (600, 1025, 64), (1, 40, 70), (200, 4100, 1024)):  # the last: values packed
     q, m, z = torch.randn(Q, 2, generator=gen), torch.randn(M, 2, generator=gen), torch.randn(M, E, generator=gen)
     reads.append(rk.gaussian_read(q, 0.8, m, 0.8, z, backend="cpu"))
 torch.save(reads, sys.argv[1])
