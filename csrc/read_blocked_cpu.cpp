@@ -76,8 +76,9 @@ constexpr int64_t kTileBytes = int64_t(1) << 20;
 constexpr int64_t kLeastRows = 16, kMostRows = 512;
 // A batch row's blocks: their number rounded up to a multiple of this and the queries shared evenly
 // among them, so 1, 2 or 4 threads get equal shares of the forward's blocks (one more block for one
-// thread cost the forward 5% at (Q, M, E) = (3000, 1500, 512): 19 blocks of 160 queries, 1.13x the
-// bare product against 1.09-1.11x with 20 of 150, interleaved). From the shapes alone.
+// thread cost the forward 2-4% at (Q, M, E) = (3000, 1500, 512): 19 blocks of up to 160 queries,
+// 1.13-1.17x the bare product against 1.09-1.15x with 20 of 150, interleaved runs; the other
+// issue-#17 shapes level). From the shapes alone.
 constexpr int64_t kBlockMultiple = 4;
 // The one-call backward's blocks: this many times the forward's rows (a weights and a dp tile of
 // ~2 MB each per thread). Its dL/dvalues product adds a block's weightsᵀ · g into the thread's
@@ -513,9 +514,10 @@ class ValuesOperand {
 // the shapes: blocked_read_block_rows), writes the block's weights into its own tile and
 // multiplies them with the values itself (ValuesOperand: packed once from E = kPackForwardFromE;
 // the BLAS told to run on the calling thread alone: local_threads(1), which also holds where the
-// region has one thread and the BLAS would otherwise start its own), then divides the rows by their sums. No barrier and no Python between blocks,
-// and each read row the product of one thread's sequential gemm on a block of a size fixed by the
-// shapes: the same bits for any thread count (not for a query read in a block of another size).
+// region has one thread and the BLAS would otherwise start its own), then divides the rows by
+// their sums. No barrier and no Python between blocks, and each read row the product of one
+// thread's sequential gemm on a block of a size fixed by the shapes: the same bits for any thread
+// count (not for a query read in a block of another size).
 
 template <class T, int D, bool Unit>
 void forward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, View3<const T> qloc,
@@ -558,9 +560,8 @@ void forward_impl(const ReadShape& s, const std::vector<Metric<T>>& metrics, Vie
 // of the call's (batch row, query) rows, cut into blocks of at most `rows` queries within a batch
 // row (so the threads' shares differ by one query at most, and which queries a thread sums is fixed
 // by the shapes and the thread count). Per block: dp = g_block · valuesᵀ on that thread (the
-// values packed once: ValuesOperand),
-// the weights again from the saved lse with the score, query and entry gradients (grads_impl on
-// this thread alone), and the thread's partial dL/dvalues += weightsᵀ · g_block (gemm, beta = 1
+// values packed once: ValuesOperand), the weights again from the saved lse with the score, query
+// and entry gradients (grads_impl on this thread alone), and the thread's partial dL/dvalues += weightsᵀ · g_block (gemm, beta = 1
 // after the thread's first block of a batch row). The entries' gradients (values, locations,
 // variances) are per-thread partials over the batch rows the thread's run touches, added at the
 // end over the threads in thread order: the same bits run to run for a given thread count
