@@ -7,16 +7,16 @@ Each block of queries gets its softmax weights in a tile (block rows × M, about
 csrc/read_blocked_cpu.cpp, unnormalised, and the BLAS that torch ships (MKL on x86) multiplies the
 tile with the values, each product row then divided by its weights' sum: the product is the bare
 `logits @ V`'s, the elementwise work a few vector operations per pair, and nothing of size Q × M
-exists beyond one tile per thread. Where torch's library exports the BLAS's gemm (blas_functions) the
-whole forward is one C++ call, each thread running its blocks' gemm itself (from E = 1024 on values
-packed once per call where the BLAS packs: MKL's sgemm_pack); elsewhere the blocks run from Python
-around torch.mm (read_forward_python). The backward likewise (one C++ call where the gemm is
+exists beyond one tile per thread. Where torch's library exports the BLAS's gemm (blas_functions)
+the whole forward is one C++ call, each thread running its blocks' gemm itself (from E = 1024 on
+values packed once per call where the BLAS packs: MKL's sgemm_pack); elsewhere the blocks run from
+Python around torch.mm (read_forward_python). The backward likewise (one C++ call where the gemm is
 exported): each thread takes an equal run of the (batch row, query) rows in blocks, and per block
-dp = g @ valuesᵀ (gemm; the values packed once per call where the BLAS packs); the weights again from the saved log-sum-exps, the score
-gradients and from them the location and variance gradients; dL/dvalues += weightsᵀ @ g (gemm)
-into the thread's own partial, the partials (values, entry locations and variances) added in
-thread order at the end. Elsewhere read_backward_python: the same per block from Python, the
-products by torch.mm / torch.addmm_, blocks in order.
+dp = g @ valuesᵀ (gemm; the values packed once per call where the BLAS packs); the weights again
+from the saved log-sum-exps, the score gradients and from them the location and variance
+gradients; dL/dvalues += weightsᵀ @ g (gemm) into the thread's own partial, the partials (values,
+entry locations and variances) added in thread order at the end. Elsewhere read_backward_python:
+the same per block from Python, the products by torch.mm / torch.addmm_, blocks in order.
 
 Determinism (docs/design.md §7): the one-call forward and the C++ elementwise parts give the same
 bits for any thread count; the one-call backward, the Python-loop forward and backward are the
