@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 import resonant_kernels as rk
 from backends import marks
 from resonant_kernels.backends import cpu_blocked
-from test_read_cpu_paths import (EPS, check_against_oracle, check_float32_layout_against_oracle, forward_paths,
-                                 make, read_and_grads, to64)
+from test_read_cpu_paths import (EPS, assert_within, check_against_oracle, check_float32_layout_against_oracle,
+                                 conditioning, forward_paths, make, read_and_grads, to64)
 
 pytestmark = marks("cpu", "gaussian_read")
 
@@ -364,3 +366,51 @@ def test_the_one_call_backward_rejects_values_the_blas_cannot_read():
     with pytest.raises(ValueError, match="unit stride"):
         _C.blocked_read_backward("float32", shape, *views, (values.data_ptr(), *values.stride()),
                                  *(b.data_ptr() for b in buffers), cpu_blocked.blas_functions("float32") or (1, 0, 0, 0, 0))
+
+
+@st.composite
+def wide_reads(draw):
+    """A read the blocked path takes (no threshold, a variance every pair shares, d < 32, E ≥ 64):
+    queries and entries from one to a few blocks with a short last one (a batch row in four blocks
+    or more, so about a quarter of the float32 draws have two whole backward blocks and multiply
+    values packed once), batch dims, values row- or column-major or shared over a batch, float32 and
+    float64."""
+    batch = draw(st.sampled_from([(), (1,), (2,), (2, 2)]))
+    Q, M = draw(st.integers(1, 300)), draw(st.one_of(st.integers(1, 40), st.integers(41, 700)))
+    d = draw(st.sampled_from([1, 2, 3, 7, 31]))
+    E = draw(st.one_of(st.integers(WIDE_BACKWARD, WIDE_BACKWARD + 40), st.sampled_from([255, 1024])))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    sd_kind = draw(st.sampled_from(["float", "0d", "per_dim"]))
+    values = draw(st.sampled_from(["row_major", "column_major", "shared_over_batch"]))
+    return batch, Q, M, d, E, dtype, sd_kind, values, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wide_reads())
+def test_wide_reads_match_the_float64_oracle(call):
+    """Property-based: the blocked read and its five gradients against the float64 oracle, at the
+    tolerance of the other tests here."""
+    batch, Q, M, d, E, dtype, sd_kind, layout, seed = call
+    note(f"batch {batch} Q {Q} M {M} d {d} E {E} {dtype} {sd_kind} {layout}")
+    q, qs, m, ms, z = make(Q, M, d, E, dtype, sd_kind, seed % 1000)
+    gen = torch.Generator().manual_seed(seed)
+    n = 1
+    for size in batch:
+        n *= size
+    q = (q + torch.randn(n, Q, d, generator=gen, dtype=torch.float64).to(dtype)).reshape(*batch, Q, d)
+    m = (m + torch.randn(n, M, d, generator=gen, dtype=torch.float64).to(dtype)).reshape(*batch, M, d)
+    ones = (1,) * len(batch)
+    if layout == "shared_over_batch":  # one memory for every batch row (values of batch stride 0)
+        m, z = m.reshape(-1, M, d)[:1].reshape(*ones, M, d), z.reshape(*ones, M, E)
+    else:
+        z = (z.t().contiguous().t() if layout == "column_major" else z).expand(*batch, M, E)
+    cot = torch.randn(*batch, Q, E, generator=gen, dtype=torch.float64)
+    with forward_paths() as paths:
+        out, grads = read_and_grads("cpu", q, qs, m, ms, z, None, cot)
+    assert paths == ["dense-blocked"]
+    oracle, oracle_grads = read_and_grads("reference", *(to64(t) for t in (q, qs, m, ms, z)), None, cot)
+    eps, cond = EPS[dtype], conditioning(q, qs, m, ms)
+    assert_within(out, oracle, eps, cond, "read")
+    terms = float(cot.abs().max()) * float(to64(z).abs().max()) * E ** 0.5
+    for i, (g, og) in enumerate(zip(grads, oracle_grads)):
+        assert_within(g, og, eps, 4 * cond, f"gradient {i}", terms)
