@@ -382,8 +382,9 @@ class SharedPanels {
 
 // Σ_k a[k] b[k · sb]. With b contiguous, in two vectors of lanes (k mod 2L), summed in lane order,
 // then the tail: one chain of scalar adds was latency-bound (4 cycles a number: δ alone took 3% of
-// the fused backward at Q = 10000, E = 1024, and about as much of the blocked one at (3000, 1500,
-// 512)). The order depends on n only: the same bits for any thread.
+// the fused backward at Q = 10000, E = 1024, and was the hottest loop of the blocked backward's
+// grads_impl in a perf profile at (3000, 1500, 512)). The order depends on n only: the same bits
+// for any thread.
 template <class T>
 inline T dot(const T* a, const T* b, int64_t sb, int64_t n) {
   using S = typename Cfg<T>::S;

@@ -117,15 +117,16 @@ def make(Q, M, d, E, dtype, sd_kind, seed, spread=1.0, sd=0.7):
 
 
 def check_against_oracle(q, qs, m, ms, z, threshold, seed, expect_path):
+    """The read on the expected path and its gradients against the float64 oracle (any batch dims)."""
     dtype = q.dtype
-    cot = torch.randn(q.shape[0], z.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cot = torch.randn(*q.shape[:-1], z.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     with forward_paths() as paths:
         out, grads = read_and_grads("cpu", q, qs, m, ms, z, threshold, cot)
     assert paths == [expect_path]
     oracle, oracle_grads = read_and_grads("reference", *(to64(t) for t in (q, qs, m, ms, z)), threshold, cot)
     eps, cond = EPS[dtype], conditioning(q, qs, m, ms, threshold)
     assert_within(out, oracle, eps, cond, "read")
-    terms = float(cot.abs().max()) * float(to64(z).abs().max()) * z.shape[1] ** 0.5
+    terms = float(cot.abs().max()) * float(to64(z).abs().max()) * z.shape[-1] ** 0.5
     for i, (g, og) in enumerate(zip(grads, oracle_grads)):
         assert_within(g, og, eps, 4 * cond, f"gradient {i}", terms)
 
