@@ -74,11 +74,12 @@ class _Flat:
         return torch.ones(self.loc.shape[:2], dtype=torch.uint8, device=self.loc.device)
 
     def errors(self, active):
-        return loo_errors(self.loc, self.var, self.values, active, self.threshold, self.uniform_var, self.backend)
+        return _registry.run_kernel(loo_errors, self.loc, self.var, self.values, active, self.threshold,
+                                    self.uniform_var, self.backend)
 
     def dependencies(self, active, error, lse, max_error):
-        return loo_dependencies(self.loc, self.var, active, error, lse, self.threshold, self.uniform_var, max_error,
-                                self.backend)
+        return _registry.run_kernel(loo_dependencies, self.loc, self.var, active, error, lse, self.threshold,
+                                    self.uniform_var, max_error, self.backend)
 
 
 def _flat(op, mem_loc, mem_sd, mem_values, match_threshold, backend, validate) -> _Flat:

@@ -68,7 +68,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     query_loc, query_var, mem_loc, mem_var, mem_values, out, lse = ctx.saved_tensors
-    grads = read_backward(grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values, *ctx.args)
+    grads = _registry.run_kernel(read_backward, grad_out, out, lse, query_loc, query_var, mem_loc, mem_var, mem_values,
+                                 *ctx.args)
     return (*grads, None, None, None, None)
 
 
@@ -107,8 +108,8 @@ def gaussian_read(
     )
     Q, M, d, E = qloc.shape[-2], mem.size, mem.dim, mem.values.shape[-1]
     flat = validation.flatten_batch
-    out, _ = read_forward(
-        flat(qloc, batch, (Q, d)), flat(qvariance.var, batch, (Q, d)), flat(mem.loc, batch, (M, d)),
+    out, _ = _registry.run_kernel(
+        read_forward, flat(qloc, batch, (Q, d)), flat(qvariance.var, batch, (Q, d)), flat(mem.loc, batch, (M, d)),
         flat(mem.var, batch, (M, d)), flat(mem.values, batch, (M, E)),
         -1.0 if threshold is None else threshold, validation.uniform_variance(qvariance, mem.variance, check=mem.check),
         name, bool(allow_tf32),

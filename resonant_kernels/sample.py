@@ -248,7 +248,7 @@ def conditional_probs(
     call = _prepare(PROBS_OP, mem_loc, mem_sd, mem_values, search_key, search_loc, search_sd, temperature,
                     location_temperature, match_threshold, backend, validate)
     B, Q, M, _, _ = call.shape
-    probs = sample_probs(*call.kernel_args(), *call.scalars(), call.backend)
+    probs = _registry.run_kernel(sample_probs, *call.kernel_args(), *call.scalars(), call.backend)
     _raise_on_unusable_rows(PROBS_OP, call, torch.isnan(probs[..., 0]), temperature, location_temperature)
     out = probs.reshape(*call.batch, Q, M)
     return out.squeeze(-2) if call.single else out
@@ -282,7 +282,7 @@ def conditional_sample(
     uniforms = torch.rand((B, Q, S), generator=generator, dtype=torch.float64, device=device)
     noise = torch.randn((B, Q, S, d), generator=generator, dtype=call.mem_loc.dtype, device=device)
     with torch.no_grad():
-        idx = sample_indices(*call.kernel_args(), uniforms, *call.scalars(), call.backend)
+        idx = _registry.run_kernel(sample_indices, *call.kernel_args(), uniforms, *call.scalars(), call.backend)
     unusable = idx < 0
     _raise_on_unusable_rows(SAMPLE_OP, call, unusable[..., 0], temperature, location_temperature)
     gather_idx = idx.clamp(min=0).reshape(B, Q * S, 1).expand(B, Q * S, d)

@@ -273,6 +273,8 @@ def queries(query_loc, query_sd: Sd, mem: MemoryArgs, *, loc_name="query_loc", s
 
 
 def batch_shape(*shapes: torch.Size, names: Sequence[str]) -> torch.Size:
+    if all(s == shapes[0] for s in shapes[1:]):  # the common case, without torch's general broadcasting (in Python)
+        return torch.Size(shapes[0])
     try:
         return torch.broadcast_shapes(*shapes)
     except RuntimeError:
@@ -282,6 +284,8 @@ def batch_shape(*shapes: torch.Size, names: Sequence[str]) -> torch.Size:
 
 def flatten_batch(x: torch.Tensor, batch: torch.Size, tail: tuple[int, ...]) -> torch.Tensor:
     """Expands x to batch + tail and views it as (B, *tail) without copying where strides allow."""
+    if not batch:
+        return x.expand(1, *tail)
     x = x.expand(*batch, *tail)
     return x.reshape(math.prod(batch), *tail) if len(batch) != 1 else x
 
