@@ -284,8 +284,8 @@ def batch_shape(*shapes: torch.Size, names: Sequence[str]) -> torch.Size:
 
 def flatten_batch(x: torch.Tensor, batch: torch.Size, tail: tuple[int, ...]) -> torch.Tensor:
     """Expands x to batch + tail and views it as (B, *tail) without copying where strides allow."""
-    if not batch:
-        return x.expand(1, *tail)
+    if not batch:  # (not expand(1, *tail): its backward sums over the new dim, a copy of the gradient)
+        return x.expand(*tail).unsqueeze(0)
     x = x.expand(*batch, *tail)
     return x.reshape(math.prod(batch), *tail) if len(batch) != 1 else x
 
