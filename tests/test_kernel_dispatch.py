@@ -68,7 +68,7 @@ def test_the_body_and_the_custom_op_give_the_same_bits(op, backend, bodies_calle
 
 def test_a_call_without_autograd_or_modes_skips_the_dispatch():
     q, m, z, _ = op_inputs()
-    plain = [t.detach() for t in (q, m, z)]
+    plain = _detached(q, m, z)
     assert not _registry.custom_op_needed(plain)
     assert not _registry.custom_op_needed([torch.nn.Parameter(t, requires_grad=False) for t in plain])
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_a_call_without_autograd_or_modes_skips_the_dispatch():
 def test_autograd_modes_subclasses_and_vmap_get_the_custom_op():
     q, m, z, _ = op_inputs()
     assert _registry.custom_op_needed((q.detach(), m, 1.0, "cpu"))  # m requires grad, grad mode on
-    plain = [t.detach() for t in (q, m, z)]
+    plain = _detached(q, m, z)
     with PassThrough():
         assert _registry.custom_op_needed(plain)
 
