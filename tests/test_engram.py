@@ -511,3 +511,39 @@ def test_remember_accepts_large_finite_rewards_within_the_limit():
     assert brain.remember(np.zeros((3, 2)), [0, 1, 2], [1e29, 1e29, 1e29]) == 3
     scores, _ = brain.action_scores(np.zeros((1, 2)))
     assert torch.isfinite(scores).all()
+
+
+def test_torch_store_checks_its_memory_once_per_version_and_every_query(monkeypatch):
+    from resonant.engram import torch_store
+    checked = []  # the memory checks that read the values (gaussian_read's own, with validate=False, do not)
+    real = torch_store.kernel_checks.memory
+
+    def spy(*args, **kwargs):
+        if kwargs.get("validate") is not False:
+            checked.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch_store.kernel_checks, "memory", spy)
+    store = TorchEngramStore(D, A)
+    store.add(*random_engrams(50))
+    scoring = Scoring(k=None, bandwidth=0.8)
+    q = torch.zeros(3, D)
+    store.action_values(q, scoring)
+    store.action_values(q, scoring)
+    assert len(checked) == 1  # decisions between writes read a memory already checked
+    store.action_values(q, Scoring(k=None, bandwidth=0.5))
+    assert len(checked) == 2  # another scoring, another check
+    store.add(*random_engrams(5, seed=1))
+    store.action_values(q, scoring)
+    assert len(checked) == 3  # a write: checked again
+    with pytest.raises(ValueError, match="query_loc has a value of magnitude .* above the usable bound"):
+        store.action_values(torch.full((1, D), 1e19), scoring)  # the queries at every call
+
+
+def test_torch_store_memory_beyond_the_usable_range_raises_at_every_read():
+    store = TorchEngramStore(D, A)
+    states, actions, outcomes, returns = random_engrams(20)
+    states[3, 0] = 1e19  # finite (add accepts it) but beyond what the kernels compute in float32
+    store.add(states, actions, outcomes, returns)
+    for _ in range(2):  # a failed check is not remembered
+        with pytest.raises(ValueError, match="mem_loc has a value of magnitude .* above the usable bound"):
+            store.action_values(torch.zeros(1, D), Scoring(k=None, bandwidth=0.8))
