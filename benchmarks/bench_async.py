@@ -27,12 +27,14 @@ action choice). Writes --out (JSON) with the machine load (`uptime`) before and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from resonant.cli import build_parser  # noqa: E402
 from resonant.engram.policy import select_actions  # noqa: E402
 from resonant.parallel import AsyncTrainer  # noqa: E402
+from resonant.parallel.server import MemoryServer  # noqa: E402
 from resonant.runs import run_dir, write_text_atomic  # noqa: E402
 from resonant.train_cli import brain_options, build_brain  # noqa: E402
 from resonant.trainer import Trainer  # noqa: E402
@@ -58,11 +61,62 @@ def default_options(seed: int) -> dict:
 
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any row sets it
+WINDOW = (1000, 5000)  # --window's default
 
 
-def run_sync(episodes: int, seed: int, threads: int = 1) -> dict:
+class ReadLog:
+    """When each decision answered from the memory (the normaliser fitted, a read made) came back:
+    the rate over a window of them compares runs at the same memory sizes (the memory holds about
+    the random-play episodes' engrams plus the decisions read so far), which the whole runs are not
+    (their episodes, so their memories, grow differently)."""
+
+    def __init__(self):
+        self.times, self.counts = [], []
+
+    def add(self, decisions: int) -> None:
+        if decisions:
+            self.times.append(time.perf_counter())
+            self.counts.append((self.counts[-1] if self.counts else 0) + decisions)
+
+    def rate(self, first: int, last: int) -> Optional[float]:
+        """Decisions per second from the answer that reached `first` read decisions to the one that
+        reached `last` (None if the run read fewer)."""
+        counts = np.asarray(self.counts)
+        if not len(counts) or counts[-1] < last:
+            return None
+        a, b = int(np.searchsorted(counts, first)), int(np.searchsorted(counts, last))
+        return round((counts[b] - counts[a]) / (self.times[b] - self.times[a]), 1)
+
+
+@contextlib.contextmanager
+def logged_server_reads(log: ReadLog):
+    """MemoryServer.decide logs its answers to `log` within the block (the local engine's predictor
+    runs in this process)."""
+    original = MemoryServer.decide
+
+    def decide(self, workers, states):
+        scores = original(self, workers, states)
+        log.add(len(states) if all(self._ready) else 0)
+        return scores
+
+    MemoryServer.decide = decide
+    try:
+        yield
+    finally:
+        MemoryServer.decide = original
+
+
+def run_sync(episodes: int, seed: int, threads: int = 1, window=WINDOW) -> dict:
     torch.set_num_threads(threads)
     brain = build_brain(default_options(seed), 8, 4)
+    log, decide = ReadLog(), brain.decide
+
+    def logged_decide(states, **kwargs):
+        actions = decide(states, **kwargs)
+        log.add(len(actions))
+        return actions
+
+    brain.decide = logged_decide
     trainer = Trainer(brain, ENV, num_envs=8, seed=seed, action_repeat=4)
     load = uptime()
     t0 = time.perf_counter()
@@ -72,29 +126,34 @@ def run_sync(episodes: int, seed: int, threads: int = 1) -> dict:
     decisions = len(brain.store)  # one engram per decision (capacity not reached)
     return {"mode": f"sync --num-envs 8, {threads} thr", "engine": "-", "workers": 8, "per_process": 8,
             "in_predictor": 8, "threads": threads, "episodes": episodes, "all_playing_decisions_per_s": None,
-            "decisions": decisions,
+            "decisions": decisions, "window": list(window), "window_decisions_per_s": log.rate(*window),
             "wall_seconds": round(wall, 2), "decisions_per_s": round(decisions / wall, 1), "mean_batch": None,
             "latency_p50_ms": None, "latency_p99_ms": None, "uptime_before": load}
 
 
 def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_process: int = 1,
-              predictor_workers: int = 0) -> dict:
+              predictor_workers: int = 0, spin_wait: Optional[float] = None, window=WINDOW) -> dict:
     per_worker = max(1, episodes // workers)
     trainer = AsyncTrainer(functools.partial(build_brain, default_options(seed), 8, 4), ENV, num_workers=workers,
                            episodes_per_worker=per_worker, engine=engine, seed=seed, action_repeat=4,
-                           workers_per_process=workers_per_process, predictor_workers=predictor_workers)
+                           workers_per_process=workers_per_process, predictor_workers=predictor_workers,
+                           spin_wait=spin_wait)
     load = uptime()
-    stats = trainer.train(progress=False)
+    log = ReadLog()
+    with logged_server_reads(log):  # (a Ray run's predictor is an actor: no log)
+        stats = trainer.train(progress=False)
     s = stats.summary()
     return {"mode": "async", "engine": engine, "workers": workers, "per_process": workers_per_process,
             "in_predictor": predictor_workers,
             "all_playing_decisions_per_s": s["all_playing_decisions_per_s"],
             "episodes": s["episodes"],
-            "decisions": s["decisions"], "wall_seconds": s["answering_seconds"],
+            "decisions": s["decisions"], "window": list(window),
+            "window_decisions_per_s": log.rate(*window) if engine == "local" else None, "wall_seconds": s["answering_seconds"],
             "decisions_per_s": s["steady_decisions_per_s"], "with_startup_decisions_per_s": s["decisions_per_s"],
             "mean_batch": s["mean_predictor_batch"], "latency_p50_ms": s["decision_latency_ms"]["p50"],
             "latency_p99_ms": s["decision_latency_ms"]["p99"], "request_wait_p50_ms": s["request_wait_ms"]["p50"],
             "read_seconds": round(s["memory"]["read_seconds"], 2), "predictor_busy_share": s["predictor_busy_share"],
+            "spin_wait_ms": None if s["spin_wait_seconds"] is None else s["spin_wait_seconds"] * 1e3,
             "uptime_before": load}
 
 
@@ -130,6 +189,50 @@ def decision_costs(seed: int, sizes=(10_000, 50_000, 200_000), batches=(1, 8, 64
     return {"reads": reads, "worker_ms_per_decision": round((time.perf_counter() - t0) / n * 1e3, 4)}
 
 
+def run_round(args, spins: list, repeat: int) -> list:
+    """The synchronous rows, then every asynchronous row; `vs sync` against the faster synchronous row."""
+    rows = []
+    for threads in dict.fromkeys(args.sync_threads):
+        rows.append(run_sync(args.episodes, args.seed, threads, args.window))
+        print(rows[-1], flush=True)
+    sync = max(r["decisions_per_s"] for r in rows)
+    sync_window = max((r["window_decisions_per_s"] or 0.0) for r in rows) or None
+    for engine in args.engines:
+        for k in (args.workers_per_process if engine == "local" else [1]):
+            for pw in (args.predictor_workers if engine == "local" else [0]):
+                for spin in (spins if engine == "local" else [None]):
+                    for w in args.workers:
+                        if k > w or pw > w or (pw == w and k > 1):  # (all in the predictor: k plays no part)
+                            continue
+                        rows.append(run_async(engine, w, args.episodes, args.seed, k, pw, spin, args.window))
+                        print(rows[-1], flush=True)
+    for r in rows:
+        r["repeat"] = repeat
+        r["vs_sync"] = round(r["decisions_per_s"] / sync, 2)
+        if r["all_playing_decisions_per_s"] is not None:
+            r["all_playing_vs_sync"] = round(r["all_playing_decisions_per_s"] / sync, 2)
+        if r["window_decisions_per_s"] is not None and sync_window:
+            r["window_vs_sync"] = round(r["window_decisions_per_s"] / sync_window, 2)
+    return rows
+
+
+def print_repeats(rows: list) -> None:
+    """Per layout over the rounds: the ratios to the round's synchronous loop, each round's and their median."""
+    layouts: dict = {}
+    for r in rows:
+        if r["mode"] == "async":
+            key = (r["engine"], r["workers"], r["per_process"], r["in_predictor"], r.get("spin_wait_ms"))
+            layouts.setdefault(key, []).append(r)
+    print("over the rounds (engine, workers, per proc, in pred, spin ms): vs sync over the run | while all play | "
+          "over the window")
+    for key, rs in layouts.items():
+        parts = []
+        for field in ("vs_sync", "all_playing_vs_sync", "window_vs_sync"):
+            ratios = [float(r[field]) for r in rs if r.get(field) is not None]
+            parts.append(f"{ratios} median {np.median(ratios):.2f}" if ratios else "-")
+        print(f"  {key}: " + " | ".join(parts))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--episodes", type=int, default=160, help="total episodes per row (default: %(default)s)")
@@ -144,42 +247,41 @@ def main() -> int:
     p.add_argument("--sync-threads", type=int, nargs="+", default=[1, DEFAULT_THREADS],
                    help="torch threads of the synchronous baseline rows (default: %(default)s: one, and torch's "
                         "default here)")
+    p.add_argument("--spin-wait-ms", nargs="+", default=["auto"],
+                   help="local engine: also run each layout with each of these spin waits (milliseconds a waiting "
+                        "side polls its pipe before it blocks; auto: the engine's default) (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every row this many times, the synchronous rows first in each round; `vs sync` is "
+                        "against the round's own synchronous rows (default: %(default)s)")
+    p.add_argument("--window", type=int, nargs=2, default=list(WINDOW), metavar=("FIRST", "LAST"),
+                   help="also the rate from the FIRST-th to the LAST-th decision answered by a read (the same memory "
+                        "sizes in every row; local engine and synchronous rows) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--costs-only", action="store_true")
     p.add_argument("--out", default=str(run_dir("benchmarks") / "async_throughput.json"),
                    help="the JSON results (default: %(default)s, untracked)")
     args = p.parse_args()
+    spins = [None if v == "auto" else float(v) / 1e3 for v in args.spin_wait_ms]
     result = {"command": " ".join(sys.argv), "uptime_start": uptime(), "rows": []}
     if not args.costs_only:
-        rows = []
-        for threads in dict.fromkeys(args.sync_threads):
-            rows.append(run_sync(args.episodes, args.seed, threads))
-            print(rows[-1], flush=True)
-        sync = max(r["decisions_per_s"] for r in rows)
-        for engine in args.engines:
-            for k in (args.workers_per_process if engine == "local" else [1]):
-                for pw in (args.predictor_workers if engine == "local" else [0]):
-                    for w in args.workers:
-                        if k > w or pw > w or (pw == w and k > 1):  # (all in the predictor: k plays no part)
-                            continue
-                        rows.append(run_async(engine, w, args.episodes, args.seed, k, pw))
-                        print(rows[-1], flush=True)
-        for r in rows:
-            r["vs_sync"] = round(r["decisions_per_s"] / sync, 2)
-            if r["all_playing_decisions_per_s"] is not None:
-                r["all_playing_vs_sync"] = round(r["all_playing_decisions_per_s"] / sync, 2)
-        result["rows"] = rows
+        for repeat in range(args.repeats):
+            result["rows"] += run_round(args, spins, repeat)
     result["costs"] = decision_costs(args.seed)
     result["uptime_end"] = uptime()
     write_text_atomic(args.out, json.dumps(result, indent=1))
-    print(f"{'mode':<24} {'engine':<6} {'workers':>7} {'per proc':>8} {'in pred':>7} {'decisions':>9} {'wall s':>7} "
-          f"{'dec/s':>7} {'vs sync':>7} {'all playing':>11} {'vs sync':>7} {'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
+    print(f"{'mode':<24} {'engine':<6} {'workers':>7} {'per proc':>8} {'in pred':>7} {'spin ms':>7} {'decisions':>9} "
+          f"{'wall s':>7} {'dec/s':>7} {'vs sync':>7} {'all playing':>11} {'vs sync':>7} {'window':>7} {'vs sync':>7} "
+          f"{'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
     for r in result["rows"]:
         print(f"{r['mode']:<24} {r['engine']:<6} {r['workers']:>7} {str(r['per_process']):>8} "
-              f"{str(r['in_predictor']):>7} {r['decisions']:>9} {r['wall_seconds']:>7} {r['decisions_per_s']:>7} "
+              f"{str(r['in_predictor']):>7} {str(r.get('spin_wait_ms', '-')):>7} {r['decisions']:>9} "
+              f"{r['wall_seconds']:>7} {r['decisions_per_s']:>7} "
               f"{r['vs_sync']:>7} {str(r['all_playing_decisions_per_s'] or '-'):>11} "
-              f"{str(r.get('all_playing_vs_sync', '-')):>7} {str(r['mean_batch']):>6} {str(r['latency_p50_ms']):>7} "
+              f"{str(r.get('all_playing_vs_sync', '-')):>7} {str(r['window_decisions_per_s'] or '-'):>7} "
+              f"{str(r.get('window_vs_sync', '-')):>7} {str(r['mean_batch']):>6} {str(r['latency_p50_ms']):>7} "
               f"{str(r['latency_p99_ms']):>7}")
+    if args.repeats > 1:
+        print_repeats(result["rows"])
     print(json.dumps(result["costs"], indent=1))
     print("load:", result["uptime_start"], "->", result["uptime_end"])
     return 0

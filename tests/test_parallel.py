@@ -24,6 +24,8 @@ from resonant.engram import EngramBrain, Exploration, Outcomes, Scoring, TorchEn
 from resonant.engram.brain import discounted_returns  # noqa: E402
 from resonant.engram.policy import glow_credit, select_actions, softmax_probabilities  # noqa: E402
 from resonant.parallel import AsyncTrainer, MemoryServer, WorkerFailed  # noqa: E402
+from resonant.parallel import local as local_engine  # noqa: E402
+from resonant.parallel.local import SPIN_WAIT_SECONDS, usable_cores  # noqa: E402
 from resonant.parallel.stats import LatencyHistogram  # noqa: E402
 from resonant.parallel.worker import Episode  # noqa: E402
 from resonant.sim import SubGridWorld  # noqa: E402
@@ -281,13 +283,17 @@ def collect_run(trainer, **kwargs):
     return episodes
 
 
-@pytest.mark.parametrize("memory, workers_per_process, predictor_workers",
-                         [("shared", 1, 0), ("isolated", 1, 0), ("shared", 2, 0), ("shared", 1, 1), ("isolated", 1, 3)])
-def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_per_process, predictor_workers):
+@pytest.mark.parametrize("memory, workers_per_process, predictor_workers, spin_wait",
+                         [("shared", 1, 0, 0.0), ("isolated", 1, 0, None), ("shared", 2, 0, None),
+                          ("shared", 1, 1, 0.0), ("isolated", 1, 3, None),
+                          # polling pipes: one process and the predictor, and three processes on fewer cores
+                          ("shared", 2, 1, 0.005), ("isolated", 1, 0, 0.005)])
+def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_per_process, predictor_workers,
+                                                               spin_wait):
     # predictor_workers: the first workers are stepped by the predictor's own process (3: all of them)
     trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=3, episodes_per_worker=7, memory=memory,
                            normalise_episodes=2, max_seconds=RUN_LIMIT, seed=5, workers_per_process=workers_per_process,
-                           predictor_workers=predictor_workers)
+                           predictor_workers=predictor_workers, spin_wait=spin_wait)
     episodes = collect_run(trainer)
     stats = trainer.stats
     assert stats.stop_reason == "finished"
@@ -315,6 +321,43 @@ def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_p
         assert max(stats.batch_sizes) >= 2
     # the rate while all three played: from the first answer until the first worker's last episode
     assert 0 < summary["all_playing_decisions_per_s"]
+    processes = len(stats.worker_pids)
+    expected_spin = spin_wait if spin_wait is not None else (SPIN_WAIT_SECONDS if processes + 1 <= usable_cores() else 0)
+    assert summary["spin_wait_seconds"] == expected_spin
+
+
+def test_spin_wait_polls_only_where_the_processes_fit_the_cores(monkeypatch):
+    assert 1 <= local_engine.usable_cores() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(local_engine, "usable_cores", lambda: 2)
+    assert local_engine.spin_seconds(None, 1) == SPIN_WAIT_SECONDS > 0  # one worker process and the predictor
+    assert local_engine.spin_seconds(None, 2) == 0.0
+    assert local_engine.spin_seconds(None, 0) == SPIN_WAIT_SECONDS
+    monkeypatch.setattr(local_engine, "usable_cores", lambda: 16)
+    assert local_engine.spin_seconds(None, 8) == SPIN_WAIT_SECONDS
+    assert local_engine.spin_seconds(0.0, 1) == 0.0 and local_engine.spin_seconds(0.25, 40) == 0.25  # as given
+
+
+def test_wait_ready_polls_then_blocks_for_the_rest_of_the_timeout():
+    import threading
+
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    try:
+        t0 = time.monotonic()
+        assert local_engine.wait_ready([reader], 0.3, 0.05) == []  # nothing came: the whole timeout
+        assert 0.29 <= time.monotonic() - t0 < 5
+        writer.send_bytes(b"x")
+        assert local_engine.wait_ready([reader], 5.0, 0.05) == [reader]  # at once
+        reader.recv_bytes()
+        # a message that comes after the polling is over wakes the blocked wait
+        later = threading.Timer(0.2, writer.send_bytes, args=(b"y",))
+        later.start()
+        t0 = time.monotonic()
+        assert local_engine.wait_ready([reader], 10.0, 0.01) == [reader] and time.monotonic() - t0 < 5
+        later.join()
+        assert local_engine.wait_ready([reader], 0.0, 0.05) == [reader]  # a zero timeout still looks once
+    finally:
+        reader.close()
+        writer.close()
 
 
 @pytest.mark.parametrize("memory", ["shared", "isolated"])
@@ -373,10 +416,11 @@ def test_a_crashed_worker_is_restarted_on_its_remaining_episodes(tmp_path, worke
         assert "in the predictor's process" in stats.errors[0]["report"]
 
 
-@pytest.mark.parametrize("mode, match", [("kill", "SIGKILL"), ("exit", "exited with code 3")])
-def test_a_worker_that_dies_without_a_traceback_is_reported(tmp_path, mode, match):
+@pytest.mark.parametrize("mode, match, spin_wait", [("kill", "SIGKILL", 0.005), ("exit", "exited with code 3", 0.0)])
+def test_a_worker_that_dies_without_a_traceback_is_reported(tmp_path, mode, match, spin_wait):
+    # (polling: the predictor notices the pipe's end while it polls)
     trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=2, episodes_per_worker=30, normalise_episodes=0,
-                           env_kwargs=failing_env_kwargs(tmp_path, mode), max_seconds=RUN_LIMIT)
+                           env_kwargs=failing_env_kwargs(tmp_path, mode), max_seconds=RUN_LIMIT, spin_wait=spin_wait)
     with pytest.raises(WorkerFailed, match=match):
         collect_run(trainer)
     assert len(trainer.server.brains[0].store) == trainer.stats.total_decisions
@@ -390,7 +434,11 @@ def test_trainer_rejects_bad_arguments():
                           (dict(engine="ray", workers_per_process=2), "one worker per actor"),
                           (dict(predictor_workers=-1), "predictor_workers"),
                           (dict(num_workers=2, predictor_workers=3), r"predictor_workers must be .* \[0, num_workers=2\]"),
-                          (dict(engine="ray", predictor_workers=1), "every worker as an actor")]:
+                          (dict(engine="ray", predictor_workers=1), "every worker as an actor"),
+                          (dict(spin_wait=-0.001), "spin_wait"), (dict(spin_wait=float("nan")), "spin_wait"),
+                          (dict(spin_wait=float("inf")), "spin_wait"), (dict(spin_wait=True), "spin_wait"),
+                          (dict(spin_wait="5"), "spin_wait"),
+                          (dict(engine="ray", spin_wait=0.001), "only the local engine")]:
         with pytest.raises(ValueError, match=match):
             AsyncTrainer(chain_brain, CHAIN, **kwargs)
     with pytest.raises(ValueError, match="brain expects"):
@@ -454,14 +502,14 @@ def test_cli_train_async_avoid_repeats_and_relevance_reach_the_workers_and_the_r
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find the worker processes")
-@pytest.mark.parametrize("predictor_workers", [0, 1])
-def test_ctrl_c_stops_the_run_within_seconds_and_leaves_nothing_behind(tmp_path, predictor_workers):
+@pytest.mark.parametrize("predictor_workers, spin_ms", [(0, "0"), (1, "5")])
+def test_ctrl_c_stops_the_run_within_seconds_and_leaves_nothing_behind(tmp_path, predictor_workers, spin_ms):
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     log = open(tmp_path / "log.txt", "w")
     cmd = [sys.executable, "-m", "resonant.cli", "train-async", CHAIN, "--workers", "3", "--episodes-per-worker",
            "1000000", "--normalise-episodes", "0", "--action-repeat", "1", "--bandwidth", "0.5",
            "--max-seconds", "300", "--out", str(tmp_path), "--name", "interrupted", "--no-progress",
-           "--predictor-workers", str(predictor_workers)]
+           "--predictor-workers", str(predictor_workers), "--spin-wait-ms", spin_ms]
     expected = 4 - predictor_workers  # the fork server and the workers in processes
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -491,6 +539,7 @@ def test_ctrl_c_stops_the_run_within_seconds_and_leaves_nothing_behind(tmp_path,
     s = report["summary"]
     assert s["stop_reason"] == "interrupted" and s["episodes"] > 0
     assert s["memory"]["memory_sizes"] == [s["decisions"]]  # every finished episode stored, exactly
+    assert s["spin_wait_seconds"] == float(spin_ms) / 1e3
 
 
 # ---- the Ray engine ------------------------------------------------------------------------

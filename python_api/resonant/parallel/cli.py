@@ -29,6 +29,10 @@ def add_subcommand(subparsers) -> None:
                    help="local engine: workers the predictor's own process steps between its reads, while the worker "
                         "processes step theirs; e.g. 4 (and --workers-per-process 4) on 2 cores for 8 workers "
                         "(default: %(default)s: every worker in a worker process)")
+    p.add_argument("--spin-wait-ms", type=float, default=None,
+                   help="local engine: how long a waiting side (a worker process for its scores, the predictor for "
+                        "the decisions of its batch) polls its pipe before it blocks; 0: never (default: 5 ms where "
+                        "the worker processes and the predictor's fit the cores, else 0)")
     p.add_argument("--episodes-per-worker", type=int, default=200,
                    help="episodes each worker plays (default: %(default)s)")
     p.add_argument("--memory", choices=("shared", "isolated"), default="shared",
@@ -76,7 +80,8 @@ def run(args) -> int:
                            batch_timeout=args.batch_timeout_ms / 1e3, on_worker_error=args.on_worker_error,
                            max_restarts=args.max_restarts, max_seconds=args.max_seconds,
                            ray_address=args.ray_address, predictor_threads=args.predictor_threads,
-                           workers_per_process=args.workers_per_process, predictor_workers=args.predictor_workers)
+                           workers_per_process=args.workers_per_process, predictor_workers=args.predictor_workers,
+                           spin_wait=None if args.spin_wait_ms is None else args.spin_wait_ms / 1e3)
     status = 0
     try:
         trainer.train(progress=not args.no_progress)

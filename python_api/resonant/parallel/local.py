@@ -22,6 +22,16 @@ work the synchronous loop would do anyway, without a process wake-up per decisio
 up for as long as it steps. They fail, restart and stop as one group, like a process's workers (an
 exception's traceback is reported; a crash of the interpreter itself takes the run with it).
 
+Waiting. A side that waits for the other (a worker process for its scores, the predictor for the
+decisions that complete its batch) first polls its pipe for up to `spin_wait` seconds, then blocks.
+A blocked process gives its core back and pays a wake-up when the message comes: on the 2-core VM
+of BENCHMARKS.md a pipe's round trip between two blocked processes took 140 µs (median; 940 µs at
+the 90th percentile) against 30 µs polling, twice per decision, and the predictor's read and the
+workers' steps alternate in lock step, so that is time in every round. Polling costs a core only
+while the other side works, so the default (`spin_wait=None`) polls for SPIN_WAIT_SECONDS when
+the run's processes (the worker processes and this one) fit the cores this process may run on,
+and not at all otherwise (there a poller would take a core from a process that has work).
+
 Workers start with the "forkserver" method on Linux (not "fork": this process already runs
 threads: torch's, tqdm's) and "spawn" elsewhere; like "spawn", the fork server imports the
 script that started the run, so a script must guard its run with `if __name__ == "__main__":`.
@@ -40,7 +50,9 @@ and restarts as one.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import sys
@@ -60,9 +72,54 @@ from .worker import AgentGroup, Episode, StopRequested, WorkerSpec, play_group
 # message tags, first byte of every message
 DECIDE, EPISODE, FINISHED, ERROR, SCORES = b"D", b"E", b"F", b"X", b"A"
 
+# how long a waiting side polls its pipe before it blocks, where the processes fit the cores: longer
+# than the predictor's read of a batch at ordinary memory sizes (about 1-4 ms at 10 000-50 000
+# engrams on the 2-core VM), so that a worker process polls through the read
+SPIN_WAIT_SECONDS = 0.005
 
-def _worker_main(workers: list, spec: WorkerSpec, first_episodes: list, restart: int, conn) -> None:
-    """Entry point of a worker process (hosting one worker, or several in lock step)."""
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on every platform)
+        return os.cpu_count() or 1
+
+
+def check_spin_wait(spin_wait) -> None:
+    if spin_wait is not None and (isinstance(spin_wait, bool) or not isinstance(spin_wait, (int, float))
+                                  or not math.isfinite(spin_wait) or spin_wait < 0):
+        raise ValueError(f"spin_wait must be None (automatic) or a finite number of seconds >= 0, got {spin_wait!r}")
+
+
+def spin_seconds(spin_wait: Optional[float], worker_processes: int) -> float:
+    """The seconds a waiting side polls: spin_wait, or for None SPIN_WAIT_SECONDS where the worker
+    processes and this one fit the usable cores, else 0."""
+    if spin_wait is not None:
+        return spin_wait
+    return SPIN_WAIT_SECONDS if worker_processes + 1 <= usable_cores() else 0.0
+
+
+def wait_ready(conns: list, timeout: float, spin: float) -> list:
+    """multiprocessing.connection.wait(conns, timeout), polling for up to `spin` of those seconds
+    before it blocks."""
+    if spin > 0:
+        start = time.perf_counter()
+        end = start + min(spin, timeout)
+        while True:
+            ready = wait(conns, 0)
+            if ready:
+                return ready
+            now = time.perf_counter()
+            if now >= end:
+                break
+        timeout = max(0.0, timeout - (now - start))
+    return wait(conns, timeout)
+
+
+def _worker_main(workers: list, spec: WorkerSpec, first_episodes: list, restart: int, spin: float, conn) -> None:
+    """Entry point of a worker process (hosting one worker, or several in lock step); `spin`: the
+    seconds it polls for its scores before it blocks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
 
     def decide(ids: np.ndarray, obs: np.ndarray) -> np.ndarray:
@@ -70,6 +127,8 @@ def _worker_main(workers: list, spec: WorkerSpec, first_episodes: list, restart:
         try:
             conn.send_bytes(DECIDE + len(ids).to_bytes(4, "little") + ids.astype(np.int32).tobytes()
                             + obs.astype(np.float32, copy=False).tobytes())
+            if spin:
+                wait_ready([conn], spin, spin)
             reply = conn.recv_bytes()
         except (EOFError, OSError) as exc:  # the trainer closed the pipe: the run is stopping
             raise StopRequested from exc
@@ -166,7 +225,7 @@ class LocalEngine:
     def __init__(self, *, batch_size: int = 64, batch_timeout: float = 0.005, start_method: Optional[str] = None,
                  on_worker_error: str = "stop", max_restarts: int = 3, poll_interval: float = 0.1,
                  join_timeout: float = 5.0, max_seconds: Optional[float] = None, workers_per_process: int = 1,
-                 predictor_workers: int = 0):
+                 predictor_workers: int = 0, spin_wait: Optional[float] = None):
         check_failure_policy(on_worker_error, max_restarts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -176,7 +235,8 @@ class LocalEngine:
             raise ValueError(f"workers_per_process must be a positive integer, got {workers_per_process!r}")
         if isinstance(predictor_workers, bool) or not isinstance(predictor_workers, int) or predictor_workers < 0:
             raise ValueError(f"predictor_workers must be an integer >= 0, got {predictor_workers!r}")
-        self.batch_size, self.batch_timeout = batch_size, batch_timeout
+        check_spin_wait(spin_wait)
+        self.batch_size, self.batch_timeout, self.spin_wait = batch_size, batch_timeout, spin_wait
         self.workers_per_process, self.predictor_workers = workers_per_process, predictor_workers
         self.ctx = mp.get_context(start_method or default_start_method())
         if self.ctx.get_start_method() == "forkserver":
@@ -190,7 +250,7 @@ class LocalEngine:
         parent, child = self.ctx.Pipe(duplex=True)
         playing = [w for w in p.workers if self._episodes_done[w] < spec.episodes]
         first = [self._episodes_done[w] for w in playing]
-        p.process = self.ctx.Process(target=_worker_main, args=(playing, spec, first, p.restarts, child),
+        p.process = self.ctx.Process(target=_worker_main, args=(playing, spec, first, p.restarts, self._spin, child),
                                      name=f"resonant-worker-{p.workers[0]}", daemon=True)
         p.process.start()
         stats.worker_pids.append(p.process.pid)
@@ -312,6 +372,8 @@ class LocalEngine:
         inline = _Inline(list(range(self.predictor_workers))) if self.predictor_workers else None
         processes = {i: _Process(i, group) for i, group in enumerate(
             process_groups(len(specs), self.workers_per_process, first=self.predictor_workers))}
+        self._spin = spin_seconds(self.spin_wait, len(processes))
+        stats.spin_wait = self._spin
         batch: list = []  # (process or _Inline, worker ids, observations, arrival time)
         failure: Optional[str] = None
         with RunControl(self.max_seconds) as control:
@@ -333,7 +395,7 @@ class LocalEngine:
                     if batch and batch_deadline is None:  # (the predictor's own workers' decision came first)
                         batch_deadline = batch[0][3] + self.batch_timeout
                     timeout = self.poll_interval if not batch else max(0.0, batch_deadline - time.monotonic())
-                    ready = wait([p.conn for p in listening], timeout) if listening else []
+                    ready = wait_ready([p.conn for p in listening], timeout, self._spin) if listening else []
                     by_conn = {id(p.conn): p for p in listening}
                     for conn in ready:
                         p = by_conn[id(conn)]

@@ -106,6 +106,8 @@ class RunStats:
     # local engine: seconds the predictor spent answering (store, read, reply); the rest of
     # answering_seconds it waited for the workers' next decisions
     predictor_seconds: Optional[float] = None
+    # local engine: the seconds a waiting side polled its pipe before blocking (LocalEngine's spin_wait)
+    spin_wait: Optional[float] = None
     # the rate while every worker plays (AllPlayingRate: give it the workers' budget to stop counting
     # when the first has played its last episode)
     all_playing: AllPlayingRate = field(default_factory=AllPlayingRate)
@@ -185,6 +187,7 @@ class RunStats:
             else None,
             "predictor_busy_share": round(self.predictor_seconds / self.answering_seconds, 3)
             if self.predictor_seconds is not None and self.answering_seconds > 0 else None,
+            "spin_wait_seconds": self.spin_wait,
             "decision_latency_ms": self.decision_latency.summary(), "request_wait_ms": self.request_wait.summary(),
             "restarts": self.restarts, "errors": len(self.errors), "stop_reason": self.stop_reason,
             "memory": self.memory, "per_worker": per_worker,

@@ -74,7 +74,7 @@ class AsyncTrainer:
                  batch_size: int = 64, batch_timeout: float = 0.005, on_worker_error: str = "stop",
                  max_restarts: int = 3, max_seconds: Optional[float] = None, start_method: Optional[str] = None,
                  ray_address: Optional[str] = None, predictor_threads: Optional[int] = 1,
-                 workers_per_process: int = 1, predictor_workers: int = 0):
+                 workers_per_process: int = 1, predictor_workers: int = 0, spin_wait: Optional[float] = None):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         if memory not in MEMORIES:
@@ -91,6 +91,8 @@ class AsyncTrainer:
         if engine == "ray" and predictor_workers != 0:
             raise ValueError(f"predictor_workers={predictor_workers!r}: the Ray engine runs every worker as an actor "
                              "(predictor_workers=0)")
+        if engine == "ray" and spin_wait is not None:
+            raise ValueError(f"spin_wait={spin_wait!r}: only the local engine polls its pipes (spin_wait=None)")
         if max_seconds is not None and not max_seconds > 0:
             raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
         self.brain_factory, self.env_id, self.env_kwargs = brain_factory, env_id, dict(env_kwargs or {})
@@ -104,14 +106,16 @@ class AsyncTrainer:
         self.engine_options = dict(batch_size=batch_size, batch_timeout=batch_timeout,
                                    on_worker_error=on_worker_error, max_restarts=max_restarts,
                                    max_seconds=max_seconds, predictor_threads=predictor_threads,
-                                   workers_per_process=workers_per_process, predictor_workers=predictor_workers)
-        given_apart = ("predictor_threads", "workers_per_process", "predictor_workers")  # each engine takes its own
+                                   workers_per_process=workers_per_process, predictor_workers=predictor_workers,
+                                   spin_wait=spin_wait)
+        # each engine takes its own
+        given_apart = ("predictor_threads", "workers_per_process", "predictor_workers", "spin_wait")
         options = {k: v for k, v in self.engine_options.items() if k not in given_apart}
         if engine == "local":
             from .local import LocalEngine
 
             self._engine = LocalEngine(start_method=start_method, workers_per_process=workers_per_process,
-                                       predictor_workers=predictor_workers, **options)
+                                       predictor_workers=predictor_workers, spin_wait=spin_wait, **options)
         else:
             from .ray_engine import RayEngine
 
