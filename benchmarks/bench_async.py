@@ -5,12 +5,16 @@
     python benchmarks/bench_async.py --workers-per-process 1 2 4   # also 2 and 4 workers per worker process
     python benchmarks/bench_async.py --workers 8 --workers-per-process 4 --predictor-workers 0 4
                                                               # also 4 of the 8 stepped by the predictor's process
+    python benchmarks/bench_async.py --workers 8 --workers-per-process 4 --predictor-workers 4 --spin-wait-ms auto 0 \
+        --repeats 8                                           # that layout polling and not, in 8 rounds
     python benchmarks/bench_async.py --costs-only             # only the per-decision costs (projection)
 
 Every row trains LunarLander-v3 with `resonant train`'s default agent (local linear scores,
 bandwidth 0.3, action repeat 4) for the same total number of episodes (--episodes, split evenly
-over the workers), so the memory grows alike in every row; decisions/s is decisions (engrams
-stored) over the run's time: for the asynchronous rows from the predictor's first answer to its
+over the workers). The memories do not grow alike: each asynchronous worker decays its exploration
+over its own episodes, so 8 workers of 40 episodes explore longer, end more episodes early and
+store fewer engrams than the synchronous loop, whose one brain decays it over all 320; reads get
+slower as the memory grows. decisions/s is decisions (engrams stored) over the run's time: for the asynchronous rows from the predictor's first answer to its
 last (worker processes or actors starting up are left out, and reported beside it as
 with_startup_decisions_per_s), for the synchronous rows the whole train() call. `all playing` is
 the asynchronous rate while every worker still played (until the first one had played its last
@@ -18,7 +22,11 @@ episode: from then on fewer workers ask and the batches shrink, which the synchr
 eight environments play until the total is reached, never sees). The predictor reads with one
 torch thread; the synchronous baseline runs with one thread (as the LunarLander runs in
 BENCHMARKS.md) and with torch's default (one per core: what `resonant train` uses), each a row;
-`vs sync` is against the faster of them.
+`vs sync` is against the faster of them. `window` compares rows at the same memory sizes: the
+rate from the FIRST-th to the LAST-th decision answered by a read (--window; the random-play
+episodes before the normaliser is fitted are not read), for the synchronous rows and the local
+engine's. With --repeats every row runs in each of several rounds, each round's ratios against its
+own synchronous rows (the VM's speed drifts from minute to minute).
 
 Per-decision costs for the projection: the predictor's read (brain.action_scores) for batches of
 Q states against M engrams, and a worker's own work per decision (4 LunarLander steps and the
@@ -50,6 +58,25 @@ from resonant.train_cli import brain_options, build_brain  # noqa: E402
 from resonant.trainer import Trainer  # noqa: E402
 
 ENV = "LunarLander-v3"
+
+
+def cpu_times() -> Optional[list]:
+    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal), or None."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+
+
+def steal_share(before: Optional[list]) -> Optional[float]:
+    """The share of the machine's CPU time since `before` that the hypervisor gave to others (steal):
+    a VM whose cores are shared runs everything slower, and two processes in parallel slower still."""
+    after = cpu_times()
+    if before is None or after is None:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    return round(delta[7] / sum(delta), 3) if sum(delta) > 0 else None
 
 
 def uptime() -> str:
@@ -118,17 +145,18 @@ def run_sync(episodes: int, seed: int, threads: int = 1, window=WINDOW) -> dict:
 
     brain.decide = logged_decide
     trainer = Trainer(brain, ENV, num_envs=8, seed=seed, action_repeat=4)
-    load = uptime()
+    load, cpu = uptime(), cpu_times()
     t0 = time.perf_counter()
     trainer.train(episodes, progress=False)
     wall = time.perf_counter() - t0
+    steal = steal_share(cpu)
     trainer.close()
     decisions = len(brain.store)  # one engram per decision (capacity not reached)
     return {"mode": f"sync --num-envs 8, {threads} thr", "engine": "-", "workers": 8, "per_process": 8,
             "in_predictor": 8, "threads": threads, "episodes": episodes, "all_playing_decisions_per_s": None,
             "decisions": decisions, "window": list(window), "window_decisions_per_s": log.rate(*window),
             "wall_seconds": round(wall, 2), "decisions_per_s": round(decisions / wall, 1), "mean_batch": None,
-            "latency_p50_ms": None, "latency_p99_ms": None, "uptime_before": load}
+            "latency_p50_ms": None, "latency_p99_ms": None, "uptime_before": load, "steal_share": steal}
 
 
 def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_process: int = 1,
@@ -138,10 +166,11 @@ def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_p
                            episodes_per_worker=per_worker, engine=engine, seed=seed, action_repeat=4,
                            workers_per_process=workers_per_process, predictor_workers=predictor_workers,
                            spin_wait=spin_wait)
-    load = uptime()
+    load, cpu = uptime(), cpu_times()
     log = ReadLog()
     with logged_server_reads(log):  # (a Ray run's predictor is an actor: no log)
         stats = trainer.train(progress=False)
+    steal = steal_share(cpu)
     s = stats.summary()
     return {"mode": "async", "engine": engine, "workers": workers, "per_process": workers_per_process,
             "in_predictor": predictor_workers,
@@ -154,7 +183,7 @@ def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_p
             "latency_p99_ms": s["decision_latency_ms"]["p99"], "request_wait_p50_ms": s["request_wait_ms"]["p50"],
             "read_seconds": round(s["memory"]["read_seconds"], 2), "predictor_busy_share": s["predictor_busy_share"],
             "spin_wait_ms": None if s["spin_wait_seconds"] is None else s["spin_wait_seconds"] * 1e3,
-            "uptime_before": load}
+            "uptime_before": load, "steal_share": steal}
 
 
 def decision_costs(seed: int, sizes=(10_000, 50_000, 200_000), batches=(1, 8, 64), repeats: int = 5) -> dict:
@@ -271,7 +300,7 @@ def main() -> int:
     write_text_atomic(args.out, json.dumps(result, indent=1))
     print(f"{'mode':<24} {'engine':<6} {'workers':>7} {'per proc':>8} {'in pred':>7} {'spin ms':>7} {'decisions':>9} "
           f"{'wall s':>7} {'dec/s':>7} {'vs sync':>7} {'all playing':>11} {'vs sync':>7} {'window':>7} {'vs sync':>7} "
-          f"{'batch':>6} {'p50 ms':>7} {'p99 ms':>7}")
+          f"{'batch':>6} {'p50 ms':>7} {'p99 ms':>7} {'steal':>5}")
     for r in result["rows"]:
         print(f"{r['mode']:<24} {r['engine']:<6} {r['workers']:>7} {str(r['per_process']):>8} "
               f"{str(r['in_predictor']):>7} {str(r.get('spin_wait_ms', '-')):>7} {r['decisions']:>9} "
@@ -279,7 +308,7 @@ def main() -> int:
               f"{r['vs_sync']:>7} {str(r['all_playing_decisions_per_s'] or '-'):>11} "
               f"{str(r.get('all_playing_vs_sync', '-')):>7} {str(r['window_decisions_per_s'] or '-'):>7} "
               f"{str(r.get('window_vs_sync', '-')):>7} {str(r['mean_batch']):>6} {str(r['latency_p50_ms']):>7} "
-              f"{str(r['latency_p99_ms']):>7}")
+              f"{str(r['latency_p99_ms']):>7} {str(r['steal_share']):>5}")
     if args.repeats > 1:
         print_repeats(result["rows"])
     print(json.dumps(result["costs"], indent=1))
