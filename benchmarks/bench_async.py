@@ -14,15 +14,15 @@ bandwidth 0.3, action repeat 4) for the same total number of episodes (--episode
 over the workers). The memories do not grow alike: each asynchronous worker decays its exploration
 over its own episodes, so 8 workers of 40 episodes explore longer, end more episodes early and
 store fewer engrams than the synchronous loop, whose one brain decays it over all 320; reads get
-slower as the memory grows. decisions/s is decisions (engrams stored) over the run's time: for the asynchronous rows from the predictor's first answer to its
-last (worker processes or actors starting up are left out, and reported beside it as
-with_startup_decisions_per_s), for the synchronous rows the whole train() call. `all playing` is
-the asynchronous rate while every worker still played (until the first one had played its last
-episode: from then on fewer workers ask and the batches shrink, which the synchronous loop, whose
-eight environments play until the total is reached, never sees). The predictor reads with one
-torch thread; the synchronous baseline runs with one thread (as the LunarLander runs in
-BENCHMARKS.md) and with torch's default (one per core: what `resonant train` uses), each a row;
-`vs sync` is against the faster of them. `window` compares rows at the same memory sizes: the
+slower as the memory grows. decisions/s is decisions (engrams stored) over the run's time: for
+the asynchronous rows from the predictor's first answer to its last (worker processes or actors
+starting up are left out, and reported beside it as with_startup_decisions_per_s), for the
+synchronous rows the whole train() call. `all playing` is the asynchronous rate while every worker
+still played (until the first one had played its last episode: from then on fewer workers ask and
+the batches shrink, which the synchronous loop, whose eight environments play until the total is
+reached, never sees). The predictor reads with one torch thread; the synchronous baseline runs
+with one thread (as the LunarLander runs in BENCHMARKS.md) and with torch's default (one per core:
+what `resonant train` uses), each a row; `vs sync` is against the faster of them. `window` compares rows at the same memory sizes: the
 rate from the FIRST-th to the LAST-th decision answered by a read (--window; the random-play
 episodes before the normaliser is fitted are not read), for the synchronous rows and the local
 engine's. With --repeats every row runs in each of several rounds, each round's ratios against its
@@ -30,7 +30,8 @@ own synchronous rows (the VM's speed drifts from minute to minute).
 
 Per-decision costs for the projection: the predictor's read (brain.action_scores) for batches of
 Q states against M engrams, and a worker's own work per decision (4 LunarLander steps and the
-action choice). Writes --out (JSON) with the machine load (`uptime`) before and after.
+action choice). Writes --out (JSON) with the machine load (`uptime`) before and after, and per row
+the hypervisor's steal share of the CPU time (`steal`).
 """
 from __future__ import annotations
 
@@ -177,7 +178,8 @@ def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_p
             "all_playing_decisions_per_s": s["all_playing_decisions_per_s"],
             "episodes": s["episodes"],
             "decisions": s["decisions"], "window": list(window),
-            "window_decisions_per_s": log.rate(*window) if engine == "local" else None, "wall_seconds": s["answering_seconds"],
+            "window_decisions_per_s": log.rate(*window) if engine == "local" else None,
+            "wall_seconds": s["answering_seconds"],
             "decisions_per_s": s["steady_decisions_per_s"], "with_startup_decisions_per_s": s["decisions_per_s"],
             "mean_batch": s["mean_predictor_batch"], "latency_p50_ms": s["decision_latency_ms"]["p50"],
             "latency_p99_ms": s["decision_latency_ms"]["p99"], "request_wait_p50_ms": s["request_wait_ms"]["p50"],
@@ -186,9 +188,10 @@ def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_p
             "uptime_before": load, "steal_share": steal}
 
 
-def decision_costs(seed: int, sizes=(10_000, 50_000, 200_000), batches=(1, 8, 64), repeats: int = 5) -> dict:
-    """Seconds per read (brain.action_scores) of Q states against M engrams, and a worker's own
-    seconds per decision (4 environment steps and the choice)."""
+def decision_costs(seed: int, sizes=(10_000, 50_000, 200_000), batches=(1, 8, 64), repeats: int = 25) -> dict:
+    """Seconds per read (brain.action_scores) of Q states against M engrams (the median of `repeats`
+    reads: single reads on a shared VM swing by tens of percent), and a worker's own seconds per
+    decision (4 environment steps and the choice)."""
     import gymnasium as gym
 
     torch.set_num_threads(1)
@@ -200,10 +203,12 @@ def decision_costs(seed: int, sizes=(10_000, 50_000, 200_000), batches=(1, 8, 64
         for q in batches:
             states = rng.normal(size=(q, 8)).astype(np.float32)
             brain.action_scores(states)
-            t0 = time.perf_counter()
+            seconds = []
             for _ in range(repeats):
+                t0 = time.perf_counter()
                 brain.action_scores(states)
-            reads.append({"engrams": m, "batch": q, "ms_per_read": round((time.perf_counter() - t0) / repeats * 1e3, 3)})
+                seconds.append(time.perf_counter() - t0)
+            reads.append({"engrams": m, "batch": q, "ms_per_read": round(float(np.median(seconds)) * 1e3, 3)})
     env = gym.make(ENV)
     obs, _ = env.reset(seed=seed)
     n, t0 = 0, time.perf_counter()

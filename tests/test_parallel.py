@@ -322,7 +322,8 @@ def test_every_step_of_every_worker_becomes_exactly_one_engram(memory, workers_p
     # the rate while all three played: from the first answer until the first worker's last episode
     assert 0 < summary["all_playing_decisions_per_s"]
     processes = len(stats.worker_pids)
-    expected_spin = spin_wait if spin_wait is not None else (SPIN_WAIT_SECONDS if processes + 1 <= usable_cores() else 0)
+    fits = processes + 1 <= usable_cores()
+    expected_spin = spin_wait if spin_wait is not None else (SPIN_WAIT_SECONDS if fits else 0.0)
     assert summary["spin_wait_seconds"] == expected_spin
 
 

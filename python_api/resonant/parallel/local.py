@@ -72,9 +72,9 @@ from .worker import AgentGroup, Episode, StopRequested, WorkerSpec, play_group
 # message tags, first byte of every message
 DECIDE, EPISODE, FINISHED, ERROR, SCORES = b"D", b"E", b"F", b"X", b"A"
 
-# how long a waiting side polls its pipe before it blocks, where the processes fit the cores: longer
-# than the predictor's read of a batch at ordinary memory sizes (about 1-4 ms at 10 000-50 000
-# engrams on the 2-core VM), so that a worker process polls through the read
+# how long a waiting side polls its pipe before it blocks, where the processes fit the cores:
+# longer than the predictor's read of a batch at ordinary memory sizes (about 1-5 ms for 8 states
+# at 10 000-50 000 engrams on the 2-core VM), so that a worker process polls through the read
 SPIN_WAIT_SECONDS = 0.005
 
 
@@ -250,7 +250,8 @@ class LocalEngine:
         parent, child = self.ctx.Pipe(duplex=True)
         playing = [w for w in p.workers if self._episodes_done[w] < spec.episodes]
         first = [self._episodes_done[w] for w in playing]
-        p.process = self.ctx.Process(target=_worker_main, args=(playing, spec, first, p.restarts, self._spin, child),
+        p.process = self.ctx.Process(target=_worker_main,
+                                     args=(playing, spec, first, p.restarts, self._spin, child),
                                      name=f"resonant-worker-{p.workers[0]}", daemon=True)
         p.process.start()
         stats.worker_pids.append(p.process.pid)
