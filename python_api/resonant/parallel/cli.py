@@ -32,7 +32,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--spin-wait-ms", type=float, default=None,
                    help="local engine: how long a waiting side (a worker process for its scores, the predictor for "
                         "the decisions of its batch) polls its pipe before it blocks; 0: never (default: 5 ms where "
-                        "the worker processes and the predictor's fit the cores, else 0)")
+                        "the worker processes and the predictor's own fit the cores, else 0)")
     p.add_argument("--episodes-per-worker", type=int, default=200,
                    help="episodes each worker plays (default: %(default)s)")
     p.add_argument("--memory", choices=("shared", "isolated"), default="shared",

@@ -128,7 +128,7 @@ def _worker_main(workers: list, spec: WorkerSpec, first_episodes: list, restart:
             conn.send_bytes(DECIDE + len(ids).to_bytes(4, "little") + ids.astype(np.int32).tobytes()
                             + obs.astype(np.float32, copy=False).tobytes())
             if spin:
-                wait_ready([conn], spin, spin)
+                wait_ready([conn], spin, spin)  # (then recv_bytes blocks if nothing came)
             reply = conn.recv_bytes()
         except (EOFError, OSError) as exc:  # the trainer closed the pipe: the run is stopping
             raise StopRequested from exc
@@ -237,6 +237,7 @@ class LocalEngine:
             raise ValueError(f"predictor_workers must be an integer >= 0, got {predictor_workers!r}")
         check_spin_wait(spin_wait)
         self.batch_size, self.batch_timeout, self.spin_wait = batch_size, batch_timeout, spin_wait
+        self._spin = 0.0  # a run's polling seconds (spin_seconds), set when it starts
         self.workers_per_process, self.predictor_workers = workers_per_process, predictor_workers
         self.ctx = mp.get_context(start_method or default_start_method())
         if self.ctx.get_start_method() == "forkserver":
