@@ -7,6 +7,7 @@
                                                               # also 4 of the 8 stepped by the predictor's process
     python benchmarks/bench_async.py --workers 8 --workers-per-process 4 --predictor-workers 4 --spin-wait-ms auto 0 \
         --repeats 8                                           # that layout polling and not, in 8 rounds
+    python benchmarks/bench_async.py ... --phases             # also the steps of each round, timed
     python benchmarks/bench_async.py --costs-only             # only the per-decision costs (projection)
 
 Every row trains LunarLander-v3 with `resonant train`'s default agent (local linear scores,
@@ -22,11 +23,12 @@ still played (until the first one had played its last episode: from then on fewe
 the batches shrink, which the synchronous loop, whose eight environments play until the total is
 reached, never sees). The predictor reads with one torch thread; the synchronous baseline runs
 with one thread (as the LunarLander runs in BENCHMARKS.md) and with torch's default (one per core:
-what `resonant train` uses), each a row; `vs sync` is against the faster of them. `window` compares rows at the same memory sizes: the
-rate from the FIRST-th to the LAST-th decision answered by a read (--window; the random-play
-episodes before the normaliser is fitted are not read), for the synchronous rows and the local
-engine's. With --repeats every row runs in each of several rounds, each round's ratios against its
-own synchronous rows (the VM's speed drifts from minute to minute).
+what `resonant train` uses), each a row; `vs sync` is against the faster of them. `window`
+compares rows at the same memory sizes: the rate from the FIRST-th to the LAST-th decision answered
+by a read (--window; the random-play episodes before the normaliser is fitted are not read), for
+the synchronous rows and the local engine's. With --repeats every row runs in each of several
+rounds, each round's ratios against its own synchronous rows (the VM's speed drifts from minute to
+minute). --phases times the steps of each round (Phases, timed_predictor).
 
 Per-decision costs for the projection: the predictor's read (brain.action_scores) for batches of
 Q states against M engrams, and a worker's own work per decision (4 LunarLander steps and the
@@ -59,6 +61,68 @@ from resonant.train_cli import brain_options, build_brain  # noqa: E402
 from resonant.trainer import Trainer  # noqa: E402
 
 ENV = "LunarLander-v3"
+
+
+class Phases:
+    """Durations of the steps of a run's rounds (--phases), summarised as medians in milliseconds
+    over the run after its first tenth (start-up and the random-play episodes)."""
+
+    def __init__(self):
+        self.seconds: dict = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds.setdefault(name, []).append(seconds)
+
+    def summary(self) -> dict:
+        return {f"{name}_ms": round(float(np.median(v[len(v) // 10:])) * 1e3, 3) for name, v in self.seconds.items()}
+
+
+@contextlib.contextmanager
+def timed_predictor(phases: Phases):
+    """Times the local engine's predictor loop in this process: answering a batch (`answer`: the
+    read with its writes (`read`), and the replies), stepping its own workers (`own_step`), from the
+    replies to a worker process's next decision (`process_turn`), and from one answer to the next
+    (`round`). Restores the engine's methods afterwards."""
+    from resonant.parallel.local import LocalEngine
+
+    originals = LocalEngine._answer, LocalEngine._step_inline, LocalEngine._drain, MemoryServer.decide
+    answer, step_inline, drain, decide = originals
+    last = {}
+
+    def timed_answer(self, batch, server, stats):
+        t0 = time.perf_counter()
+        if "start" in last:
+            phases.add("round", t0 - last["start"])
+        last["start"] = t0
+        result = answer(self, batch, server, stats)
+        last["replied"] = time.perf_counter()
+        phases.add("answer", last["replied"] - t0)
+        return result
+
+    def timed_decide(self, workers, states):
+        t0 = time.perf_counter()
+        scores = decide(self, workers, states)
+        phases.add("read", time.perf_counter() - t0)
+        return scores
+
+    def timed_step(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        failure = step_inline(self, *args, **kwargs)
+        phases.add("own_step", time.perf_counter() - t0)
+        return failure
+
+    def timed_drain(self, p, *args, **kwargs):
+        failure = drain(self, p, *args, **kwargs)
+        if p.waiting_since is not None and "replied" in last:  # its next decision came
+            phases.add("process_turn", time.perf_counter() - last["replied"])
+        return failure
+
+    LocalEngine._answer, LocalEngine._step_inline, LocalEngine._drain = timed_answer, timed_step, timed_drain
+    MemoryServer.decide = timed_decide
+    try:
+        yield
+    finally:
+        LocalEngine._answer, LocalEngine._step_inline, LocalEngine._drain, MemoryServer.decide = originals
 
 
 def cpu_times() -> Optional[list]:
@@ -134,17 +198,33 @@ def logged_server_reads(log: ReadLog):
         MemoryServer.decide = original
 
 
-def run_sync(episodes: int, seed: int, threads: int = 1, window=WINDOW) -> dict:
+def run_sync(episodes: int, seed: int, threads: int = 1, window=WINDOW, phases: Optional[Phases] = None) -> dict:
     torch.set_num_threads(threads)
     brain = build_brain(default_options(seed), 8, 4)
-    log, decide = ReadLog(), brain.decide
+    log, decide, remember = ReadLog(), brain.decide, brain.remember
+
+    last = {}
 
     def logged_decide(states, **kwargs):
+        t0 = time.perf_counter()
         actions = decide(states, **kwargs)
+        if phases is not None:  # the decision of a round (the read and the choice), and the round
+            phases.add("decision", time.perf_counter() - t0)
+            if "start" in last:
+                phases.add("round", t0 - last["start"])
+            last["start"] = t0
         log.add(len(actions))
         return actions
 
+    def timed_remember(*args, **kwargs):
+        t0 = time.perf_counter()
+        stored = remember(*args, **kwargs)
+        phases.add("remember", time.perf_counter() - t0)
+        return stored
+
     brain.decide = logged_decide
+    if phases is not None:
+        brain.remember = timed_remember
     trainer = Trainer(brain, ENV, num_envs=8, seed=seed, action_repeat=4)
     load, cpu = uptime(), cpu_times()
     t0 = time.perf_counter()
@@ -157,11 +237,13 @@ def run_sync(episodes: int, seed: int, threads: int = 1, window=WINDOW) -> dict:
             "in_predictor": 8, "threads": threads, "episodes": episodes, "all_playing_decisions_per_s": None,
             "decisions": decisions, "window": list(window), "window_decisions_per_s": log.rate(*window),
             "wall_seconds": round(wall, 2), "decisions_per_s": round(decisions / wall, 1), "mean_batch": None,
-            "latency_p50_ms": None, "latency_p99_ms": None, "uptime_before": load, "steal_share": steal}
+            "latency_p50_ms": None, "latency_p99_ms": None, "uptime_before": load, "steal_share": steal,
+            "phases": None if phases is None else phases.summary()}
 
 
 def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_process: int = 1,
-              predictor_workers: int = 0, spin_wait: Optional[float] = None, window=WINDOW) -> dict:
+              predictor_workers: int = 0, spin_wait: Optional[float] = None, window=WINDOW,
+              phases: Optional[Phases] = None) -> dict:
     per_worker = max(1, episodes // workers)
     trainer = AsyncTrainer(functools.partial(build_brain, default_options(seed), 8, 4), ENV, num_workers=workers,
                            episodes_per_worker=per_worker, engine=engine, seed=seed, action_repeat=4,
@@ -169,7 +251,8 @@ def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_p
                            spin_wait=spin_wait)
     load, cpu = uptime(), cpu_times()
     log = ReadLog()
-    with logged_server_reads(log):  # (a Ray run's predictor is an actor: no log)
+    timing = timed_predictor(phases) if phases is not None and engine == "local" else contextlib.nullcontext()
+    with logged_server_reads(log), timing:  # (a Ray run's predictor is an actor: no log, no timings)
         stats = trainer.train(progress=False)
     steal = steal_share(cpu)
     s = stats.summary()
@@ -185,7 +268,8 @@ def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_p
             "latency_p99_ms": s["decision_latency_ms"]["p99"], "request_wait_p50_ms": s["request_wait_ms"]["p50"],
             "read_seconds": round(s["memory"]["read_seconds"], 2), "predictor_busy_share": s["predictor_busy_share"],
             "spin_wait_ms": None if s["spin_wait_seconds"] is None else s["spin_wait_seconds"] * 1e3,
-            "uptime_before": load, "steal_share": steal}
+            "uptime_before": load, "steal_share": steal,
+            "phases": phases.summary() if phases is not None and engine == "local" else None}
 
 
 def decision_costs(seed: int, sizes=(10_000, 50_000, 200_000), batches=(1, 8, 64), repeats: int = 25) -> dict:
@@ -227,7 +311,7 @@ def run_round(args, spins: list, repeat: int) -> list:
     """The synchronous rows, then every asynchronous row; `vs sync` against the faster synchronous row."""
     rows = []
     for threads in dict.fromkeys(args.sync_threads):
-        rows.append(run_sync(args.episodes, args.seed, threads, args.window))
+        rows.append(run_sync(args.episodes, args.seed, threads, args.window, Phases() if args.phases else None))
         print(rows[-1], flush=True)
     sync = max(r["decisions_per_s"] for r in rows)
     sync_window = max((r["window_decisions_per_s"] or 0.0) for r in rows) or None
@@ -238,7 +322,8 @@ def run_round(args, spins: list, repeat: int) -> list:
                     for w in args.workers:
                         if k > w or pw > w or (pw == w and k > 1):  # (all in the predictor: k plays no part)
                             continue
-                        rows.append(run_async(engine, w, args.episodes, args.seed, k, pw, spin, args.window))
+                        rows.append(run_async(engine, w, args.episodes, args.seed, k, pw, spin, args.window,
+                                              Phases() if args.phases else None))
                         print(rows[-1], flush=True)
     for r in rows:
         r["repeat"] = repeat
@@ -290,6 +375,10 @@ def main() -> int:
     p.add_argument("--window", type=int, nargs=2, default=list(WINDOW), metavar=("FIRST", "LAST"),
                    help="also the rate from the FIRST-th to the LAST-th decision answered by a read (the same memory "
                         "sizes in every row; local engine and synchronous rows) (default: %(default)s)")
+    p.add_argument("--phases", action="store_true",
+                   help="also time the steps of each round (medians, in the JSON and printed): the synchronous "
+                        "loop's decision and remember, the local predictor's answer, read, own workers' step and "
+                        "the worker processes' turn (a few timer calls per round)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--costs-only", action="store_true")
     p.add_argument("--out", default=str(run_dir("benchmarks") / "async_throughput.json"),
@@ -314,6 +403,11 @@ def main() -> int:
               f"{str(r.get('all_playing_vs_sync', '-')):>7} {str(r['window_decisions_per_s'] or '-'):>7} "
               f"{str(r.get('window_vs_sync', '-')):>7} {str(r['mean_batch']):>6} {str(r['latency_p50_ms']):>7} "
               f"{str(r['latency_p99_ms']):>7} {str(r['steal_share']):>5}")
+    if args.phases:
+        for r in result["rows"]:
+            if r.get("phases"):
+                print(f"phases, {r['mode']} {r['workers']} workers, {r['per_process']} per proc, {r['in_predictor']} "
+                      f"in pred, spin {r.get('spin_wait_ms', '-')} ms (repeat {r['repeat']}): {r['phases']}")
     if args.repeats > 1:
         print_repeats(result["rows"])
     print(json.dumps(result["costs"], indent=1))
