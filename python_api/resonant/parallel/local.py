@@ -25,9 +25,9 @@ exception's traceback is reported; a crash of the interpreter itself takes the r
 Waiting. A side that waits for the other (a worker process for its scores, the predictor for the
 decisions that complete its batch) first polls its pipe for up to `spin_wait` seconds, then blocks.
 A blocked process gives its core back and pays a wake-up when the message comes: on the 2-core VM
-of BENCHMARKS.md a pipe's round trip between two blocked processes took 140 µs (median; 940 µs at
-the 90th percentile) against 30 µs polling, twice per decision, and the predictor's read and the
-workers' steps alternate in lock step, so that is time in every round. Polling costs a core only
+of BENCHMARKS.md a small message's round trip between two blocked processes took 127 µs (median;
+567 µs at the 90th percentile) against 37 µs polling (benchmarks/bench_pipe_wakeup.py), and the
+predictor's read and the workers' steps alternate in lock step, so that is time in every round. Polling costs a core only
 while the other side works, so the default (`spin_wait=None`) polls for SPIN_WAIT_SECONDS when
 the run's processes (the worker processes and this one) fit the cores this process may run on,
 and not at all otherwise (there a poller would take a core from a process that has work).
