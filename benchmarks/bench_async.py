@@ -80,13 +80,13 @@ class Phases:
 @contextlib.contextmanager
 def timed_predictor(phases: Phases):
     """Times the local engine's predictor loop in this process: answering a batch (`answer`: the
-    read with its writes (`read`), and the replies), stepping its own workers (`own_step`), from the
-    replies to a worker process's next decision (`process_turn`), and from one answer to the next
-    (`round`). Restores the engine's methods afterwards."""
+    read with its writes, timed as `read` by logged_server_reads, and the replies), stepping its own
+    workers (`own_step`), from the replies to a worker process's next decision (`process_turn`), and
+    from one answer to the next (`round`). Restores the engine's methods afterwards."""
     from resonant.parallel.local import LocalEngine
 
-    originals = LocalEngine._answer, LocalEngine._step_inline, LocalEngine._drain, MemoryServer.decide
-    answer, step_inline, drain, decide = originals
+    originals = LocalEngine._answer, LocalEngine._step_inline, LocalEngine._drain
+    answer, step_inline, drain = originals
     last = {}
 
     def timed_answer(self, batch, server, stats):
@@ -98,12 +98,6 @@ def timed_predictor(phases: Phases):
         last["replied"] = time.perf_counter()
         phases.add("answer", last["replied"] - t0)
         return result
-
-    def timed_decide(self, workers, states):
-        t0 = time.perf_counter()
-        scores = decide(self, workers, states)
-        phases.add("read", time.perf_counter() - t0)
-        return scores
 
     def timed_step(self, *args, **kwargs):
         t0 = time.perf_counter()
@@ -118,11 +112,10 @@ def timed_predictor(phases: Phases):
         return failure
 
     LocalEngine._answer, LocalEngine._step_inline, LocalEngine._drain = timed_answer, timed_step, timed_drain
-    MemoryServer.decide = timed_decide
     try:
         yield
     finally:
-        LocalEngine._answer, LocalEngine._step_inline, LocalEngine._drain, MemoryServer.decide = originals
+        LocalEngine._answer, LocalEngine._step_inline, LocalEngine._drain = originals
 
 
 def cpu_times() -> Optional[list]:
@@ -181,13 +174,16 @@ class ReadLog:
 
 
 @contextlib.contextmanager
-def logged_server_reads(log: ReadLog):
-    """MemoryServer.decide logs its answers to `log` within the block (the local engine's predictor
-    runs in this process)."""
+def logged_server_reads(log: ReadLog, phases: Optional[Phases] = None):
+    """MemoryServer.decide logs its answers to `log` within the block, and its seconds as `read` to
+    `phases` when given (the local engine's predictor runs in this process)."""
     original = MemoryServer.decide
 
     def decide(self, workers, states):
+        t0 = time.perf_counter()
         scores = original(self, workers, states)
+        if phases is not None:
+            phases.add("read", time.perf_counter() - t0)
         log.add(len(states) if all(self._ready) else 0)
         return scores
 
@@ -202,7 +198,6 @@ def run_sync(episodes: int, seed: int, threads: int = 1, window=WINDOW, phases: 
     torch.set_num_threads(threads)
     brain = build_brain(default_options(seed), 8, 4)
     log, decide, remember = ReadLog(), brain.decide, brain.remember
-
     last = {}
 
     def logged_decide(states, **kwargs):
@@ -252,7 +247,7 @@ def run_async(engine: str, workers: int, episodes: int, seed: int, workers_per_p
     load, cpu = uptime(), cpu_times()
     log = ReadLog()
     timing = timed_predictor(phases) if phases is not None and engine == "local" else contextlib.nullcontext()
-    with logged_server_reads(log), timing:  # (a Ray run's predictor is an actor: no log, no timings)
+    with logged_server_reads(log, phases), timing:  # (a Ray run's predictor is an actor: no log, no timings)
         stats = trainer.train(progress=False)
     steal = steal_share(cpu)
     s = stats.summary()
