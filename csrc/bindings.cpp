@@ -47,6 +47,14 @@ void read_forward(const std::string& dtype, const rk::ReadShape& s, const Arr& q
   });
 }
 
+void read_forward_per_pair(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
+                           const Arr& mloc, const Arr& mvar, const Arr& values, uintptr_t out, uintptr_t lse) {
+  by_dtype(dtype, [&]<class T>() {
+    rk::read_forward_per_pair_cpu<T>(s, view<T>(qloc), view<T>(qvar), view<T>(mloc), view<T>(mvar),
+                                     view<T>(values), ptr<T>(out), ptr<T>(lse));
+  });
+}
+
 void read_backward(const std::string& dtype, const rk::ReadShape& s, const Arr& qloc, const Arr& qvar,
                    const Arr& mloc, const Arr& mvar, const Arr& values, uintptr_t grad_out, uintptr_t out,
                    uintptr_t lse, uintptr_t g_qloc, uintptr_t g_qvar, uintptr_t g_mloc, uintptr_t g_mvar,
@@ -180,6 +188,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("uniform_var"), py::arg("uniform_var_value"));
   m.def("read_forward", &read_forward, py::call_guard<py::gil_scoped_release>());
   m.def("read_backward", &read_backward, py::call_guard<py::gil_scoped_release>());
+  // the per-pair forward whatever the call (tests and benchmarks comparing it with the dense one)
+  m.def("read_forward_per_pair", &read_forward_per_pair, py::call_guard<py::gil_scoped_release>());
   m.def("read_forward_path", &read_forward_path);
   m.def("blocked_read_applies", &blocked_read_applies);
   m.def("blocked_read_row_lanes", [](const std::string& dtype, int64_t M) {

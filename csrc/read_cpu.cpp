@@ -295,6 +295,13 @@ void read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qv
                       View3<const T> mvar, View3<const T> values, T* out, T* lse) {
   if (s.B == 0) return;  // nothing to read (and the dense kernels' grouping divides by B)
   if (dense_read_applies<T>(s, qvar, mvar)) return dense_read_forward_cpu<T>(s, qloc, qvar, mloc, mvar, values, out, lse);
+  read_forward_per_pair_cpu<T>(s, qloc, qvar, mloc, mvar, values, out, lse);
+}
+
+template <class T>
+void read_forward_per_pair_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                               View3<const T> mvar, View3<const T> values, T* out, T* lse) {
+  if (s.B == 0) return;
   dispatch_dim(s.d, [&]<int D>() { forward_impl<T, D>(s, qloc, qvar, mloc, mvar, values, out, lse); });
 }
 
@@ -324,6 +331,12 @@ template void read_forward_cpu<float>(const ReadShape&, View3<const float>, View
 template void read_forward_cpu<double>(const ReadShape&, View3<const double>, View3<const double>,
                                        View3<const double>, View3<const double>, View3<const double>, double*,
                                        double*);
+template void read_forward_per_pair_cpu<float>(const ReadShape&, View3<const float>, View3<const float>,
+                                               View3<const float>, View3<const float>, View3<const float>, float*,
+                                               float*);
+template void read_forward_per_pair_cpu<double>(const ReadShape&, View3<const double>, View3<const double>,
+                                                View3<const double>, View3<const double>, View3<const double>,
+                                                double*, double*);
 template const char* read_forward_path<float>(const ReadShape&, View3<const float>, View3<const float>);
 template const char* read_forward_path<double>(const ReadShape&, View3<const double>, View3<const double>);
 template void read_backward_cpu<float>(const ReadShape&, View3<const float>, View3<const float>,

@@ -16,6 +16,12 @@ template <class T>
 void read_forward_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
                       View3<const T> mvar, View3<const T> values, T* out, T* lse);
 
+// The per-pair kernel (csrc/read_cpu.cpp) whatever the call, where read_forward_cpu may take the
+// dense one: for tests and benchmarks that compare the two on the same call.
+template <class T>
+void read_forward_per_pair_cpu(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, View3<const T> mloc,
+                               View3<const T> mvar, View3<const T> values, T* out, T* lse);
+
 // Which forward kernel takes the call: "dense-product" (csrc/read_dense_cpu.cpp, scores as a matrix
 // product), "dense" (the same, direct scores) or "per-pair" (csrc/read_cpu.cpp). For tests and
 // benchmarks.

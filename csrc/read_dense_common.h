@@ -152,8 +152,9 @@ void pack_lanes(const View3<const T>& rows, int64_t b, int64_t r0, int64_t n, in
 
 // log k between the 2 × L points of a panel ([dim][NR]) and one point p (stride sc), vectorised
 // over the panel's lanes: (s0, s1). Unit: every weight 1 (Metric::unit); Thr: a threshold masks
-// (Metric::thr2 ≥ 0), as Metric::dispatch_kind passes them.
-template <class T, int D, bool Unit, bool Thr>
+// (Metric::thr2 ≥ 0), as Metric::dispatch_kind passes them. Low: only the panel's first L lanes
+// hold points (a call of at most L queries): s1 is −inf (weight 0) without being computed.
+template <class T, int D, bool Unit, bool Thr, bool Low = false>
 inline void lane_scores(const Metric<T>& mt, const T* panel, const T* p, int64_t sc, int64_t d,
                         typename Cfg<T>::Vec& s0, typename Cfg<T>::Vec& s1) {
   using S = typename Cfg<T>::S;
@@ -164,16 +165,16 @@ inline void lane_scores(const Metric<T>& mt, const T* panel, const T* p, int64_t
   Vec dist0{}, dist1{}, plain0{}, plain1{};
   for (int64_t k = 0; k < n; ++k) {
     const T pk = p[k * sc];
-    const Vec x0 = S::load(panel + k * NR) - pk, x1 = S::load(panel + k * NR + L) - pk;
+    const Vec x0 = S::load(panel + k * NR) - pk, x1 = Low ? Vec{} : S::load(panel + k * NR + L) - pk;
     if constexpr (Unit) {
       dist0 += x0 * x0;
-      dist1 += x1 * x1;
+      if constexpr (!Low) dist1 += x1 * x1;
     } else {
       dist0 += x0 * x0 * mt.w[k];
-      dist1 += x1 * x1 * mt.w[k];
+      if constexpr (!Low) dist1 += x1 * x1 * mt.w[k];
       if constexpr (plain_needed) {
         plain0 += x0 * x0;
-        plain1 += x1 * x1;
+        if constexpr (!Low) plain1 += x1 * x1;
       }
     }
   }
@@ -190,6 +191,7 @@ inline void lane_scores(const Metric<T>& mt, const T* panel, const T* p, int64_t
     s0 = plain0 > thr2 ? ninf : s0;
     s1 = plain1 > thr2 ? ninf : s1;
   }
+  if constexpr (Low) s1 = S::splat(neg_inf<T>());
 }
 
 // Packs nt rows (from r0) of E columns of a View3's batch row b into column blocks

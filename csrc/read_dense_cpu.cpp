@@ -272,8 +272,9 @@ void pack_queries(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, 
 }
 
 // Direct scores: weights[j][lanes of panel p] = log k for the tile's entries, vectorised over the
-// panel's queries; tile_max[lanes] their maxima.
-template <class T, int D, bool Unit, bool Thr>
+// panel's queries; tile_max[lanes] their maxima. Low: the panel's queries fill at most its first
+// L lanes (a call of few queries), whose other half is then −inf without being computed.
+template <class T, int D, bool Unit, bool Thr, bool Low>
 void direct_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t t0, int64_t nt, int64_t p, Work<T>& w) {
   using C = Cfg<T>;
   using S = typename C::S;
@@ -283,7 +284,7 @@ void direct_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t t0,
   Vec max0 = S::splat(neg_inf<T>()), max1 = max0;
   for (int64_t j = 0; j < nt; ++j) {
     Vec s0, s1;
-    dense::lane_scores<T, D, Unit, Thr>(mt, qp, c.mloc.row(b, t0 + j), c.mloc.sc, c.s.d, s0, s1);
+    dense::lane_scores<T, D, Unit, Thr, Low>(mt, qp, c.mloc.row(b, t0 + j), c.mloc.sc, c.s.d, s0, s1);
     T* out = w.weight_row(p, j);
     S::store(out, s0);
     S::store(out + L, s1);
@@ -428,10 +429,11 @@ bool panel_softmax(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t 
   // 2. the weights in place, their sums, and how many are nonzero
   T* x = w.weight_row(p, 0);  // row j at x + j · NR
   Vec sum0 = zero, sum1 = zero, count0 = zero, count1 = zero;
+  const bool low = lanes <= L;  // the second half holds no query: weights 0, not computed
   for (int64_t j = 0; j < nt; ++j) {
     T* row = x + j * NR;
     const Vec p0 = exp_nonpositive_lanes(S::load(row) - shift[0]);  // ≤ kShiftSlack; masked: -inf -> 0
-    const Vec p1 = exp_nonpositive_lanes(S::load(row + L) - shift[1]);
+    const Vec p1 = low ? zero : exp_nonpositive_lanes(S::load(row + L) - shift[1]);
     S::store(row, p0);
     S::store(row + L, p1);
     sum0 += p0;
@@ -445,7 +447,7 @@ bool panel_softmax(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t 
   for (int64_t l = 0; l < lanes; ++l) total += l < L ? count0[l] : count1[l - L];
   if (total == T(0)) return false;
   // 3. Σ w · values
-  if (int64_t(total) * 4 > lanes * nt) {
+  if (int64_t(total) * 4 > NR * nt) {
     w.use_layout(p, AccLayout::kColumns, E);
     return true;
   } else {
@@ -543,7 +545,10 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
     if (c.product) product_scores(c, mt, b, q0, n, t0, nt, w);
     for (int64_t p = 0; p < used; ++p) {
       if (!c.product)
-        mt.dispatch_kind([&]<bool Unit, bool Thr>() { direct_scores<T, D, Unit, Thr>(c, mt, b, t0, nt, p, w); });
+        mt.dispatch_kind([&]<bool Unit, bool Thr>() {
+          if (n - p * NR <= L) direct_scores<T, D, Unit, Thr, true>(c, mt, b, t0, nt, p, w);
+          else direct_scores<T, D, Unit, Thr, false>(c, mt, b, t0, nt, p, w);
+        });
       if (!panel_softmax(c, b, t0, nt, p, n, w)) continue;
       // the product right after the panel's softmax, its weights still in L1
       if (!vp) vp = c.values_packed->get(b, t0 / c.kc, w.vpack.data(), [&](T* dst) {
@@ -663,12 +668,25 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
 
 }  // namespace
 
+// Queries a dense call needs at least: one vector's lanes, or 8 where a vector holds more. A panel
+// of up to L queries computes its scores and weights on one vector (the other half is skipped),
+// and its products on two, so with 16 float lanes (AVX-512) 8 queries already fill enough of the
+// work: the float32 read of 8 queries against 10 000 entries (one thread, this repository's 2-core
+// AMD EPYC development machine, benchmarks/bench_small_reads.py) was 1.2-3.7x faster dense for
+// d = 2 to 32 with a tight threshold or narrow values, and 0.7-1.0x (within the noise to 30%
+// slower) only for wide values (E = 84, 256) whose threshold leaves most weights nonzero; with 4
+// queries the dense path lost as often as it won.
+template <class T>
+constexpr int64_t dense_read_min_queries() {
+  return std::min<int64_t>(Cfg<T>::L, 8);
+}
+
 template <class T>
 bool dense_read_applies(const ReadShape& s, View3<const T> qvar, View3<const T> mvar) {
   // per-pair variances (σ per entry or per query) keep the per-pair kernel, and so do calls with
-  // too few queries to fill a vector's lanes
+  // too few queries (dense_read_min_queries)
   const bool shared = s.uniform_var || ((qvar.sr == 0 || s.Q <= 1) && (mvar.sr == 0 || s.M <= 1));
-  return shared && s.E >= 1 && s.Q >= Cfg<T>::L;
+  return shared && s.E >= 1 && s.Q >= dense_read_min_queries<T>();
 }
 
 bool dense_read_product_scores(const ReadShape& s) {

@@ -8,7 +8,8 @@ namespace rk {
 // The read as matrix products (csrc/read_dense_cpu.cpp) for calls whose variance is shared by every
 // (query, entry) pair of a batch row: one number (ReadShape::uniform_var), or one per dimension
 // (query and entry variances broadcast over their rows, stride 0, as a σ of shape (d,) gives).
-// read_cpu.cpp sends such calls here when there are enough queries to fill the vector lanes.
+// read_cpu.cpp sends such calls here when there are enough queries to fill enough of the vector lanes
+// (dense_read_min_queries in read_dense_cpu.cpp).
 template <class T>
 bool dense_read_applies(const ReadShape& s, View3<const T> qvar, View3<const T> mvar);
 

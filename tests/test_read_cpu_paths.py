@@ -248,6 +248,51 @@ def test_below_one_vector_of_queries_the_per_pair_kernel_runs():
     assert paths == ["per-pair"]
 
 
+# A memory-based agent's read: one query per environment (8 to 15), a threshold, narrow values.
+# From 8 queries the dense kernel runs (dense_read_min_queries); with 16 float lanes its panels'
+# scores and weights then take one vector (the other half is neither computed nor summed).
+FEW = [(8, 300, 8, 84), (9, 129, 2, 5), (12, 257, 3, 1), (15, 70, 40, 33)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold", [None, "moderate", "tight"])
+@pytest.mark.parametrize("shape", FEW, ids=[f"Q{s[0]}-M{s[1]}-d{s[2]}-E{s[3]}" for s in FEW])
+def test_eight_to_fifteen_queries_take_the_dense_kernel(shape, threshold, dtype):
+    Q, M, d, E = shape
+    seed = sum(shape)
+    q, qs, m, ms, z = make(Q, M, d, E, dtype, "float", seed, sd=0.5)
+    typical = math.sqrt(2 * d)
+    thr = {None: None, "moderate": 0.8 * typical, "tight": 0.3 * typical}[threshold]
+    check_against_oracle(q, qs, m, ms, z, thr, seed, dense_path(d, E, thr, d >= 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold", [None, 2.0])
+@pytest.mark.parametrize("d", [3, 40])
+def test_a_few_queries_read_as_in_a_full_panel(d, threshold, dtype):
+    """A query's read does not depend on the call's other queries: the first 8 of 40 (two vectors
+    of lanes in use) read the same bits alone, where half a panel's lanes are computed, and agree
+    with the per-pair kernel (csrc/read_cpu.cpp) on the same call to rounding."""
+    from resonant_kernels import _C
+
+    q, qs, m, ms, z = make(40, 500, d, 20, dtype, "float", d, sd=0.6)
+    with forward_paths() as paths:
+        full = rk.gaussian_read(q, qs, m, ms, z, match_threshold=threshold, backend="cpu")
+        few = rk.gaussian_read(q[:8], qs, m, ms, z, match_threshold=threshold, backend="cpu")
+    assert paths == ["dense-product" if d >= 32 else "dense"] * 2
+    assert torch.equal(full[:8], few)
+    original = _C.read_forward
+    _C.read_forward = _C.read_forward_per_pair
+    try:
+        per_pair = rk.gaussian_read(q[:8], qs, m, ms, z, match_threshold=threshold, backend="cpu")
+    finally:
+        _C.read_forward = original
+    oracle = rk.gaussian_read(to64(q[:8]), qs, to64(m), ms, to64(z), match_threshold=threshold, backend="reference")
+    cond = conditioning(q[:8], qs, m, ms, threshold)
+    assert_within(per_pair, oracle, EPS[dtype], cond, "per-pair read")
+    assert_within(few, oracle, EPS[dtype], cond, "dense read")
+
+
 # ---- the product form's edges (issue #15 point 4: numerically safe, exact to the tolerance) ----------
 
 
