@@ -86,31 +86,29 @@ inline void pack_micro_panels(const T* src, int64_t ld, int64_t n, int64_t K, T*
         S::store(dst + (i0 / MR) * stride + k * MR + v * L, S::load(src + k * ld + i0 + v * L));
 }
 
-// c[r · ldc + j] += Σ_{k < K} a(r, k) · b[k · ldb + j] for r < MR, j < 2L (L lanes of VB bytes).
-// Each c element is one chain of fused multiply-adds in k order, so the result does not depend on
-// how the caller blocks rows or columns.
-template <class T, int64_t VB, int MR, class A>
+// c[r · ldc + j] += Σ_{k < K} a(r, k) · b[k · ldb + j] for r < MR, j < NV · L (NV vectors of L
+// lanes of VB bytes: 2, or 1 where the caller's columns end after one). Each c element is one chain
+// of fused multiply-adds in k order, so the result does not depend on how the caller blocks rows
+// or columns.
+template <class T, int64_t VB, int MR, int NV = 2, class A>
 inline void block_dots(const A& a, const T* b, int64_t ldb, int64_t K, T* c, int64_t ldc) {
+  static_assert(NV == 1 || NV == 2);
   using S = Simd<T, VB>;
   using Vec = typename S::Vec;
   constexpr int64_t L = S::L;
-  Vec sum[MR][2];
-  for (int r = 0; r < MR; ++r) {
-    sum[r][0] = S::load(c + r * ldc);
-    sum[r][1] = S::load(c + r * ldc + L);
-  }
+  Vec sum[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) sum[r][v] = S::load(c + r * ldc + v * L);
   for (int64_t k = 0; k < K; ++k) {
-    const Vec y0 = S::load(b + k * ldb), y1 = S::load(b + k * ldb + L);
+    Vec y[NV];
+    for (int v = 0; v < NV; ++v) y[v] = S::load(b + k * ldb + v * L);
     for (int r = 0; r < MR; ++r) {
       const T z = a(r, k);
-      sum[r][0] += z * y0;
-      sum[r][1] += z * y1;
+      for (int v = 0; v < NV; ++v) sum[r][v] += z * y[v];
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    S::store(c + r * ldc, sum[r][0]);
-    S::store(c + r * ldc + L, sum[r][1]);
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) S::store(c + r * ldc + v * L, sum[r][v]);
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return round_up_const(x, m); }

@@ -345,16 +345,21 @@ void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0
   using Vec = typename C::Vec;
   constexpr int64_t L = C::L, NR = C::NR;
   constexpr int MR = C::MR;
-  const int64_t d = c.s.d, chunks = (d + kScoreChunk - 1) / kScoreChunk, panels = w.G_pad / NR;
+  // the group's panels, and its lanes up to the last vector holding a query (a panel whose queries
+  // fill at most L lanes: the other half's weights are zero, panel_softmax)
+  const int64_t d = c.s.d, chunks = (d + kScoreChunk - 1) / kScoreChunk, panels = (n + NR - 1) / NR;
+  const int64_t lane_end = round_up(n, L);
   pack_entries(c, mt, b, t0, nt, w);
   std::fill(w.weights.begin(), w.weights.end(), T(0));
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t K = std::min(kScoreChunk, d - ch * kScoreChunk);
     for (int64_t p = 0; p < panels; ++p) {
       const T* panel = w.panels.data() + p * d * NR + ch * kScoreChunk * NR;
-      for (int64_t j0 = 0; j0 < nt; j0 += MR)
-        block_dots<T, C::VB, MR>(Strided<T, kScoreChunk>{w.mem.data() + (ch * w.rows + j0) * kScoreChunk, 1},
-                                 panel, NR, K, w.weight_row(p, j0), NR);
+      for (int64_t j0 = 0; j0 < nt; j0 += MR) {
+        const Strided<T, kScoreChunk> block{w.mem.data() + (ch * w.rows + j0) * kScoreChunk, 1};
+        if (n - p * NR <= L) block_dots<T, C::VB, MR, 1>(block, panel, NR, K, w.weight_row(p, j0), NR);
+        else block_dots<T, C::VB, MR, 2>(block, panel, NR, K, w.weight_row(p, j0), NR);
+      }
     }
   }
   const T eps = std::numeric_limits<T>::epsilon();
@@ -370,7 +375,7 @@ void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0
   std::fill(tmax, tmax + w.G_pad, neg_inf<T>());
   for (int64_t j = 0; j < nt; ++j) {
     const T bj = w.mnorm[j];
-    for (int64_t l0 = 0; l0 < w.G_pad; l0 += L) {
+    for (int64_t l0 = 0; l0 < lane_end; l0 += L) {
       T* lanes = w.weight_row(l0 / NR, j) + l0 % NR;
       const Vec ab = S::load(w.qnorm.data() + l0) + bj;
       Vec dist = ab - two * S::load(lanes);
@@ -476,8 +481,9 @@ bool panel_softmax(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t 
 }
 
 // acc_t[e][panel p's lanes] += Σ_j values[j][e] · w[j][lane]: the micro-kernel over the tile's
-// packed values vp and the panel's weights.
-template <class T>
+// packed values vp and the panel's weights, on NV vectors of lanes (1: the panel's queries fill at
+// most its first L lanes; the other half of its accumulator is then never read).
+template <class T, int NV>
 void panel_product(const Call<T>& c, int64_t nt, int64_t p, const T* vp, Work<T>& w) {
   using C = Cfg<T>;
   constexpr int64_t NR = C::NR;
@@ -487,9 +493,9 @@ void panel_product(const Call<T>& c, int64_t nt, int64_t p, const T* vp, Work<T>
     const int64_t width = value_block_width<T>(c.s.E, e0);
     const T* a = vp + e0 * c.kc;
     T* acc = w.acc_t.data() + e0 * w.lda + p * NR;
-    if (width == MR) block_dots<T, C::VB, MR>(Packed<T, MR>{a}, x, NR, nt, acc, w.lda);
-    else if (width == 8) block_dots<T, C::VB, 8>(Packed<T, 8>{a}, x, NR, nt, acc, w.lda);
-    else block_dots<T, C::VB, 4>(Packed<T, 4>{a}, x, NR, nt, acc, w.lda);
+    if (width == MR) block_dots<T, C::VB, MR, NV>(Packed<T, MR>{a}, x, NR, nt, acc, w.lda);
+    else if (width == 8) block_dots<T, C::VB, 8, NV>(Packed<T, 8>{a}, x, NR, nt, acc, w.lda);
+    else block_dots<T, C::VB, 4, NV>(Packed<T, 4>{a}, x, NR, nt, acc, w.lda);
   }
 }
 
@@ -554,7 +560,8 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
       if (!vp) vp = c.values_packed->get(b, t0 / c.kc, w.vpack.data(), [&](T* dst) {
         pack_value_blocks(c.values, b, t0, nt, E, c.kc, dst);
       });
-      panel_product(c, nt, p, vp, w);
+      if (n - p * NR <= L) panel_product<T, 1>(c, nt, p, vp, w);
+      else panel_product<T, 2>(c, nt, p, vp, w);
     }
   }
   for (int64_t p = 0; p < used; ++p) {
