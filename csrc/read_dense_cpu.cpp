@@ -675,17 +675,18 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
 
 }  // namespace
 
-// Queries a dense call needs at least: one vector's lanes, or 8 where a vector holds more. A panel
-// of up to L queries computes its scores and weights on one vector (the other half is skipped),
-// and its products on two, so with 16 float lanes (AVX-512) 8 queries already fill enough of the
-// work: the float32 read of 8 queries against 10 000 entries (one thread, this repository's 2-core
-// AMD EPYC development machine, benchmarks/bench_small_reads.py) was 1.2-3.7x faster dense for
-// d = 2 to 32 with a tight threshold or narrow values, and 0.7-1.0x (within the noise to 30%
-// slower) only for wide values (E = 84, 256) whose threshold leaves most weights nonzero; with 4
-// queries the dense path lost as often as it won.
+// Queries a dense call needs at least: 4, or one vector's lanes where that is fewer. A panel whose
+// queries fill at most L lanes computes its scores, weights and products on one vector (the other
+// half is neither computed nor summed), so a few queries waste at most that vector's other lanes.
+// Measured against the per-pair kernel on the same calls (benchmarks/bench_small_reads.py, M =
+// 10 000, one thread, this repository's 2-core AMD EPYC development machine with AVX-512): from 4
+// queries the dense kernel was faster in most cases and 1.4-2.5x with a tight threshold (an
+// agent's read: d = 8, 84 value columns), the exceptions 0.7-0.9x (d = 2 with 8 value columns and
+// no or a wide threshold; wide values whose threshold leaves most weights nonzero); with 2 or 3
+// queries it was slower as often as faster (0.6x at d = 32).
 template <class T>
 constexpr int64_t dense_read_min_queries() {
-  return std::min<int64_t>(Cfg<T>::L, 8);
+  return std::min<int64_t>(Cfg<T>::L, 4);
 }
 
 template <class T>

@@ -141,9 +141,10 @@ def _shapes(group):
 
 def _dense_read_shapes():
     """The dense read (csrc/read_dense_cpu.cpp, read_dense_backward_cpu.cpp; taken with a shared
-    variance and at least 8 queries or one vector of them where that is fewer (dense_read_min_queries),
-    resp. one vector of entries): calls of 8 to 15 float queries, whose panels' scores and weights
-    take one vector of lanes (Q = 8, 12, 15 against tails of the tiles, values and dimensions); tails of the lanes (16 or 8 floats,
+    variance and at least 4 queries or one vector of them where that is fewer (dense_read_min_queries),
+    resp. one vector of entries): calls of 4 to 15 float queries, whose panels' scores, weights and
+    products take one vector of lanes (Q = 4, 7, 8, 12, 15 against tails of the tiles, values and
+    dimensions); tails of the lanes (16 or 8 floats,
     8 or 4 doubles), panels of two vectors, groups of up to 8 panels, micro-kernel blocks of 6 or 12
     rows, tiles of up to 128 entries (fewer for wide E or d), value columns in blocks of 2 vectors
     and dot chunks of 256, query tiles of 120 in the backward, and the product-form scores from
@@ -163,8 +164,9 @@ def _dense_read_shapes():
     shapes |= {(1, 20, 20, 1024, 8), (2, 40, 130, 33, 40), (1, 129, 40, 2, 96)}
     shapes |= {(1, 300, 40, 2, 260), (2, 130, 33, 3, 257), (1, 300, 20, 40, 260), (1, 131, 40, 2, 37)}
     shapes |= {(1, 17, 17, 2, E) for E in (1, 4, 5, 8, 9, 13, 25)} | {(1, 290, 30, 2, 7), (1, 520, 30, 2, 13)}
-    shapes |= {(1, Q, M, 2, 5) for Q in (8, 12, 15) for M in (16, 129)}
-    shapes |= {(1, 12, 17, 2, E) for E in (1, 33, 257)} | {(2, 15, 40, d, 9) for d in (8, 33)}
+    shapes |= {(1, Q, M, 2, 5) for Q in (4, 7, 8, 12, 15) for M in (16, 129)}
+    shapes |= {(1, Q, 17, 2, E) for Q in (4, 12) for E in (1, 33, 257)}
+    shapes |= {(2, Q, 40, d, 9) for Q in (5, 15) for d in (8, 33)}
     return shapes
 
 

@@ -248,16 +248,18 @@ def test_below_one_vector_of_queries_the_per_pair_kernel_runs():
     assert paths == ["per-pair"]
 
 
-# A memory-based agent's read: one query per environment (8 to 15), a threshold, narrow values.
-# From 8 queries the dense kernel runs (dense_read_min_queries); with 16 float lanes its panels'
-# scores and weights then take one vector (the other half is neither computed nor summed).
-FEW = [(8, 300, 8, 84), (9, 129, 2, 5), (12, 257, 3, 1), (15, 70, 40, 33)]
+# A memory-based agent's read: one query per environment (4 to 15), a threshold, narrow values.
+# From 4 queries the dense kernel runs (dense_read_min_queries); a panel of at most one vector of
+# queries takes its scores, weights and products on that vector (the other half is neither
+# computed nor summed).
+FEW = [(4, 129, 2, 5), (5, 300, 8, 84), (7, 257, 3, 1), (8, 300, 8, 84), (9, 129, 2, 5), (12, 257, 3, 1),
+       (15, 70, 40, 33), (6, 65, 33, 13)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threshold", [None, "moderate", "tight"])
 @pytest.mark.parametrize("shape", FEW, ids=[f"Q{s[0]}-M{s[1]}-d{s[2]}-E{s[3]}" for s in FEW])
-def test_eight_to_fifteen_queries_take_the_dense_kernel(shape, threshold, dtype):
+def test_four_to_fifteen_queries_take_the_dense_kernel(shape, threshold, dtype):
     Q, M, d, E = shape
     seed = sum(shape)
     q, qs, m, ms, z = make(Q, M, d, E, dtype, "float", seed, sd=0.5)
@@ -270,17 +272,19 @@ def test_eight_to_fifteen_queries_take_the_dense_kernel(shape, threshold, dtype)
 @pytest.mark.parametrize("threshold", [None, 2.0])
 @pytest.mark.parametrize("d", [3, 40])
 def test_a_few_queries_read_as_in_a_full_panel(d, threshold, dtype):
-    """A query's read does not depend on the call's other queries: the first 8 of 40 (two vectors
-    of lanes in use) read the same bits alone, where half a panel's lanes are computed, and agree
-    with the per-pair kernel (csrc/read_cpu.cpp) on the same call to rounding."""
+    """A query's read does not depend on the call's other queries: the first 4 and 8 of 40 (two
+    vectors of lanes in use) read the same bits alone, where half a panel's lanes are computed, and
+    agree with the per-pair kernel (csrc/read_cpu.cpp) on the same call to rounding."""
     from resonant_kernels import _C
 
     q, qs, m, ms, z = make(40, 500, d, 20, dtype, "float", d, sd=0.6)
     with forward_paths() as paths:
         full = rk.gaussian_read(q, qs, m, ms, z, match_threshold=threshold, backend="cpu")
         few = rk.gaussian_read(q[:8], qs, m, ms, z, match_threshold=threshold, backend="cpu")
-    assert paths == ["dense-product" if d >= 32 else "dense"] * 2
+        four = rk.gaussian_read(q[:4], qs, m, ms, z, match_threshold=threshold, backend="cpu")
+    assert paths == ["dense-product" if d >= 32 else "dense"] * 3
     assert torch.equal(full[:8], few)
+    assert torch.equal(full[:4], four)
     original = _C.read_forward
     _C.read_forward = _C.read_forward_per_pair
     try:
