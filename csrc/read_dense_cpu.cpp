@@ -679,11 +679,11 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
 // queries fill at most L lanes computes its scores, weights and products on one vector (the other
 // half is neither computed nor summed), so a few queries waste at most that vector's other lanes.
 // Measured against the per-pair kernel on the same calls (benchmarks/bench_small_reads.py, M =
-// 10 000, one thread, this repository's 2-core AMD EPYC development machine with AVX-512): from 4
-// queries the dense kernel was faster in most cases and 1.4-2.5x with a tight threshold (an
-// agent's read: d = 8, 84 value columns), the exceptions 0.7-0.9x (d = 2 with 8 value columns and
-// no or a wide threshold; wide values whose threshold leaves most weights nonzero); with 2 or 3
-// queries it was slower as often as faster (0.6x at d = 32).
+// 10 000, one thread; BENCHMARKS.md "Reads of a few queries, CPU", a 2-core AMD EPYC with
+// AVX-512): from 4 queries the dense kernel was the faster in most cases, an agent's read (d = 8,
+// 84 value columns, a tight threshold) 1.8x with 4 queries and 2.75x with 8; it lost (0.65-0.94x)
+// where most weights are nonzero and the per-pair kernel's accumulation is cheap (d = 2 with 8
+// value columns) or the values wide (256); with 2 or 3 queries it was down to 0.57x (d = 32).
 template <class T>
 constexpr int64_t dense_read_min_queries() {
   return std::min<int64_t>(Cfg<T>::L, 4);
