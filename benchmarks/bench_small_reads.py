@@ -10,8 +10,9 @@ on, fewer to the per-pair kernel (queries in blocks of 8, one pair at a time). T
 each case both ways, the dispatch's choice (`gaussian_read(..., backend="cpu")`) and the same call
 with the per-pair kernel put in its place (`_C.read_forward_per_pair`), alternating the two calls
 in every round, and reports the median ratio per-pair / chosen (above 1: the choice is faster) with
-the path the dispatch took ("dense", "per-pair", or "dense-blocked": csrc/read_blocked_cpu.cpp, for
-dense reads without a threshold from E = 64, whose choice this benchmark does not test).
+the path the dispatch took ("dense", "per-pair", or "dense-blocked": csrc/read_blocked_cpu.cpp and
+torch's BLAS, which dense reads without a threshold take from E = 64 values whatever their number of
+queries).
 
 Cases: the memory's locations N(0, 0.5²) per dimension, each query an entry plus N(0, 0.05²), one
 σ for queries and entries with v = σ_q² + σ_m² = 0.09 · d / 8 and the threshold (on the plain
@@ -46,15 +47,17 @@ THRESHOLDS = {"tight": 0.9, "wide": 3.0, "none": None}
 
 @contextlib.contextmanager
 def per_pair_forward():
-    """Inside the block every cpu read_forward runs the per-pair kernel."""
+    """Inside the block every cpu read runs the per-pair forward (the blocked path switched off too)."""
     from resonant_kernels import _C
+    from resonant_kernels.backends import cpu_blocked
 
-    original = _C.read_forward
+    original, applies = _C.read_forward, cpu_blocked.applies
     _C.read_forward = _C.read_forward_per_pair
+    cpu_blocked.applies = lambda *args, **kwargs: False
     try:
         yield
     finally:
-        _C.read_forward = original
+        _C.read_forward, cpu_blocked.applies = original, applies
 
 
 def chosen_path(read) -> str:

@@ -134,3 +134,20 @@ def test_paired_times_alternates_the_calls_and_takes_the_median_ratio(monkeypatc
     assert order == ["m", "p"] * 5
     assert seconds == 2.5  # median of 3, 2, 30, 2.5, 2
     assert ratio == 2.5  # median of 3, 2, 3, 2.5, 2
+
+
+def test_small_reads_benchmark_times_both_kernels(tmp_path):
+    """benchmarks/bench_small_reads.py at a tiny size: each case's path as the dispatch chose it
+    (2 queries per-pair, 8 dense, no threshold with wide values the blocked path) and both timings."""
+    out = tmp_path / "small.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_small_reads.py"), "--queries", "2", "8", "--entries", "300",
+         "--dims", "3", "--values", "4", "64", "--thresholds", "tight", "none", "--rounds", "2", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    paths = {(r["E"], r["threshold"], r["Q"]): r["path"] for r in rows}
+    assert paths == {(4, "tight", 2): "per-pair", (4, "tight", 8): "dense", (4, "none", 2): "per-pair",
+                     (4, "none", 8): "dense", (64, "tight", 2): "per-pair", (64, "tight", 8): "dense",
+                     (64, "none", 2): "dense-blocked", (64, "none", 8): "dense-blocked"}
+    assert all(r["chosen_ms"] > 0 and r["per_pair_ms"] > 0 and r["per_pair_over_chosen"] > 0 for r in rows)
