@@ -681,7 +681,7 @@ void forward_impl(const ReadShape& s, View3<const T> qloc, View3<const T> qvar, 
 // Measured against the per-pair kernel on the same calls (benchmarks/bench_small_reads.py, M =
 // 10 000, one thread; BENCHMARKS.md "Reads of a few queries, CPU", a 2-core AMD EPYC with
 // AVX-512): from 4 queries the dense kernel was the faster in most cases, an agent's read (d = 8,
-// 84 value columns, a tight threshold) 1.8x with 4 queries and 2.75x with 8; it lost (0.65-0.94x)
+// 84 value columns, a tight threshold) 1.9x with 4 queries and 3.2x with 8; it lost (0.72-0.95x)
 // where most weights are nonzero and the per-pair kernel's accumulation is cheap (d = 2 with 8
 // value columns) or the values wide (256); with 2 or 3 queries it was down to 0.57x (d = 32).
 template <class T>
