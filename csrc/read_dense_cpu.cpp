@@ -144,6 +144,13 @@ inline int64_t value_panel_size(int64_t E, int64_t kc) {
   return round_up(E, Cfg<T>::MR) * kc;
 }
 
+// Whether panel p of a group of n queries holds them in its first L lanes only (a call of few
+// queries): its scores, weights and products then take one vector, the other half is left out.
+template <class T>
+inline bool low_panel(int64_t n, int64_t p) {
+  return n - p * Cfg<T>::NR <= Cfg<T>::L;
+}
+
 // Where a panel's accumulated Σ w · values lives: nowhere yet (zero), transposed in acc_t (the
 // product's layout), or as rows in acc_r (the layout of a tile with few nonzero weights: each adds
 // one row of values to one query's row). A panel moves between the two as its tiles change kind;
@@ -357,7 +364,7 @@ void product_scores(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0
       const T* panel = w.panels.data() + p * d * NR + ch * kScoreChunk * NR;
       for (int64_t j0 = 0; j0 < nt; j0 += MR) {
         const Strided<T, kScoreChunk> block{w.mem.data() + (ch * w.rows + j0) * kScoreChunk, 1};
-        if (n - p * NR <= L) block_dots<T, C::VB, MR, 1>(block, panel, NR, K, w.weight_row(p, j0), NR);
+        if (low_panel<T>(n, p)) block_dots<T, C::VB, MR, 1>(block, panel, NR, K, w.weight_row(p, j0), NR);
         else block_dots<T, C::VB, MR, 2>(block, panel, NR, K, w.weight_row(p, j0), NR);
       }
     }
@@ -434,7 +441,7 @@ bool panel_softmax(const Call<T>& c, int64_t b, int64_t t0, int64_t nt, int64_t 
   // 2. the weights in place, their sums, and how many are nonzero
   T* x = w.weight_row(p, 0);  // row j at x + j · NR
   Vec sum0 = zero, sum1 = zero, count0 = zero, count1 = zero;
-  const bool low = lanes <= L;  // the second half holds no query: weights 0, not computed
+  const bool low = low_panel<T>(n, p);  // the second half holds no query: weights 0, not computed
   for (int64_t j = 0; j < nt; ++j) {
     T* row = x + j * NR;
     const Vec p0 = exp_nonpositive_lanes(S::load(row) - shift[0]);  // ≤ kShiftSlack; masked: -inf -> 0
@@ -552,7 +559,7 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
     for (int64_t p = 0; p < used; ++p) {
       if (!c.product)
         mt.dispatch_kind([&]<bool Unit, bool Thr>() {
-          if (n - p * NR <= L) direct_scores<T, D, Unit, Thr, true>(c, mt, b, t0, nt, p, w);
+          if (low_panel<T>(n, p)) direct_scores<T, D, Unit, Thr, true>(c, mt, b, t0, nt, p, w);
           else direct_scores<T, D, Unit, Thr, false>(c, mt, b, t0, nt, p, w);
         });
       if (!panel_softmax(c, b, t0, nt, p, n, w)) continue;
@@ -560,7 +567,7 @@ void group_read(const Call<T>& c, const Metric<T>& mt, int64_t b, int64_t q0, in
       if (!vp) vp = c.values_packed->get(b, t0 / c.kc, w.vpack.data(), [&](T* dst) {
         pack_value_blocks(c.values, b, t0, nt, E, c.kc, dst);
       });
-      if (n - p * NR <= L) panel_product<T, 1>(c, nt, p, vp, w);
+      if (low_panel<T>(n, p)) panel_product<T, 1>(c, nt, p, vp, w);
       else panel_product<T, 2>(c, nt, p, vp, w);
     }
   }
