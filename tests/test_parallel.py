@@ -90,6 +90,13 @@ def test_epsilon_greedy_draws_are_those_decide_always_made():
     for epsilon in (0.0, 0.3):
         got = select_actions(scores, np.random.default_rng(7), epsilon=epsilon)
         np.testing.assert_array_equal(got, before(scores, np.random.default_rng(7), epsilon))
+    # one row at a time from one generator, as a worker chooses: rows that do not explore draw no
+    # random action, and the stream stays the one the batched form draws from
+    for epsilon in (0.0, 0.1, 0.9):
+        ours, theirs = np.random.default_rng(11), np.random.default_rng(11)
+        got = [select_actions(row[None], ours, epsilon=epsilon)[0] for row in scores]
+        np.testing.assert_array_equal(got, [before(row[None], theirs, epsilon)[0] for row in scores])
+        assert ours.random() == theirs.random()
 
 
 def test_softmax_policy_samples_exp_beta_score():
