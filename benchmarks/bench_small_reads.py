@@ -11,8 +11,8 @@ each case both ways, the dispatch's choice (`gaussian_read(..., backend="cpu")`)
 with the per-pair kernel put in its place (`_C.read_forward_per_pair`), alternating the two calls
 in every round, and reports the median ratio per-pair / chosen (above 1: the choice is faster) with
 the path the dispatch took ("dense", "per-pair", or "dense-blocked": csrc/read_blocked_cpu.cpp and
-torch's BLAS, which dense reads without a threshold take from E = 64 values whatever their number of
-queries).
+torch's BLAS, which dense reads without a threshold take from E = 64 values at the sizes of
+cpu_blocked.faster_forward, whatever their number of queries).
 
 Cases: the memory's locations N(0, 0.5²) per dimension, each query an entry plus N(0, 0.05²), one
 σ for queries and entries with v = σ_q² + σ_m² = 0.09 · d / 8 and the threshold (on the plain

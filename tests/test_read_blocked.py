@@ -23,6 +23,17 @@ from test_read_cpu_paths import (EPS, check_against_oracle, check_float32_layout
 pytestmark = marks("cpu", "gaussian_read")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def blocked_forward_at_every_size():
+    """The tests here check the blocked path itself, also at sizes where its forward measured slower
+    than the fused kernel and the shipped rule sends it there (float64, few queries: its rule's own
+    tests are tests/test_read_blocked_rule.py)."""
+    faster = cpu_blocked.faster_forward
+    cpu_blocked.faster_forward = lambda *args, **kwargs: True
+    yield
+    cpu_blocked.faster_forward = faster
+
+
 MOST_ROWS, LEAST_ROWS, TILE_BYTES = 512, 16, 1 << 20  # csrc/read_blocked_cpu.cpp's blocks
 
 
@@ -137,9 +148,11 @@ def _counting_packed_gemm(calls):
 
 # (Q, M, E, whole forward blocks per batch row, packings of the forward's values, of the backward's):
 # with M = 4100 the forward's blocks hold 25 queries and the backward's 50, so 200 queries make eight
-# whole forward blocks and at least one whole backward block per thread (the forward packs from
-# E = kPackForwardFromE = 1024); with M = 300 the blocks hold 263 queries (526 backward).
-PACKED = [(200, 4100, WIDE_BACKWARD, 8, 0, 1), (200, 4100, 1024, 8, 1, 1), (2100, 300, WIDE_BACKWARD, 7, 0, 1)]
+# whole forward blocks and at least one whole backward block per thread; the forward packs from
+# E = kPackForwardFromE = 1024, whose values take the blocked forward up to 4 MiB
+# (cpu_blocked.BLOCKED_MOST_VALUE_BYTES): M = 1000, blocks of 200 queries (400 backward); with
+# M = 300 the blocks hold 263 queries (526 backward).
+PACKED = [(200, 4100, WIDE_BACKWARD, 8, 0, 1), (1600, 1000, 1024, 8, 1, 1), (2100, 300, WIDE_BACKWARD, 7, 0, 1)]
 
 
 @pytest.mark.parametrize("layout", ["one_batch_row", "batch_rows", "batch_broadcast", "column_major_values"])

@@ -59,11 +59,25 @@ def forward_paths():
         _C.read_forward, _C.blocked_read_weights, _C.blocked_read_forward = original, original_blocked, original_one_call
 
 
-def dense_path(d, E, threshold, product):
-    """The dense forward a call takes: blocked (no threshold, E ≥ 64, d < 32), else csrc/read_dense_cpu.cpp."""
+MIB = 1 << 20
+
+
+def blocked_forward_expected(Q, M, E, dtype):
+    """The sizes at which a read the blocked path can run takes its forward (docs/design.md §7,
+    resonant_kernels/backends/cpu_blocked.py): float32 values of at most 4 MiB, not from E = 1024 with
+    256 queries or fewer; float64 at most 4 queries with values of at most 16 MiB."""
+    if dtype == torch.float64:
+        return Q <= 4 and M * E * 8 <= 16 * MIB
+    return M * E * 4 <= 4 * MIB and not (E >= 1024 and Q <= 256)
+
+
+def dense_path(d, E, threshold, product, Q, M, dtype):
+    """The dense forward a call takes: blocked (no threshold, E ≥ 64, d < 32, at the sizes of
+    blocked_forward_expected), else csrc/read_dense_cpu.cpp."""
     from resonant_kernels.backends import cpu_blocked
 
-    if threshold is None and E >= cpu_blocked.BLOCKED_FROM_E and d < cpu_blocked.BLOCKED_BELOW_D:
+    if (threshold is None and E >= cpu_blocked.BLOCKED_FROM_E and d < cpu_blocked.BLOCKED_BELOW_D
+            and blocked_forward_expected(Q, M, E, dtype)):
         return "dense-blocked"
     return "dense-product" if product else "dense"
 
@@ -151,7 +165,7 @@ def test_dense_read_matches_float64_oracle(shape, threshold, sd_kind, dtype):
     typical = math.sqrt(2 * d)
     thr = {None: None, "moderate": 0.8 * typical, "tight": 0.3 * typical}[threshold]
     product = d >= 32 and (sd_kind != "per_dim" or thr is None)
-    check_against_oracle(q, qs, m, ms, z, thr, seed, dense_path(d, E, thr, product))
+    check_against_oracle(q, qs, m, ms, z, thr, seed, dense_path(d, E, thr, product, Q, M, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -265,7 +279,7 @@ def test_four_to_fifteen_queries_take_the_dense_kernel(shape, threshold, dtype):
     q, qs, m, ms, z = make(Q, M, d, E, dtype, "float", seed, sd=0.5)
     typical = math.sqrt(2 * d)
     thr = {None: None, "moderate": 0.8 * typical, "tight": 0.3 * typical}[threshold]
-    check_against_oracle(q, qs, m, ms, z, thr, seed, dense_path(d, E, thr, d >= 32))
+    check_against_oracle(q, qs, m, ms, z, thr, seed, dense_path(d, E, thr, d >= 32, Q, M, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -58,7 +58,8 @@ def _read_args(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, un
 def _blocked(query_loc, mem_values, shape, views, backward=False):
     """Whether the read's forward (backward) goes to cpu_blocked (its rule: cpu_blocked.applies)."""
     return cpu_blocked.applies(module(), DTYPE_NAMES[query_loc.dtype], shape, views[1], views[3],
-                               query_loc.shape[-1], mem_values.shape[-1], backward)
+                               query_loc.shape[1], mem_values.shape[1], query_loc.shape[-1], mem_values.shape[-1],
+                               mem_values.element_size(), backward)
 
 
 def read_forward(query_loc, query_var, mem_loc, mem_var, mem_values, threshold, uniform_var, allow_tf32=False):

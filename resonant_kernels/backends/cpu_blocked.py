@@ -1,7 +1,9 @@
 """The cpu backend's dense read in blocks of queries (issue #17): for a read without a threshold whose
 every (query, entry) pair of a batch row shares its variance, with locations of fewer than
 BLOCKED_BELOW_D dimensions and values at least BLOCKED_FROM_E wide (forward) or
-BLOCKED_BACKWARD_FROM_E wide (backward) (`applies`).
+BLOCKED_BACKWARD_FROM_E wide (backward) (`can_run`); a forward only at the sizes where it measured
+faster than the fused kernel (`faster_forward`: float32 values of at most 4 MiB, not from E = 1024
+with a few hundred queries or fewer; float64 only 4 queries or fewer with values of at most 16 MiB).
 
 Each block of queries gets its softmax weights in a tile (block rows × M, about 1 MB) from
 csrc/read_blocked_cpu.cpp, unnormalised, and the BLAS that torch ships (MKL on x86) multiplies the
@@ -83,9 +85,52 @@ def blas_functions(dtype_name: str) -> Optional[tuple[int, int, int, int, int]]:
     return (gemm, local_threads, *packed) if all(packed) else (gemm, local_threads, 0, 0, 0)
 
 
-def applies(module, dtype_name, shape, query_var_view, mem_var_view, d, E, backward=False) -> bool:
+# Which forwards the blocked path keeps (issue #17 tuned it in float32 on an Intel VM at four shapes
+# of thousands of queries and 2-4 MiB of values). benchmarks/bench_blocked_dispatch.py (each case
+# both ways in one run; BENCHMARKS.md "Dense reads without a threshold: the blocked path or the
+# fused kernel", JSON in benchmarks/results/blocked_dispatch/) on the 2-core AMD EPYC VM, 2026-12-03,
+# had the fused dense kernel faster
+# - with more than 4 MiB of values (a batch row's M·E): 1.08-5.40x in float32 on 2 threads
+#   (1.16-5.66x on one): every block streams all the values, from beyond the caches there, where
+#   the fused kernel streams them once per panel of queries;
+# - from E = 1024 with a few hundred queries or fewer (float32: the blocked forward packs all the
+#   values once per call, csrc/read_blocked_cpu.cpp's kPackForwardFromE, which few blocks do not
+#   repay): 1.48-4.47x at 4 to 256 queries and 1 024 entries (1.17-1.57x on one thread);
+# - in float64, which #17 never measured: on one thread everywhere (1.01-3.27x), on two from 16
+#   queries (0.91-3.02x). With 4 queries and values within 16 MiB the blocked path was the faster
+#   on two threads in 6 of 7 cases (0.63-1.10x; one at 1.62x), its blocks giving both threads work
+#   where the fused kernel runs its one panel of queries on one, and slower on one thread
+#   (1.08-1.25x): they keep it.
+# Float32 reads of up to 4 MiB keep the blocked path, at #17's shapes too, where this VM had the
+# fused kernel 1.14-1.22x faster (1.09-1.22x on one thread) against the Intel VM's measurements
+# above: not changed on one machine's word. The rule looks at the shapes and the dtype only, never
+# at the thread count, so a forward's bits stay the same for any number of threads
+# (docs/design.md §7).
+BLOCKED_MOST_VALUE_BYTES = 4 << 20
+PACKED_FROM_E, PACKED_MOST_FEW_QUERIES = 1024, 256
+FLOAT64_MOST_QUERIES, FLOAT64_MOST_VALUE_BYTES = 4, 16 << 20
+
+
+def can_run(module, dtype_name, shape, query_var_view, mem_var_view, d, E, backward=False) -> bool:
+    """Whether the blocked path can run a read's forward (backward) and would at some size."""
     return E >= (BLOCKED_BACKWARD_FROM_E if backward else BLOCKED_FROM_E) and d < BLOCKED_BELOW_D and (
         module.blocked_read_applies(dtype_name, shape, query_var_view, mem_var_view))
+
+
+def faster_forward(dtype_name, Q, M, E, value_bytes) -> bool:
+    """Whether the blocked forward is the faster at this size (Q queries and M entries a batch row, E
+    value columns of value_bytes bytes each): the measurements above."""
+    values = M * E * value_bytes
+    if dtype_name == "float64":
+        return Q <= FLOAT64_MOST_QUERIES and values <= FLOAT64_MOST_VALUE_BYTES
+    return values <= BLOCKED_MOST_VALUE_BYTES and not (E >= PACKED_FROM_E and Q <= PACKED_MOST_FEW_QUERIES)
+
+
+def applies(module, dtype_name, shape, query_var_view, mem_var_view, Q, M, d, E, value_bytes,
+            backward=False) -> bool:
+    """Whether a read runs its forward (backward) on the blocked path rather than the fused kernels."""
+    return can_run(module, dtype_name, shape, query_var_view, mem_var_view, d, E, backward) and (
+        backward or faster_forward(dtype_name, Q, M, E, value_bytes))
 
 
 def block_rows(module, Q: int, row_bytes: int) -> int:
