@@ -42,26 +42,25 @@ from resonant_kernels.backends import cpu_blocked  # noqa: E402
 
 
 @contextlib.contextmanager
-def blocked_off():
-    """Inside the block no cpu read takes the blocked path."""
-    applies = cpu_blocked.applies
-    cpu_blocked.applies = lambda *args, **kwargs: False
+def replaced(name: str, value):
+    """cpu_blocked's attribute `name` is `value` inside the block."""
+    original = getattr(cpu_blocked, name)
+    setattr(cpu_blocked, name, value)
     try:
         yield
     finally:
-        cpu_blocked.applies = applies
+        setattr(cpu_blocked, name, original)
 
 
-@contextlib.contextmanager
+def blocked_off():
+    """Inside the block no cpu read takes the blocked path."""
+    return replaced("applies", lambda *args, **kwargs: False)
+
+
 def blocked_on():
     """Inside the block every read the blocked path can run takes it (the rule before its bounds on
     the values' size, on few queries and on float64: issue #17's)."""
-    faster = cpu_blocked.faster_forward
-    cpu_blocked.faster_forward = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        cpu_blocked.faster_forward = faster
+    return replaced("faster_forward", lambda *args, **kwargs: True)
 
 
 def chosen_is_blocked(read) -> bool:
@@ -73,11 +72,8 @@ def chosen_is_blocked(read) -> bool:
         calls.append(applies(*args, **kwargs))
         return calls[-1]
 
-    cpu_blocked.applies = spy
-    try:
+    with replaced("applies", spy):
         read()
-    finally:
-        cpu_blocked.applies = applies
     return bool(calls and calls[0])
 
 

@@ -6,27 +6,15 @@ kernel (csrc/read_dense_cpu.cpp), on any number of threads. Each read on the fus
 also checked with its gradients against the float64 oracle: its backward is the blocked one (E ≥ 64)."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import resonant_kernels as rk
 from backends import marks
+from resonant.parallel.server import torch_threads as threads
 from test_read_cpu_paths import check_against_oracle, forward_paths, make
 
 pytestmark = marks("cpu", "gaussian_read")
-
-
-@contextlib.contextmanager
-def threads(count):
-    """torch's (and the kernels') threads set to `count` within the block."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def path_of(Q, M, E, dtype, count):
