@@ -150,9 +150,9 @@ def _counting_packed_gemm(calls):
 # with M = 4100 the forward's blocks hold 25 queries and the backward's 50, so 200 queries make eight
 # whole forward blocks and at least one whole backward block per thread; the forward packs from
 # E = kPackForwardFromE = 1024, whose values take the blocked forward up to 4 MiB
-# (cpu_blocked.BLOCKED_MOST_VALUE_BYTES): M = 1000, blocks of 200 queries (400 backward); with
-# M = 300 the blocks hold 263 queries (526 backward).
-PACKED = [(200, 4100, WIDE_BACKWARD, 8, 0, 1), (1600, 1000, 1024, 8, 1, 1), (2100, 300, WIDE_BACKWARD, 7, 0, 1)]
+# (cpu_blocked.BLOCKED_MOST_VALUE_BYTES): M = 1000, four whole blocks of 200 queries (two of 400
+# backward); with M = 300 the blocks hold 263 queries (526 backward).
+PACKED = [(200, 4100, WIDE_BACKWARD, 8, 0, 1), (800, 1000, 1024, 4, 1, 1), (2100, 300, WIDE_BACKWARD, 7, 0, 1)]
 
 
 @pytest.mark.parametrize("layout", ["one_batch_row", "batch_rows", "batch_broadcast", "column_major_values"])

@@ -60,9 +60,11 @@ def test_float64_takes_the_blocked_forward_only_for_a_few_queries(Q, M, E, count
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_choice_does_not_depend_on_the_thread_count(dtype):
-    """So a forward's bits stay the same for any number of threads (docs/design.md §7)."""
+    """So a forward's bits stay the same for any number of threads (docs/design.md §7): the cases
+    above on either side of a bound, at most 16 MiB of values in this dtype."""
     for Q, M, E, _, _ in FLOAT32 + FLOAT64:
-        assert path_of(Q, M, E, dtype, 1) == path_of(Q, M, E, dtype, 2) == path_of(Q, M, E, dtype, 3)
+        if M * E * torch.empty((), dtype=dtype).element_size() <= 16 << 20:
+            assert path_of(Q, M, E, dtype, 1) == path_of(Q, M, E, dtype, 2) == path_of(Q, M, E, dtype, 3)
 
 
 @pytest.mark.parametrize("dtype, Q, M, E", [(torch.float32, 17, 4097, 256), (torch.float32, 256, 1024, 1024),
