@@ -15,6 +15,17 @@ from checkout import ROOT
 OPTIONAL_PEERS = {"milvus-lite", "faiss-flat"}  # skipped, with the reason, where the extra is not installed
 
 
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (the folder on sys.path only while it imports)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def expected_rows() -> dict[str, set[str]]:
     """group -> the peers that run at the smoke size, from the benchmark modules themselves."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -66,11 +77,7 @@ def test_naive_peer_computes_the_read_and_its_gradients(threshold):
 
     import resonant_kernels as rk
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from bench_read import naive_read
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    naive_read = benchmark_module("bench_read").naive_read
     gen = torch.Generator().manual_seed(3)
     query_loc = torch.randn(7, 2, generator=gen, dtype=torch.float64) * 2  # spread out: some match nothing
     inputs = [query_loc, torch.randn(11, 2, generator=gen, dtype=torch.float64),
@@ -93,11 +100,7 @@ def test_flushing_denormals_flushes_inside_the_call_only():
     """bench_read's compiled_naive_ftz peer: denormals are flushed in its calls and nowhere else."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_read
-    finally:
-        sys.path.pop(0)
+    bench_read = benchmark_module("bench_read")
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returned False)")
     tiny = torch.tensor([1e-39], dtype=torch.float32)  # a denormal float32
@@ -109,11 +112,7 @@ def test_flushing_denormals_flushes_inside_the_call_only():
 def test_paired_times_alternates_the_calls_and_takes_the_median_ratio(monkeypatch):
     """bench_read's `x logits@V`: each round one call of the method and one of the product; the ratio
     is the median of the rounds' ratios (a round where the machine was slow for both stays ~1)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_read
-    finally:
-        sys.path.pop(0)
+    bench_read = benchmark_module("bench_read")
     now = [0.0]
     monkeypatch.setattr(bench_read.time, "perf_counter", lambda: now[0])
     order = []
@@ -159,11 +158,7 @@ def test_blocked_dispatch_benchmark_times_both_paths(tmp_path, monkeypatch):
     kernel beyond)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_blocked_dispatch
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench_blocked_dispatch = benchmark_module("bench_blocked_dispatch")
     out = tmp_path / "blocked.json"
     threads = torch.get_num_threads()
     argv = ["bench_blocked_dispatch.py", "--threads", "1", "--queries", "20", "--entries", "300", "5000", "--widths",

@@ -27,11 +27,11 @@ pytestmark = marks("cpu", "gaussian_read")
 def blocked_forward_at_every_size():
     """The tests here check the blocked path itself, also at sizes where its forward measured slower
     than the fused kernel and the shipped rule sends it there (float64, few queries: its rule's own
-    tests are tests/test_read_blocked_rule.py)."""
-    faster = cpu_blocked.faster_forward
-    cpu_blocked.faster_forward = lambda *args, **kwargs: True
-    yield
-    cpu_blocked.faster_forward = faster
+    tests are tests/test_read_blocked_rule.py). Module-scoped: hypothesis' tests here refuse
+    function-scoped fixtures."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_blocked, "faster_forward", lambda *args, **kwargs: True)
+        yield
 
 
 MOST_ROWS, LEAST_ROWS, TILE_BYTES = 512, 16, 1 << 20  # csrc/read_blocked_cpu.cpp's blocks

@@ -75,7 +75,7 @@ def test_reads_the_rule_sends_to_the_fused_kernel_match_the_oracle_with_the_bloc
         check_against_oracle(q, qs, m, ms, z, None, Q + M, "dense")
 
 
-def test_the_rule_leaves_the_backward_alone():
+def test_the_rule_leaves_the_backward_alone(monkeypatch):
     """Only the forward's choice moved: a read whose forward takes the fused kernel still runs the
     blocked backward (E ≥ BLOCKED_BACKWARD_FROM_E)."""
     from resonant_kernels.backends import cpu_blocked
@@ -84,11 +84,8 @@ def test_the_rule_leaves_the_backward_alone():
     q.requires_grad_(True)
     called = []
     original = cpu_blocked.read_backward
-    cpu_blocked.read_backward = lambda *args: called.append(1) or original(*args)
-    try:
-        with forward_paths() as paths:
-            out = rk.gaussian_read(q, qs, m, ms, z, backend="cpu")
-        out.sum().backward()
-    finally:
-        cpu_blocked.read_backward = original
+    monkeypatch.setattr(cpu_blocked, "read_backward", lambda *args: called.append(1) or original(*args))
+    with forward_paths() as paths:
+        out = rk.gaussian_read(q, qs, m, ms, z, backend="cpu")
+    out.sum().backward()
     assert paths == ["dense"] and called
