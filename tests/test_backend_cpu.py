@@ -3,7 +3,6 @@ entry passes, thread splits) at sizes past the shared cases, with other thread c
 process, and pruning without an M×M buffer. Its correctness against the reference on the shared
 cases is tests/test_ops.py's."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -102,15 +101,14 @@ def test_cpu_plans_match_reference(name, dtype):
 @requires("cpu", "conditional_sample")
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_plans_with_other_thread_counts(threads):
-    """The same checks in a fresh process with OMP_NUM_THREADS set: one thread (no split) and an
-    odd team that divides neither the passes nor the queries evenly."""
-    code = ("import sys, torch; sys.path.insert(0, %r); import test_backend_cpu as t\n"
-            "for name in ('groups', 'strided', 'streamed', 'capped'):\n"
-            "    for dtype in (torch.float32, torch.float64): t.check_cpu_plan(name, dtype)\n"
-            "print('ok')" % HERE)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    """The same checks with one thread (no split) and an odd team that divides neither the passes
+    nor the queries evenly."""
+    from resonant.parallel.server import torch_threads
+
+    with torch_threads(threads):
+        for name in ("groups", "strided", "streamed", "capped"):
+            for dtype in (torch.float32, torch.float64):
+                check_cpu_plan(name, dtype)
 
 
 @requires("cpu", "prune_mask")

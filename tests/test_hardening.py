@@ -34,37 +34,24 @@ def test_per_entry_sd_at_large_d_reads_like_float64_oracle(backend, sd):
     assert torch.equal(deps, expect_deps)
 
 
-_DETERMINISM_SCRIPT = r"""
-import torch, resonant_kernels as rk
-gen = torch.Generator().manual_seed(0)
-q = torch.randn(300, 3, generator=gen, dtype=torch.float64).requires_grad_()
-qs = (torch.rand(300, 3, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-m = torch.randn(200, 3, generator=gen, dtype=torch.float64).requires_grad_()
-ms = (torch.rand(200, 3, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-z = torch.randn(200, 37, generator=gen, dtype=torch.float64).requires_grad_()
-cot = torch.randn(300, 37, generator=gen, dtype=torch.float64)
-first = None
-for _ in range(6):
-    grads = torch.autograd.grad(rk.gaussian_read(q, qs, m, ms, z, backend="cpu"), (q, qs, m, ms, z), cot)
-    if first is None:
-        first = grads
-    assert all(torch.equal(a, b) for a, b in zip(first, grads)), "gradients differ between runs"
-print("ok")
-"""
-
-
 @requires("cpu", "gaussian_read")
 @pytest.mark.parametrize("threads", [1, 3, 5])
 def test_cpu_read_gradients_are_bitwise_reproducible(threads):
     """Point 6: more threads than cores makes scheduling order vary; the sums must not."""
-    import os
-    import subprocess
-    import sys
+    from resonant.parallel.server import torch_threads
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    run = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(300, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    qs = (torch.rand(300, 3, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    m = torch.randn(200, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    ms = (torch.rand(200, 3, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    z = torch.randn(200, 37, generator=gen, dtype=torch.float64).requires_grad_()
+    cot = torch.randn(300, 37, generator=gen, dtype=torch.float64)
+    with torch_threads(threads):
+        first = torch.autograd.grad(rk.gaussian_read(q, qs, m, ms, z, backend="cpu"), (q, qs, m, ms, z), cot)
+        for _ in range(5):
+            grads = torch.autograd.grad(rk.gaussian_read(q, qs, m, ms, z, backend="cpu"), (q, qs, m, ms, z), cot)
+            assert all(torch.equal(a, b) for a, b in zip(first, grads)), "gradients differ between runs"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

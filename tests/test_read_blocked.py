@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import resonant_kernels as rk
 from backends import marks
+from resonant.parallel.server import torch_threads as threads
 from resonant_kernels.backends import cpu_blocked
 from test_read_cpu_paths import (EPS, check_against_oracle, check_float32_layout_against_oracle, forward_paths,
                                  make, read_and_grads, to64)
@@ -241,33 +242,21 @@ def test_each_weight_to_a_few_units_in_the_last_place(dtype):
     assert float(rel.max()) <= 8 * EPS[dtype], float(rel.max()) / EPS[dtype]
 
 
-_THREADS_SCRIPT = r"""
-import sys, torch, resonant_kernels as rk
-gen = torch.Generator().manual_seed(0)
-reads = []
-for Q, M, E in ((1100, 300, 80), (600, 1025, 64), (1, 40, 70), (200, 4100, 1024)):  # the last: values packed
-    q, m, z = torch.randn(Q, 2, generator=gen), torch.randn(M, 2, generator=gen), torch.randn(M, E, generator=gen)
-    reads.append(rk.gaussian_read(q, 0.8, m, 0.8, z, backend="cpu"))
-torch.save(reads, sys.argv[1])
-"""
-
-
-def test_blocked_forward_is_the_same_bits_for_any_thread_count(tmp_path):
+def test_blocked_forward_is_the_same_bits_for_any_thread_count():
     """The one-call forward: each block's weights and gemm on one thread (the BLAS on that thread
     alone, also where the call has a single block): 1, 2 and 3 threads read the same bits."""
-    import os
-    import subprocess
-    import sys
-
     if cpu_blocked.blas_functions("float32") is None:
         pytest.skip("torch's library exports no BLAS gemm: the forward runs from Python")
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for Q, M, E in ((1100, 300, 80), (600, 1025, 64), (1, 40, 70), (200, 4100, 1024)):  # the last: values packed
+        cases.append((torch.randn(Q, 2, generator=gen), torch.randn(M, 2, generator=gen),
+                      torch.randn(M, E, generator=gen)))
     reads = []
-    for threads in (1, 2, 3):
-        path = tmp_path / f"t{threads}.pt"
-        run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], capture_output=True, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS=str(threads)), timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        reads.append(torch.load(path))
+    for count in (1, 2, 3):
+        with threads(count), forward_paths() as taken:
+            reads.append([rk.gaussian_read(q, 0.8, m, 0.8, z, backend="cpu") for q, m, z in cases])
+        assert taken == ["dense-blocked"] * len(cases), taken
     for other in reads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(other, reads[0]))
 
@@ -315,57 +304,39 @@ def test_an_empty_batch_reads_nothing_and_does_not_crash(E):
     assert out.shape == (0, 30, E) and z.grad.shape == (0, 40, E)
 
 
-_BACKWARD_THREADS_SCRIPT = r"""
-import sys, torch, resonant_kernels as rk
-from resonant_kernels.backends import cpu_blocked
-sys.path.insert(0, sys.argv[2])
-from test_read_cpu_paths import read_and_grads
-gen = torch.Generator().manual_seed(0)
-runs = []
-# (batch rows, Q, M, E): three blocks of 512 queries per batch row, the last short, so that with 2-4
-# threads a thread's run of blocks ends inside a batch row and two threads' partials share it
-for B, Q, M, E in ((3, 1100, 300, cpu_blocked.BLOCKED_BACKWARD_FROM_E + 3), (1, 1, 40, cpu_blocked.BLOCKED_BACKWARD_FROM_E)):
-    for dtype in (torch.float32, torch.float64):
-        q, m = torch.randn(B, Q, 2, generator=gen, dtype=dtype), torch.randn(B, M, 2, generator=gen, dtype=dtype)
-        z = torch.randn(B, M, E, generator=gen, dtype=dtype)
-        cot = torch.randn(B, Q, E, generator=gen, dtype=torch.float64)
-        first = read_and_grads("cpu", q, 0.8, m, 0.9, z, None, cot)
-        again = read_and_grads("cpu", q, 0.8, m, 0.9, z, None, cot)
-        same = torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
-        runs.append(((q, m, z, cot), first, same))
-torch.save(runs, sys.argv[1])
-"""
-
-
-def test_blocked_backward_with_1_to_4_threads_matches_the_oracle_and_repeats_its_bits(tmp_path):
+def test_blocked_backward_with_1_to_4_threads_matches_the_oracle_and_repeats_its_bits():
     """The one-call backward: each thread's run of blocks summed into its own partials of the entries'
     gradients, added over the threads in order. With 1, 2, 3 and 4 threads (runs that end inside a
     batch row, float32 and float64, batch dims, a single query): every gradient within the oracle's
     tolerance, and a second call the same bits as the first."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
     if cpu_blocked.blas_functions("float32") is None:
         pytest.skip("torch's library exports no BLAS gemm: the backward runs from Python")
     from test_read_cpu_paths import EPS, assert_within, conditioning
 
-    tests_dir = str(pathlib.Path(__file__).parent)
-    for threads in (1, 2, 3, 4):
-        path = tmp_path / f"t{threads}.pt"
-        run = subprocess.run([sys.executable, "-c", _BACKWARD_THREADS_SCRIPT, str(path), tests_dir],
-                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
-                             timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        for (q, m, z, cot), (out, grads), same in torch.load(path):
-            assert same, f"{threads} threads: a second call gave other bits"
-            oracle, oracle_grads = read_and_grads("reference", to64(q), 0.8, to64(m), 0.9, to64(z), None, cot)
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    # (batch rows, Q, M, E): three blocks of 512 queries per batch row, the last short, so that with 2-4
+    # threads a thread's run of blocks ends inside a batch row and two threads' partials share it
+    for B, Q, M, E in ((3, 1100, 300, cpu_blocked.BLOCKED_BACKWARD_FROM_E + 3),
+                       (1, 1, 40, cpu_blocked.BLOCKED_BACKWARD_FROM_E)):
+        for dtype in (torch.float32, torch.float64):
+            q, m = torch.randn(B, Q, 2, generator=gen, dtype=dtype), torch.randn(B, M, 2, generator=gen, dtype=dtype)
+            z = torch.randn(B, M, E, generator=gen, dtype=dtype)
+            cot = torch.randn(B, Q, E, generator=gen, dtype=torch.float64)
+            oracle = read_and_grads("reference", to64(q), 0.8, to64(m), 0.9, to64(z), None, cot)
+            cases.append(((q, m, z, cot), oracle))
+    for count in (1, 2, 3, 4):
+        for (q, m, z, cot), (oracle, oracle_grads) in cases:
+            with threads(count):
+                out, grads = read_and_grads("cpu", q, 0.8, m, 0.9, z, None, cot)
+                again = read_and_grads("cpu", q, 0.8, m, 0.9, z, None, cot)
+            assert torch.equal(out, again[0]) and all(torch.equal(a, b) for a, b in zip(grads, again[1])), \
+                f"{count} threads: a second call gave other bits"
             eps, cond = EPS[q.dtype], conditioning(q, 0.8, m, 0.9, None)
             assert_within(out, oracle, eps, cond, "read")
             terms = float(cot.abs().max()) * float(z.abs().max()) * z.shape[-1] ** 0.5
             for i, (g, og) in enumerate(zip(grads, oracle_grads)):
-                assert_within(g, og, eps, 4 * cond, f"{threads} threads, gradient {i}", terms)
+                assert_within(g, og, eps, 4 * cond, f"{count} threads, gradient {i}", terms)
 
 
 def test_the_one_call_backward_rejects_values_the_blas_cannot_read():

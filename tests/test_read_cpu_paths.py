@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -411,40 +408,30 @@ def test_a_query_reads_the_same_alone_or_in_a_batch():
 # scores, product-form scores, and product-form with values wide enough that the weights are packed
 # into micro-panels; 300 queries are two groups of floats, so the values are packed once and shared
 THREAD_CASES = [(2, 40), (40, 70), (40, 260)]
-_THREADS_SCRIPT = r"""
-import torch, resonant_kernels as rk
-CASES = %r
-gen = torch.Generator().manual_seed(0)
-for d, E in CASES:
-    q = torch.randn(300, d, generator=gen).requires_grad_()
-    m = torch.randn(260, d, generator=gen).requires_grad_()
-    z = torch.randn(260, E, generator=gen).requires_grad_()
-    sd = (torch.rand(d, generator=gen) + 0.5).requires_grad_()
-    cot = torch.randn(300, E, generator=gen)
-    out = rk.gaussian_read(q, sd, m, sd, z, backend="cpu")
-    grads = torch.autograd.grad(out, (q, m, z, sd), cot)
-    for _ in range(2):
-        again = torch.autograd.grad(rk.gaussian_read(q, sd, m, sd, z, backend="cpu"), (q, m, z, sd), cot)
-        assert all(torch.equal(a, b) for a, b in zip(grads, again)), "gradients differ between runs"
-    torch.save([out.detach(), grads[1], grads[2]], f"{__import__('sys').argv[1]}/d{d}-E{E}.pt")
-print("ok")
-"""
-
-
-def test_dense_read_is_bitwise_reproducible_and_independent_of_threads(tmp_path):
+def test_dense_read_is_bitwise_reproducible_and_independent_of_threads():
     """The read and the memory's gradients are the same bits for 1, 2 and 3 threads; every gradient
     is the same bits run to run at each thread count (three calls: the later ones reuse the
     per-thread working memory the first left behind)."""
+    from resonant.parallel.server import torch_threads
+
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for d, E in THREAD_CASES:
+        q, m = torch.randn(300, d, generator=gen), torch.randn(260, d, generator=gen)
+        z, sd = torch.randn(260, E, generator=gen), torch.rand(d, generator=gen) + 0.5
+        cases.append(([t.requires_grad_() for t in (q, m, z, sd)], torch.randn(300, E, generator=gen)))
     results = {}
     for threads in (1, 2, 3):
-        folder = tmp_path / f"t{threads}"
-        folder.mkdir()
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT % (THREAD_CASES,), str(folder)], env=env,
-                             capture_output=True,
-                             text=True, timeout=300)
-        assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
-        results[threads] = [torch.load(folder / f"d{d}-E{E}.pt") for d, E in THREAD_CASES]
+        results[threads] = []
+        with torch_threads(threads), forward_paths() as taken:
+            for (q, m, z, sd), cot in cases:
+                out = rk.gaussian_read(q, sd, m, sd, z, backend="cpu")
+                grads = torch.autograd.grad(out, (q, m, z, sd), cot)
+                for _ in range(2):
+                    again = torch.autograd.grad(rk.gaussian_read(q, sd, m, sd, z, backend="cpu"), (q, m, z, sd), cot)
+                    assert all(torch.equal(a, b) for a, b in zip(grads, again)), f"{threads} threads: runs differ"
+                results[threads].append([out.detach(), grads[1], grads[2]])
+        assert "dense-blocked" not in taken, taken
     for threads in (2, 3):
         for mine, first in zip(results[threads], results[1]):
             assert all(torch.equal(a, b) for a, b in zip(mine, first))

@@ -1,3 +1,4 @@
+import os
 import threading
 
 import pytest
@@ -302,37 +303,40 @@ def test_empty_memory_reads_zeros_and_reset_empties():
 
 # ---- hardening (issue #13 points 8 and 10) ----------------------------------------------------
 
-_SAVE_LOOP = r"""
-import sys, torch
-from resonant import SpatialMemory
-path = sys.argv[1]
-memory = SpatialMemory(2, 256, dtype=torch.float64)
-memory.write(torch.zeros(1, 2, dtype=torch.float64), 1.0, torch.zeros(1, 256, dtype=torch.float64))
-memory.save(path)
-print("ready", flush=True)
-i = 1
-while True:  # ever larger saves, until killed
-    memory.write(torch.full((2000, 2), float(i), dtype=torch.float64), 1.0,
-                 torch.full((2000, 256), float(i), dtype=torch.float64))
+def _save_loop(path: str, ready) -> None:
+    """Saves ever larger memories to `path` until killed (a worker process of the test below)."""
+    memory = SpatialMemory(2, 256, dtype=torch.float64)
+    memory.write(torch.zeros(1, 2, dtype=torch.float64), 1.0, torch.zeros(1, 256, dtype=torch.float64))
     memory.save(path)
-    i += 1
-"""
+    ready.set()
+    i = 1
+    while True:
+        memory.write(torch.full((2000, 2), float(i), dtype=torch.float64), 1.0,
+                     torch.full((2000, 256), float(i), dtype=torch.float64))
+        memory.save(path)
+        i += 1
 
 
 def test_save_is_atomic_under_kill_9(tmp_path):
     """Point 8: whenever the saving process dies, the file holds a complete earlier save."""
+    import multiprocessing
     import signal
-    import subprocess
-    import sys
     import time
 
+    # forked from the fork server, which imports torch and resonant once (where it is not running
+    # yet: resonant.parallel's runs preload as much), not a fresh interpreter per kill
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["resonant"])
     path = tmp_path / "memory.pt"
     for delay in (0.05, 0.3, 0.7, 1.2):
-        proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
+        ready = ctx.Event()
+        proc = ctx.Process(target=_save_loop, args=(str(path), ready), daemon=True)
+        proc.start()
+        assert ready.wait(60)
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
         memory = SpatialMemory.load(path)
         # every save holds 1 + 2000 k entries whose values are 0 then 1..k
         assert (len(memory) - 1) % 2000 == 0
