@@ -9,6 +9,8 @@
         --repeats 8                                           # that layout polling and not, in 8 rounds
     python benchmarks/bench_async.py ... --phases             # also the steps of each round, timed
     python benchmarks/bench_async.py --costs-only             # only the per-decision costs (projection)
+    python benchmarks/bench_async.py --summarise benchmarks/results/async/async_throughput_repeats*.json
+                                                              # the rounds of earlier runs, each file and pooled
 
 Every row trains LunarLander-v3 with `resonant train`'s default agent (local linear scores,
 bandwidth 0.3, action repeat 4) for the same total number of episodes (--episodes, split evenly
@@ -343,11 +345,25 @@ def print_repeats(rows: list) -> None:
         parts = []
         for field in ("vs_sync", "all_playing_vs_sync", "window_vs_sync"):
             ratios = [float(r[field]) for r in rs if r.get(field) is not None]
-            parts.append(f"{ratios} median {np.median(ratios):.2f}" if ratios else "-")
+            parts.append(f"{ratios} median {np.median(ratios):.2f}, {sum(x >= 1 for x in ratios)} of {len(ratios)} "
+                         f">= 1" if ratios else "-")
         print(f"  {key}: " + " | ".join(parts))
 
 
-def main() -> int:
+def summarise(paths: list) -> None:
+    """print_repeats of each earlier result file (--out of runs with --repeats), then of all their rounds pooled."""
+    pooled = []
+    for path in paths:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        print(path)
+        print_repeats(rows)
+        pooled += rows
+    print(f"pooled, {len(paths)} files")
+    print_repeats(pooled)
+
+
+def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--episodes", type=int, default=160, help="total episodes per row (default: %(default)s)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -376,9 +392,15 @@ def main() -> int:
                         "the worker processes' turn (a few timer calls per round)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--costs-only", action="store_true")
+    p.add_argument("--summarise", nargs="+", metavar="JSON",
+                   help="run nothing: print the rounds of these earlier results (--repeats runs), each file's and "
+                        "pooled over all")
     p.add_argument("--out", default=str(run_dir("benchmarks") / "async_throughput.json"),
                    help="the JSON results (default: %(default)s, untracked)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.summarise:
+        summarise(args.summarise)
+        return 0
     spins = [None if v == "auto" else float(v) / 1e3 for v in args.spin_wait_ms]
     result = {"command": " ".join(sys.argv), "uptime_start": uptime(), "rows": []}
     if not args.costs_only:

@@ -171,3 +171,25 @@ def test_blocked_dispatch_benchmark_times_both_paths(tmp_path, monkeypatch):
     cases = json.loads(out.read_text())["cases"]
     assert {(c["M"], c["shipped"]) for c in cases} == {(300, "blocked"), (5000, "dense")}
     assert all(c["blocked_ms"] > 0 and c["dense_ms"] > 0 and c["dense_speedup"] > 0 for c in cases)
+
+
+def test_async_benchmark_summarises_earlier_rounds_per_file_and_pooled(tmp_path, capsys):
+    """bench_async.py --summarise: each file's rounds, then all files' rounds together (the pooled
+    medians BENCHMARKS.md quotes for issue #16)."""
+    bench = benchmark_module("bench_async")
+
+    def row(window, repeat, spin=5.0):
+        return {"mode": "async", "engine": "local", "workers": 8, "per_process": 4, "in_predictor": 4,
+                "spin_wait_ms": spin, "repeat": repeat, "vs_sync": window, "all_playing_vs_sync": None,
+                "window_vs_sync": window}
+
+    sync = {"mode": "sync --num-envs 8, 1 thr", "engine": "-", "repeat": 0, "vs_sync": 1.0, "window_vs_sync": 1.0}
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"rows": [sync, row(0.9, 0), row(1.1, 1), row(0.5, 0, spin=0.0)]}))
+    second.write_text(json.dumps({"rows": [sync, row(1.2, 0)]}))
+    assert bench.main(["--summarise", str(first), str(second)]) == 0
+    out = capsys.readouterr().out
+    pooled = out.split("pooled, 2 files")[1]
+    assert "('local', 8, 4, 4, 5.0): [0.9, 1.1, 1.2] median 1.10, 2 of 3 >= 1 | - | [0.9, 1.1, 1.2] median 1.10" in pooled
+    assert "('local', 8, 4, 4, 0.0): [0.5] median 0.50, 0 of 1 >= 1" in pooled
+    assert "[0.9, 1.1] median 1.00, 1 of 2 >= 1" in out.split("pooled")[0]
