@@ -6,12 +6,14 @@ terminates after `length` decisions, 3 to 7 (fixed by the reset seed), with rewa
 step when action 1 was taken most often, else 0. Optional failure after `fail_at_step` steps of
 the process's environment: mode "raise" (an exception), "exit" (os._exit) or "kill" (SIGKILL). With
 `once_file` only the first process to get there fails (it creates the file), so a restarted
-worker, and every other worker, plays on.
+worker, and every other worker, plays on. `step_seconds`: each step sleeps that long (a slow
+environment).
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Optional
 
 import gymnasium as gym
@@ -20,7 +22,9 @@ from gymnasium import spaces
 
 
 class Chain(gym.Env):
-    def __init__(self, fail_at_step: Optional[int] = None, fail_mode: str = "raise", once_file: Optional[str] = None):
+    def __init__(self, fail_at_step: Optional[int] = None, fail_mode: str = "raise", once_file: Optional[str] = None,
+                 step_seconds: float = 0.0):
+        self.step_seconds = step_seconds
         self.observation_space = spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
         self.action_space = spaces.Discrete(2)
         self.fail_at_step, self.fail_mode, self.once_file = fail_at_step, fail_mode, once_file
@@ -51,6 +55,8 @@ class Chain(gym.Env):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def step(self, action):
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         self.total_steps += 1
         self._maybe_fail()
         self.position += 1

@@ -383,6 +383,37 @@ def test_a_decision_sees_every_episode_that_finished_before_it(memory):
         assert scores.tolist() == [[0.0, 0.0]] and len(brains[0].store) == 5
 
 
+def test_episodes_that_come_while_the_batch_waits_are_stored_then(monkeypatch):
+    """The predictor's own worker (one slow step a round) finishes its episodes while the batch
+    waits for the worker process (two slow steps): they are stored while it waits, not in the read
+    that answers the batch; every step still becomes one engram."""
+    reading, stored_while_waiting = [], []
+    decide, flush = MemoryServer.decide, MemoryServer.flush
+
+    def traced_decide(self, *args, **kwargs):
+        reading.append(True)
+        try:
+            return decide(self, *args, **kwargs)
+        finally:
+            reading.pop()
+
+    def traced_flush(self, *, final=False):
+        stored = flush(self, final=final)
+        if stored and not reading and not final:
+            stored_while_waiting.append(stored)
+        return stored
+
+    monkeypatch.setattr(MemoryServer, "decide", traced_decide)
+    monkeypatch.setattr(MemoryServer, "flush", traced_flush)
+    trainer = AsyncTrainer(chain_brain, CHAIN, num_workers=3, episodes_per_worker=6, normalise_episodes=0,
+                           max_seconds=RUN_LIMIT, seed=2, workers_per_process=2, predictor_workers=1,
+                           env_kwargs={"step_seconds": 0.003})
+    episodes = collect_run(trainer)
+    assert trainer.stats.stop_reason == "finished" and len(episodes) == 18
+    assert stored_while_waiting, "no episode was stored while the batch waited for the worker process"
+    assert trainer.server.memory_sizes() == [sum(e.decisions for e in episodes)]
+
+
 def failing_env_kwargs(tmp_path, mode):
     return {"fail_at_step": 9, "fail_mode": mode, "once_file": str(tmp_path / "failed")}
 

@@ -110,6 +110,10 @@ class MemoryServer:
     def submit(self, episode: Episode) -> None:
         self._queued[self.memory_of_worker[episode.worker]].append(episode)
 
+    def queued_episodes(self) -> int:
+        """Episodes submitted and not stored yet (flush stores them)."""
+        return sum(len(q) for q in self._queued)
+
     def flush(self, *, final: bool = False) -> int:
         """Stores every queued episode (one store.add per memory); returns the engrams stored.
         final=True also stores episodes still waiting for the normaliser (fitting it from them)."""
