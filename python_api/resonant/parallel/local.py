@@ -443,8 +443,7 @@ class LocalEngine:
         interleaved paired rounds, median; an A/B outside benchmarks/)."""
         started = time.perf_counter()
         server.flush()
-        if stats.batch_sizes:  # counted as the predictor's work from the first answer on, as in _answer
-            stats.predictor_seconds = (stats.predictor_seconds or 0.0) + time.perf_counter() - started
+        stats.record_predictor_work(started)
 
     def _drain(self, p: _Process, spec: WorkerSpec, server, stats, batch, on_episode) -> Optional[str]:
         """Reads what process p sent (up to its next decision). Returns a failure report that stops
@@ -512,6 +511,5 @@ class LocalEngine:
                 pass  # the process died meanwhile: its pipe reports EOF on the next wait
         # (after the replies: the processes step meanwhile)
         stats.record_batch(len(ids), np.repeat([now - t for _, _, _, t in batch], [len(i) for _, i, _, _ in batch]))
-        if stats.batch_sizes[1:]:  # from the first answer on, as answering_seconds
-            stats.predictor_seconds = (stats.predictor_seconds or 0.0) + time.perf_counter() - started
+        stats.record_predictor_work(started)
         return inline_answer

@@ -103,8 +103,8 @@ class RunStats:
     worker_pids: list = field(default_factory=list)  # every worker process started (local engine)
     # seconds from the predictor's first answer to its last: the run without process start-up
     answering_seconds: float = 0.0
-    # local engine: seconds the predictor spent answering (store, read, reply); the rest of
-    # answering_seconds it waited for the workers' next decisions
+    # local engine: seconds the predictor spent answering (store, read, reply) and storing while a
+    # batch waited (record_predictor_work); the rest of answering_seconds it waited for the workers
     predictor_seconds: Optional[float] = None
     # local engine: the seconds a waiting side polled its pipe before blocking (LocalEngine's spin_wait)
     spin_wait: Optional[float] = None
@@ -148,6 +148,12 @@ class RunStats:
         self.answering_seconds = now - self._first_answer
         self.batch_sizes.append(size)
         self.request_wait.add(waits)
+
+    def record_predictor_work(self, started: float) -> None:
+        """Adds the predictor's work since `started` (time.perf_counter()) to predictor_seconds when it
+        began within answering_seconds' span, i.e. after the first answer (so not that answer itself)."""
+        if self._first_answer is not None and started >= self._first_answer:
+            self.predictor_seconds = (self.predictor_seconds or 0.0) + time.perf_counter() - started
 
     def finish(self, memory_counters: dict) -> None:
         self.wall_seconds = time.perf_counter() - self.started
